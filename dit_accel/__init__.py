@@ -1,0 +1,1 @@
+"""dit-accel: training-free acceleration for diffusion transformers on diffusers."""
