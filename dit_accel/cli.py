@@ -242,6 +242,10 @@ def write_media(frames: Any, path: Path, fps: int) -> Path:
             with imageio.get_writer(tmp_name, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
                 for frame in uint8:
                     w.append_data(frame)
+        # mkstemp creates the file 0600; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
     except Exception:
         Path(tmp_name).unlink(missing_ok=True)

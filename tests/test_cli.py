@@ -1,0 +1,75 @@
+"""The dit-accel command line: argument validation, media writing, the run log, and the README contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from dit_accel import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The README's test command and .ci/run must be the same line, so CI proves what the README says."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci_lines = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert len(ci_lines) == 1, ci_lines
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    commands = [ln.strip() for block in blocks for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert ci_lines[0] in commands
+
+
+def test_presets_command_lists_dense(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["presets"]) == 0
+    assert "dense@1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "x", "--steps", "0"], "positive integer"),
+        (["generate", "--prompt", "x", "--guidance", "-1"], ">= 0"),
+        (["generate", "--prompt", "x", "--device", "tpu"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_the_parser(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_output_suffix_and_existing_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["generate", "--prompt", "x", "--output", str(tmp_path / "a.gif")]) == 2
+    assert ".mp4" in capsys.readouterr().err
+    existing = tmp_path / "b.mp4"
+    existing.write_bytes(b"keep me")
+    assert cli.main(["generate", "--prompt", "x", "--output", str(existing)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_write_media_mp4_and_png_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # A smooth pattern survives lossy H.264 well enough to check the content, not only the shape.
+    y, x = np.mgrid[0:32, 0:48] / 48.0
+    frames = np.stack([np.stack([x, y, (x + y + t / 8) % 1.0], axis=-1) for t in range(5)]).astype(np.float32)
+    mp4 = cli.write_media(frames, tmp_path / "sub" / "v.mp4", fps=8)
+    read = np.stack(list(imageio.get_reader(str(mp4), format="FFMPEG").iter_data()))
+    assert read.shape == (5, 32, 48, 3)
+    assert np.abs(read.astype(np.float32) / 255.0 - frames).mean() < 0.05
+    png = cli.write_media(frames[:1] + 0 * rng.random(1), tmp_path / "i.png", fps=8)
+    assert imageio.imread(png).shape == (32, 48, 3)
+    assert not list(tmp_path.glob("**/.tmp-*")), "temporary files must not be left behind"
+
+
+def test_png_refuses_a_video(tmp_path: Path) -> None:
+    with pytest.raises(cli.CLIError, match="one image"):
+        cli.write_media(np.zeros((3, 8, 8, 3), np.float32) + 0.5, tmp_path / "x.png", fps=8)
+    assert not (tmp_path / "x.png").exists()
+    assert (tmp_path / "x.frames.npy").exists(), "frames must be kept when writing fails"
