@@ -1,0 +1,378 @@
+"""Public surface: ``apply``, ``remove``, ``processors_for`` and the handle ``apply`` returns.
+
+``apply(pipe)`` attaches to every transformer of the pipeline (``transformer`` and, for Wan2.2,
+``transformer_2``): a context hook (diffusers ``HookRegistry``) that records layout, step and
+branch; our attention processors on the family's attention modules (when an attention method is
+chosen); and a wrapper around the pipeline's ``__call__`` that starts a new call (step 0, fresh
+method state) and reads the call's ``guidance_scale``. The wrapper is installed by giving the
+pipeline instance a subclass of its own class (same name) whose ``__call__`` does that and then
+calls the original: ``pipe(...)`` looks ``__call__`` up on the type, so an instance attribute would
+not be used. ``remove`` puts back the original processor objects, removes the hook (and the hook
+registry if we created it) and restores the pipeline's class.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import HookRegistry
+
+from dit_accel.attention.methods import AttentionMethod, get_method
+from dit_accel.attention.route import ModuleBinding
+from dit_accel.context import ContextHook, StepClock, TransformerContext
+from dit_accel.pipelines.base import Family
+from dit_accel.pipelines.families import detect_family, supported_transformer_classes
+
+logger = logging.getLogger("dit_accel")
+
+TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+"""Pipeline attributes holding transformers (Wan2.2 has two)."""
+
+_ATTACHMENT_ATTR = "_dit_accel_attachment"
+_HANDLE_ATTR = "_dit_accel_handle"
+
+
+def available_caches() -> list[str]:
+    """Names of the feature-cache schedulers ``apply(cache=...)`` accepts (none yet)."""
+    return []
+
+
+@dataclass
+class _Attachment:
+    """Everything dit-accel changed on one transformer, to undo it exactly."""
+
+    name: str
+    transformer: torch.nn.Module
+    family: Family
+    context: TransformerContext
+    hook: ContextHook
+    saved_processors: dict[str, Any]
+    created_registry: bool
+    had_forward_attr: bool
+    handle: "AccelHandle"
+
+
+class AccelHandle:
+    """What ``dit_accel.apply`` returns: statistics, contexts and ``remove()``.
+
+    Statistics: one dict per self-attention call of a dit-accel processor, with keys
+    ``transformer`` (``"transformer"``/``"transformer_2"``), ``call`` (pipeline call index),
+    ``step``, ``num_steps``, ``layer``, ``module``, ``branch`` (``"cond"``, ``"uncond"``, ``"extra"``,
+    or comma-joined per batch row for batched guidance, e.g. ``"uncond,cond"``), ``method``,
+    ``density`` (fraction of 128x128 tiles computed; 1.0 for dense), ``plan_ms`` (host time of
+    ``plan``), ``backend`` (``"block_sparse"`` or the dense backend name), ``dense_reason``
+    (``None`` when sparse, else ``"mask"``, ``"short_sequence"``, ``"head_dim"``, ``"method"``,
+    ``"dropout_or_causal"``), ``seq_len`` and ``text_tokens``.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        method: AttentionMethod | None,
+        preset: Any | None,
+        cache: str | None,
+        clock: StepClock,
+    ) -> None:
+        self.target = target
+        self.method = method
+        self.preset = preset
+        self.cache = cache
+        self.clock = clock
+        self._attachments: list[_Attachment] = []
+        self._pipeline_class: type | None = None
+        self.active = True
+
+    # --- read-out ---------------------------------------------------------------------------
+    @property
+    def contexts(self) -> dict[str, TransformerContext]:
+        """Per-transformer contexts by attribute name (``"transformer"``, ``"transformer_2"``)."""
+        return {a.name: a.context for a in self._attachments}
+
+    @property
+    def families(self) -> dict[str, str]:
+        """Family name per transformer attribute name."""
+        return {a.name: a.family.name for a in self._attachments}
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Statistics records of all transformers since the last :meth:`reset_stats` (see class doc)."""
+        out: list[dict[str, Any]] = []
+        for a in self._attachments:
+            out.extend(a.context.stats())
+        return out
+
+    def reset_stats(self) -> None:
+        """Drop all statistics records."""
+        for a in self._attachments:
+            a.context.reset_stats()
+
+    def begin_call(self) -> None:
+        """Start a new generation by hand (step 0, fresh method state); the pipeline wrapper does this itself."""
+        self.clock.begin_call(cfg=self.clock.cfg)
+
+    def summary(self) -> dict[str, Any]:
+        """Configuration of this handle as plain data, for run logs."""
+        from dit_accel.attention.dense import dense_backend_name
+
+        return {
+            "preset": getattr(self.preset, "tag", None),
+            "attention": None if self.method is None else self.method.name,
+            "attention_config": None if self.method is None else self.method.config(),
+            "cache": self.cache,
+            "families": self.families,
+            "dense_backend": dense_backend_name(),
+        }
+
+    def remove(self) -> None:
+        """Undo everything this handle installed (same as ``dit_accel.remove(target)``)."""
+        for attachment in list(self._attachments):
+            _detach(attachment)
+        self._attachments.clear()
+        if self._pipeline_class is not None:
+            self.target.__class__ = self._pipeline_class
+            self._pipeline_class = None
+        if self.target.__dict__.get(_HANDLE_ATTR) is self:
+            del self.target.__dict__[_HANDLE_ATTR]
+        self.active = False
+
+    def __repr__(self) -> str:
+        return f"AccelHandle(target={type(self.target).__name__}, families={self.families}, method={self.method!r}, active={self.active})"
+
+    # --- pipeline wrapper callback -------------------------------------------------------------
+    def _begin_pipeline_call(self, pipe: Any, args: tuple, kwargs: dict) -> None:
+        cfg = None
+        try:
+            bound = inspect.signature(self._pipeline_class.__call__).bind(pipe, *args, **kwargs)
+            bound.apply_defaults()
+            scale = bound.arguments.get("guidance_scale")
+            cfg = None if scale is None else bool(float(scale) > 1.0)
+        except (TypeError, ValueError):
+            cfg = None  # the pipeline raises its own error for bad arguments
+        self.clock.begin_call(cfg=cfg)
+
+
+# --- pipeline class wrapper ---------------------------------------------------------------------
+_WRAPPED: dict[type, type] = {}
+
+
+def _wrapped_pipeline_class(cls: type) -> type:
+    if cls not in _WRAPPED:
+        original_call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            handle = self.__dict__.get(_HANDLE_ATTR)
+            if handle is not None:
+                handle._begin_pipeline_call(self, args, kwargs)
+            return original_call(self, *args, **kwargs)
+
+        functools.update_wrapper(__call__, original_call)
+        _WRAPPED[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_dit_accel_wrapped": True},
+        )
+    return _WRAPPED[cls]
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return not isinstance(obj, torch.nn.Module) and hasattr(obj, "components") and callable(obj)
+
+
+def _pipeline_transformers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    found = [(n, getattr(pipe, n, None)) for n in TRANSFORMER_ATTRS]
+    found = [(n, t) for n, t in found if t is not None]
+    if not found:
+        raise ValueError(
+            f"pipeline {type(pipe).__name__} has no transformer (looked for {list(TRANSFORMER_ATTRS)}); "
+            f"supported transformer classes: {supported_transformer_classes()}"
+        )
+    return found
+
+
+def _pipeline_num_steps(pipe: Any) -> int | None:
+    steps = getattr(pipe, "_num_timesteps", None)
+    if isinstance(steps, int):
+        return steps
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    return None if timesteps is None else len(timesteps)
+
+
+# --- attach / detach -----------------------------------------------------------------------------
+def _attach(name: str, transformer: torch.nn.Module, family: Family, handle: AccelHandle) -> _Attachment:
+    context = TransformerContext(transformer, family.name, name, handle.clock, family.cfg_style)
+    created_registry = not hasattr(transformer, "_diffusers_hook")
+    had_forward_attr = "forward" in transformer.__dict__
+    saved = dict(transformer.attn_processors)
+    hook = ContextHook(context, family.read_inputs)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(hook, ContextHook.HOOK_NAME)
+    attachment = _Attachment(
+        name, transformer, family, context, hook, saved, created_registry, had_forward_attr, handle
+    )
+    transformer.__dict__[_ATTACHMENT_ATTR] = attachment
+    handle._attachments.append(attachment)
+    return attachment
+
+
+def _detach(attachment: _Attachment) -> None:
+    transformer = attachment.transformer
+    transformer.set_attn_processor(dict(attachment.saved_processors))
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(ContextHook.HOOK_NAME, recurse=False)
+        if attachment.created_registry and not registry.hooks:
+            del transformer._diffusers_hook
+            if not attachment.had_forward_attr:
+                transformer.__dict__.pop("forward", None)
+    transformer.__dict__.pop(_ATTACHMENT_ATTR, None)
+    if attachment in attachment.handle._attachments:
+        attachment.handle._attachments.remove(attachment)
+
+
+def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[str, Any]:
+    transformer = attachment.transformer
+    processors = dict(transformer.attn_processors)
+    for name, _module, role, layer in attachment.family.attention_modules(transformer):
+        binding = ModuleBinding(attachment.context, method, layer, name, role)
+        processors[f"{name}.processor"] = attachment.family.processor_cls(binding)
+    return processors
+
+
+def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, str | None]:
+    resolved_preset = None
+    attention_name = attention
+    attention_config: dict[str, Any] = {}
+    cache_name = cache
+    if preset is not None:
+        from dit_accel.presets import get_preset
+
+        resolved_preset = get_preset(preset) if isinstance(preset, str) else None
+        if resolved_preset is None:
+            raise TypeError(f"preset must be a str (a preset name), got {type(preset).__name__}: {preset!r}")
+        if attention is None:
+            attention_name = resolved_preset.attention
+            attention_config = dict(resolved_preset.attention_config)
+        elif isinstance(attention, str) and attention == resolved_preset.attention:
+            attention_config = dict(resolved_preset.attention_config)
+        if cache is None:
+            cache_name = resolved_preset.cache
+    method = None if attention_name is None else get_method(attention_name, **attention_config)
+    if cache_name is not None:
+        if not isinstance(cache_name, str):
+            raise TypeError(
+                f"cache must be a str or None, got {type(cache_name).__name__}: {cache_name!r}; "
+                f"available caches: {available_caches()}"
+            )
+        raise ValueError(
+            f"unknown cache scheduler {cache_name!r}; available caches: {available_caches()} "
+            "(feature caching is not implemented yet)"
+        )
+    return resolved_preset, method, cache_name
+
+
+# --- public functions -------------------------------------------------------------------------------
+def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | AttentionMethod | None = None, cache: str | None = None) -> AccelHandle:
+    """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
+
+    ``preset`` names a preset (``dit_accel.presets``); ``attention`` (a method name or an
+    :class:`AttentionMethod`) and ``cache`` override the preset's. With no preset and no attention the
+    stock processors stay and only the context (steps, branches, layout) is recorded. Applying again
+    first removes the previous application. Raises ``TypeError``/``ValueError`` naming the bad value
+    and the allowed ones; nothing is changed when it raises.
+    """
+    resolved_preset, method, cache_name = _resolve(preset, attention, cache)
+    target = pipe_or_transformer
+    if _is_pipeline(target):
+        transformers = _pipeline_transformers(target)
+    elif isinstance(target, torch.nn.Module):
+        transformers = [("transformer", target)]
+    else:
+        raise TypeError(
+            f"apply() expects a diffusers pipeline or transformer, got {type(target).__name__}; "
+            f"supported transformer classes: {supported_transformer_classes()}"
+        )
+    families = [(name, tr, detect_family(tr)) for name, tr in transformers]
+
+    remove(target)
+    for _, tr, _ in families:
+        remove(tr)
+
+    is_pipe = _is_pipeline(target)
+    clock = StepClock(
+        pipeline_bound=is_pipe,
+        num_steps_fn=(lambda: _pipeline_num_steps(target)) if is_pipe else None,
+    )
+    handle = AccelHandle(target, method, resolved_preset, cache_name, clock)
+    try:
+        for name, tr, family in families:
+            attachment = _attach(name, tr, family, handle)
+            if method is not None:
+                tr.set_attn_processor(_build_processors(attachment, method))
+        if is_pipe:
+            handle._pipeline_class = type(target)
+            target.__dict__[_HANDLE_ATTR] = handle
+            target.__class__ = _wrapped_pipeline_class(type(target))
+        else:
+            target.__dict__[_HANDLE_ATTR] = handle
+    except Exception:
+        handle.remove()
+        raise
+    logger.info("dit_accel applied: %s", {n: f.name for n, _, f in families} | {"method": repr(method)})
+    return handle
+
+
+def remove(pipe_or_transformer: Any) -> None:
+    """Undo ``apply`` / ``processors_for`` exactly: original processor objects, no hooks, original class.
+
+    A no-op on an object dit-accel was never applied to.
+    """
+    target = pipe_or_transformer
+    if target is None or not hasattr(target, "__dict__"):
+        return
+    handle = target.__dict__.get(_HANDLE_ATTR)
+    if isinstance(handle, AccelHandle):
+        handle.remove()
+    if _is_pipeline(target):
+        for _, tr in [(n, getattr(target, n, None)) for n in TRANSFORMER_ATTRS]:
+            if tr is not None:
+                remove(tr)
+    elif isinstance(target, torch.nn.Module):
+        attachment = target.__dict__.get(_ATTACHMENT_ATTR)
+        if attachment is not None:
+            owner = attachment.handle
+            _detach(attachment)
+            if owner.target is target:
+                owner.remove()
+
+
+def get_handle(pipe_or_transformer: Any) -> AccelHandle | None:
+    """The active handle of a pipeline or transformer (``None`` if dit-accel is not applied)."""
+    target = pipe_or_transformer
+    if isinstance(target, torch.nn.Module):
+        attachment = target.__dict__.get(_ATTACHMENT_ATTR)
+        if attachment is not None:
+            return attachment.handle
+    handle = getattr(target, "__dict__", {}).get(_HANDLE_ATTR)
+    return handle if isinstance(handle, AccelHandle) else None
+
+
+def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod = "dense", **method_config: Any) -> dict[str, Any]:
+    """Processors for ``transformer.set_attn_processor(...)``: ours on the family's attention modules,
+    the current ones elsewhere (e.g. HunyuanVideo's text refiner).
+
+    Attaches the context hook if the transformer has none yet (bare-transformer mode: steps are
+    counted from timesteps, guidance branches from call order); ``dit_accel.remove(transformer)``
+    undoes it and restores the processors the transformer had at that moment.
+    """
+    family = detect_family(transformer)
+    resolved = get_method(method, **method_config)
+    attachment = transformer.__dict__.get(_ATTACHMENT_ATTR)
+    if attachment is None:
+        handle = AccelHandle(transformer, resolved, None, None, StepClock())
+        transformer.__dict__[_HANDLE_ATTR] = handle
+        attachment = _attach("transformer", transformer, family, handle)
+    return _build_processors(attachment, resolved)

@@ -1,0 +1,127 @@
+"""dit-accel as a diffusers attention-dispatcher backend (``"dit_accel"``).
+
+Wan, FLUX.1, LTX-Video and HunyuanVideo processors call ``dispatch_attention_fn(q, k, v, ...,
+backend=self._attention_backend, parallel_config=self._parallel_config)``. Our processors for
+those families subclass the stock processor, keep its code unchanged, and set
+``_attention_backend`` to this backend; their ``__call__`` publishes the module's binding and the
+call's text layout in a context variable which the backend function reads. This is also the
+plug-in point for diffusers context parallelism later (under Ulysses the backend sees the whole
+sequence for its heads).
+
+How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` enum and
+``_AttentionBackendRegistry`` is private. We add one member to the enum in place (the pattern
+cache-dit uses) and register the function with ``_AttentionBackendRegistry.register``. Limits:
+private API, so it is feature-checked at import and pinned by ``diffusers>=0.42.1,<0.43``;
+the backend is registered with ``supports_context_parallel=False`` for now, so
+``enable_parallelism`` refuses it with diffusers' own error instead of computing on a shard;
+``transformer.set_attention_backend("dit_accel")`` works (on every dispatcher module, where calls
+without a dit-accel processor run dense), and ``set_attention_backend(<other>)`` after
+``dit_accel.apply`` replaces ours on those processors (then everything runs on that backend).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+from dit_accel.attention.dense import dense_attention
+from dit_accel.attention.route import ModuleBinding, attend
+from dit_accel.context import TextPosition
+
+BACKEND_NAME = "dit_accel"
+"""Name of the backend in diffusers' registry (``transformer.set_attention_backend("dit_accel")``)."""
+
+
+@dataclass(frozen=True)
+class ActiveCall:
+    """What a processor publishes for the backend during one ``__call__``."""
+
+    binding: ModuleBinding
+    """The module being run."""
+    text_tokens: int = 0
+    """Text tokens in this call's joint sequence."""
+    text_position: TextPosition = "none"
+    """Where they sit."""
+    trailing_key_padding: int | None = None
+    """Trailing padded text keys hidden by the call's mask (HunyuanVideo), when the same for all rows."""
+
+
+ACTIVE_CALL: contextvars.ContextVar[ActiveCall | None] = contextvars.ContextVar("dit_accel_active_call", default=None)
+
+
+def _extend_enum(name: str) -> AttentionBackendName:
+    if name in AttentionBackendName._value2member_map_:
+        return AttentionBackendName._value2member_map_[name]
+    member = str.__new__(AttentionBackendName, name)
+    member._name_ = name.upper()
+    member._value_ = name
+    # setattr must come before the _member_map_ insertion: EnumType.__setattr__ refuses to
+    # reassign an existing member name.
+    setattr(AttentionBackendName, name.upper(), member)
+    AttentionBackendName._member_map_[name.upper()] = member
+    AttentionBackendName._member_names_.append(name.upper())
+    AttentionBackendName._value2member_map_[name] = member
+    return member
+
+
+def _dit_accel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _parallel_config: Any | None = None,
+) -> torch.Tensor:
+    """Backend function: BSHD in, BSHD out (diffusers' dispatcher layout)."""
+    if return_lse:
+        raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
+    if _parallel_config is not None:
+        raise ValueError("the dit_accel attention backend does not support context parallelism yet")
+    if (
+        attn_mask is not None
+        and attn_mask.ndim == 2
+        and attn_mask.shape[0] == query.shape[0]
+        and attn_mask.shape[1] == key.shape[1]
+    ):
+        attn_mask = attn_mask[:, None, None, :]  # same 2-D mask convention as diffusers' native backend
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    active = ACTIVE_CALL.get()
+    if active is None or enable_gqa:
+        out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    else:
+        out = attend(
+            active.binding,
+            q,
+            k,
+            v,
+            attn_mask,
+            text_tokens=active.text_tokens,
+            text_position=active.text_position,
+            trailing_key_padding=active.trailing_key_padding,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+        )
+    return out.transpose(1, 2)
+
+
+def register_backend() -> AttentionBackendName:
+    """Register (once) and return the ``dit_accel`` member of diffusers' ``AttentionBackendName``."""
+    member = _extend_enum(BACKEND_NAME)
+    if member not in _AttentionBackendRegistry._backends:
+        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(
+            _dit_accel_attention
+        )
+    return member
+
+
+DIT_ACCEL_BACKEND: AttentionBackendName = register_backend()
+"""The registered backend member; dispatcher-family processors default to it."""

@@ -1,0 +1,154 @@
+"""One place that decides, per attention call, between the block-sparse path and the dense path.
+
+Every processor (and the diffusers dispatcher backend) ends in :func:`attend` with ``(B, H, S, D)``
+tensors. Dense is used for: cross-attention, calls with an attention mask (except a mask that only
+hides trailing padded text keys, which is removed by truncation), dropout or causal attention,
+sequences shorter than the method's ``min_seq_len``, head dims the sparse kernel does not take,
+and calls the method declines (``plan`` returned ``None``). Each self-attention call appends one
+record to the transformer context's statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dit_accel.attention.dense import dense_attention, dense_backend_name
+from dit_accel.attention.methods import AttentionMethod
+from dit_accel.context import TextPosition, TransformerContext, timed
+
+SPARSE_BACKEND = "block_sparse"
+"""Name recorded in statistics for calls that ran on the block-sparse kernel."""
+
+
+
+@dataclass(frozen=True)
+class ModuleBinding:
+    """Immutable facts about one attention module, fixed when processors are built."""
+
+    context: TransformerContext
+    """Context of the transformer that owns the module."""
+    method: AttentionMethod
+    """The attention method for this module's self-attention calls."""
+    layer: int
+    """Index among the transformer's self-attention modules (cross-attention modules carry their block's index)."""
+    module_name: str
+    """Dotted module name, e.g. ``blocks.0.attn1``."""
+    role: Literal["self", "cross"]
+    """``"self"``: self/joint attention over the visual tokens; ``"cross"``: always dense."""
+
+
+def _sparse_head_dim_ok(q: torch.Tensor) -> bool:
+    from dit_accel.kernels import SUPPORTED_HEAD_DIMS
+
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+def block_mask_density_tensor(mask) -> torch.Tensor:
+    """Fraction of (query block, key block) tiles computed, as a 0-d tensor (no host sync, unlike
+    ``dit_accel.kernels.block_mask_density``); converted to float when statistics are read."""
+    kv_blocks = mask.kv_num_blocks.to(torch.float32)
+    total = kv_blocks.sum()
+    if getattr(mask, "full_kv_num_blocks", None) is not None:
+        total = total + mask.full_kv_num_blocks.to(torch.float32).sum()
+    q_len, kv_len = mask.seq_lengths
+    bq, bk = mask.BLOCK_SIZE
+    n_q = -(-q_len // bq)
+    n_k = -(-kv_len // bk)
+    return total / float(kv_blocks.shape[0] * kv_blocks.shape[1] * n_q * n_k)
+
+
+def attend(
+    binding: ModuleBinding,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    text_tokens: int = 0,
+    text_position: TextPosition = "none",
+    trailing_key_padding: int | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention output ``(B, H, S_q, D)`` for ``(B, H, S, D)`` inputs, sparse where allowed.
+
+    ``trailing_key_padding``: when the mask hides exactly the last N keys of every row (padded text
+    placed last) the caller passes N; the call then runs unmasked on the first ``S - N`` tokens and
+    the N padded queries are computed densely against the valid keys, which is what the mask gives.
+    """
+    if binding.role == "cross" or q.shape[-2] != k.shape[-2]:
+        return dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+    ctx = binding.context
+    seq_len = q.shape[-2]
+    reason: str | None = None
+    if attn_mask is not None and trailing_key_padding is not None and 0 < trailing_key_padding < seq_len:
+        keep = seq_len - trailing_key_padding
+        head = attend(
+            binding,
+            q[:, :, :keep],
+            k[:, :, :keep],
+            v[:, :, :keep],
+            text_tokens=text_tokens - trailing_key_padding,
+            text_position=text_position,
+            scale=scale,
+        )
+        tail = dense_attention(q[:, :, keep:], k[:, :, :keep], v[:, :, :keep], scale=scale)
+        return torch.cat([head, tail], dim=2)
+    if attn_mask is not None and trailing_key_padding == 0:
+        attn_mask = None  # the mask hides nothing
+    if attn_mask is not None:
+        reason = "mask"
+    elif dropout_p > 0.0 or is_causal:
+        reason = "dropout_or_causal"
+    elif seq_len < binding.method.min_seq_len:
+        reason = "short_sequence"
+    elif not _sparse_head_dim_ok(q):
+        reason = "head_dim"
+
+    layout = ctx.layout(seq_len, text_tokens, text_position)
+    mask = None
+    plan_ms = 0.0
+    if reason is None:
+        call = ctx.attention_call(binding.layer, binding.module_name, layout)
+        start = timed()
+        mask = binding.method.plan(q, k, call)
+        plan_ms = timed() - start
+        if mask is None:
+            reason = "method"
+
+    if mask is not None:
+        from dit_accel.kernels import block_sparse_attention
+
+        out = block_sparse_attention(q, k, v, mask, scale=scale)
+        density: torch.Tensor | float = block_mask_density_tensor(mask)
+        backend = SPARSE_BACKEND
+    else:
+        out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        density = 1.0
+        backend = dense_backend_name(q.device)
+
+    branches = ctx.branches
+    ctx.record(
+        {
+            "transformer": ctx.name,
+            "call": ctx.clock.call_index,
+            "step": ctx.clock.step,
+            "num_steps": ctx.clock.num_steps,
+            "layer": binding.layer,
+            "module": binding.module_name,
+            "branch": branches[0] if len(set(branches)) == 1 else ",".join(branches),
+            "method": binding.method.name,
+            "density": density,
+            "plan_ms": plan_ms,
+            "backend": backend,
+            "dense_reason": reason,
+            "seq_len": seq_len,
+            "text_tokens": layout.text_tokens,
+        }
+    )
+    return out

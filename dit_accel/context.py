@@ -1,0 +1,359 @@
+"""Per-call context: where the tokens sit, which denoising step and guidance branch is running.
+
+Attention processors see only q/k/v; the sparse methods also need the latent grid, the text-token
+layout, the step index and the guidance branch. Nothing of this reaches a processor through
+diffusers' own arguments for every family (Wan, LTX and HunyuanVideo drop ``attention_kwargs``), so
+a forward pre-hook on the transformer (:class:`ContextHook`, a diffusers ``ModelHook``) reads it
+from the transformer's inputs and stores it in the transformer's :class:`TransformerContext`.
+
+Objects, from the widest to the narrowest:
+
+* :class:`StepClock` -- denoising progress of one pipeline, shared by all its transformers (Wan2.2's
+  ``transformer`` and ``transformer_2`` see different steps of the same loop).
+* :class:`TransformerContext` -- one per transformer: the layout of the current forward, the branch
+  of each batch row, the method state store and the statistics list.
+* :class:`AttentionCall` -- what a method's ``plan(q, k, ctx)`` receives for one attention call.
+
+Guidance branches (checked in diffusers 0.42.1 pipeline sources):
+
+* Wan (T2V, I2V, 2.2), FLUX.1 (true CFG) and HunyuanVideo (true CFG) call the transformer twice per
+  step: first ``cond`` then ``uncond``; they also announce it with ``cache_context("cond"|"uncond")``,
+  which this hook reads when present.
+* CogVideoX, LTX-Video, PixArt-α/Σ and SD3/3.5 batch both branches in one call:
+  ``torch.cat([negative, positive])``, so the first half of the batch rows is ``uncond`` and the
+  second half ``cond``, when ``guidance_scale > 1``. A further call at the same timestep (SD3's
+  skip-layer guidance) is labelled ``extra``.
+
+When dit-accel was applied to a bare transformer (no pipeline), guidance is not known: batched
+families label every row ``cond``; sequential families use the call order within a timestep.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from diffusers.hooks.hooks import ModelHook, StateManager
+
+TextPosition = Literal["none", "first", "last"]
+"""Where the text tokens sit in a joint-attention sequence: absent, before or after the visual tokens."""
+
+Branch = str
+"""A guidance branch label: ``"cond"``, ``"uncond"`` or ``"extra"``."""
+
+BRANCHES: tuple[str, ...] = ("cond", "uncond", "extra")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token layout of one attention sequence.
+
+    The visual tokens are in row-major ``(f, h, w)`` order in every supported family.
+    """
+
+    grid: tuple[int, int, int] | None
+    """Latent token grid ``(F', H', W')`` of the visual tokens; ``None`` when unknown or when the sequence
+    does not hold the whole grid (e.g. a context-parallel shard)."""
+    patch_size: tuple[int, int, int]
+    """Extent of one token in VAE-latent units ``(p_t, p_h, p_w)`` (FLUX's 2x2 packing counts as a patch)."""
+    text_tokens: int = 0
+    """Number of text tokens in this sequence (0 for video/image-only self-attention)."""
+    text_position: TextPosition = "none"
+    """Where those text tokens sit: ``"first"`` (CogVideoX, FLUX), ``"last"`` (HunyuanVideo, SD3) or ``"none"``."""
+
+    @property
+    def visual_tokens(self) -> int | None:
+        """Number of visual tokens ``F'*H'*W'``, or ``None`` when the grid is unknown."""
+        if self.grid is None:
+            return None
+        f, h, w = self.grid
+        return f * h * w
+
+    def visual_slice(self, seq_len: int) -> slice:
+        """Slice of the visual tokens inside a sequence of length ``seq_len``."""
+        if self.text_position == "first":
+            return slice(self.text_tokens, seq_len)
+        if self.text_position == "last":
+            return slice(0, seq_len - self.text_tokens)
+        return slice(0, seq_len)
+
+
+@dataclass
+class StepClock:
+    """Denoising progress of one pipeline (or of one bare transformer), shared by its transformers.
+
+    A step is a distinct timestep value; the pipeline wrapper installed by ``dit_accel.apply`` calls
+    :meth:`begin_call` at the start of every pipeline call. Without that wrapper, a timestep larger
+    than the previous one starts a new call (timesteps decrease during denoising).
+    """
+
+    pipeline_bound: bool = False
+    """True when a pipeline wrapper calls :meth:`begin_call`; then timesteps never start a call."""
+    num_steps_fn: Callable[[], int | None] | None = None
+    """Returns the number of denoising steps of the running pipeline call (read at its first step)."""
+    call_index: int = -1
+    """Index of the current pipeline call (0-based; -1 before the first one)."""
+    step: int = -1
+    """Index of the current denoising step within the call (-1 before the first transformer call)."""
+    num_steps: int | None = None
+    """Total denoising steps of the current call, ``None`` when unknown."""
+    call_in_step: int = 0
+    """How many transformer calls of this step came before the current one (0 = first)."""
+    cfg: bool | None = None
+    """Whether classifier-free guidance is on for the current pipeline call (``None``: unknown)."""
+    _last_timestep: float | None = None
+    _on_new_call: list[Callable[[], None]] = field(default_factory=list)
+
+    def begin_call(self, cfg: bool | None = None) -> None:
+        """Start a new pipeline call: reset steps and notify the transformer contexts."""
+        self.call_index += 1
+        self.step = -1
+        self.num_steps = None
+        self.call_in_step = 0
+        self.cfg = cfg
+        self._last_timestep = None
+        for callback in self._on_new_call:
+            callback()
+
+    def observe(self, timestep: float) -> None:
+        """Record one transformer call at ``timestep``; advance the step on a new timestep value."""
+        if self._last_timestep is not None and timestep == self._last_timestep:
+            self.call_in_step += 1
+            return
+        if self.call_index < 0 or (
+            not self.pipeline_bound and self._last_timestep is not None and timestep > self._last_timestep
+        ):
+            self.begin_call(cfg=self.cfg)
+        self._last_timestep = timestep
+        self.step += 1
+        self.call_in_step = 0
+        if self.step == 0 and self.num_steps_fn is not None:
+            self.num_steps = self.num_steps_fn()
+
+
+@dataclass
+class ForwardInputs:
+    """What a family adapter reads from one transformer forward call."""
+
+    batch_size: int
+    """Number of batch rows of this forward."""
+    timestep: torch.Tensor
+    """The timestep argument (any shape); its maximum identifies the denoising step."""
+    grid: tuple[int, int, int] | None
+    """Latent token grid ``(F', H', W')``; may be filled later from ``grid_tensor``."""
+    patch_size: tuple[int, int, int]
+    """Token extent in VAE-latent units."""
+    text_tokens: int = 0
+    """Number of text tokens the transformer was given (joint families; 0 otherwise)."""
+    grid_tensor: torch.Tensor | None = None
+    """Optional small tensor of 3 values ``(F'-1, H'-1, W'-1)`` to be fetched with the timestep (FLUX ids)."""
+    text_valid_tensor: torch.Tensor | None = None
+    """Optional per-row count of valid (unpadded) text tokens (HunyuanVideo's text mask)."""
+
+
+@dataclass
+class AttentionCall:
+    """What an attention method sees for one self-attention call (the ``ctx`` of ``plan(q, k, ctx)``)."""
+
+    context: "TransformerContext"
+    """The transformer's context (holds the state store)."""
+    layer: int
+    """Index of the attention module among the transformer's self-attention modules (model order)."""
+    module_name: str
+    """Dotted name of the attention module, e.g. ``blocks.3.attn1``."""
+    layout: TokenLayout
+    """Token layout of this call's sequence."""
+    step: int
+    """Denoising step index within the pipeline call (0-based)."""
+    num_steps: int | None
+    """Total denoising steps, ``None`` when unknown."""
+    branches: tuple[Branch, ...]
+    """Guidance branch of each batch row."""
+
+    def state(self, branch: Branch) -> dict[str, Any]:
+        """Mutable per-(transformer, layer, branch) state dict for a method; cleared per pipeline call."""
+        return self.context.state(self.layer, branch)
+
+
+class TransformerContext:
+    """Per-transformer context: current forward layout, branches, method state and statistics."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        family: str,
+        name: str,
+        clock: StepClock,
+        cfg_style: Literal["sequential", "batched"],
+    ) -> None:
+        self.transformer_id = id(transformer)
+        self.family = family
+        self.cfg_style = cfg_style
+        self.name = name
+        self.clock = clock
+        self.grid: tuple[int, int, int] | None = None
+        self.patch_size: tuple[int, int, int] = (1, 1, 1)
+        self.text_tokens = 0
+        self.text_valid: tuple[int, ...] | None = None
+        self.branches: tuple[Branch, ...] = ()
+        self.cache_context_name: str | None = None
+        self.stats_enabled = True
+        self._store: dict[tuple[int, int, Branch], dict[str, Any]] = {}
+        self._stats: list[dict[str, Any]] = []
+        clock._on_new_call.append(self.reset_state)
+
+    # --- state store -------------------------------------------------------------------------
+    def state(self, layer: int, branch: Branch) -> dict[str, Any]:
+        """State dict keyed by (transformer id, layer, branch), created on first use."""
+        return self._store.setdefault((self.transformer_id, layer, branch), {})
+
+    def reset_state(self) -> None:
+        """Forget all method state (called at every new pipeline call)."""
+        self._store.clear()
+
+    # --- statistics ---------------------------------------------------------------------------
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one attention-call record (tensor values are converted lazily by :meth:`stats`)."""
+        if self.stats_enabled:
+            self._stats.append(entry)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Records of all self-attention calls since the last :meth:`reset_stats`, as plain Python values."""
+        out = []
+        for entry in self._stats:
+            row = dict(entry)
+            if isinstance(row.get("density"), torch.Tensor):
+                row["density"] = float(row["density"])
+            out.append(row)
+        return out
+
+    def reset_stats(self) -> None:
+        """Drop all statistics records."""
+        self._stats.clear()
+
+    # --- per forward ------------------------------------------------------------------------------
+    def begin_forward(self, inputs: ForwardInputs, timestep: float, cache_context: Any | None) -> None:
+        """Update the context at the start of one transformer forward."""
+        self.grid = inputs.grid
+        self.patch_size = inputs.patch_size
+        self.text_tokens = inputs.text_tokens
+        self.cache_context_name = getattr(cache_context, "name", None)
+        self.clock.observe(timestep)
+        self.branches = self._branches(inputs.batch_size)
+
+    def _branches(self, batch: int) -> tuple[Branch, ...]:
+        name = self.cache_context_name
+        if name in ("cond", "uncond"):
+            return (name,) * batch
+        if self.clock.call_in_step > 0:
+            if self.cfg_style == "sequential" and self.clock.call_in_step == 1:
+                return ("uncond",) * batch
+            return ("extra",) * batch
+        if self.cfg_style == "batched" and self.clock.cfg and batch % 2 == 0:
+            half = batch // 2
+            return ("uncond",) * half + ("cond",) * half
+        return ("cond",) * batch
+
+    def attention_call(self, layer: int, module_name: str, layout: TokenLayout) -> AttentionCall:
+        """Build the ``ctx`` handed to ``method.plan`` for one attention call."""
+        return AttentionCall(
+            context=self,
+            layer=layer,
+            module_name=module_name,
+            layout=layout,
+            step=self.clock.step,
+            num_steps=self.clock.num_steps,
+            branches=self.branches,
+        )
+
+    def layout(self, seq_len: int, text_tokens: int, text_position: TextPosition) -> TokenLayout:
+        """Layout of a sequence of ``seq_len`` tokens with ``text_tokens`` text tokens at ``text_position``.
+
+        The grid is kept only when the visual part holds exactly ``F'*H'*W'`` tokens.
+        """
+        grid = self.grid
+        if grid is not None and grid[0] * grid[1] * grid[2] != seq_len - text_tokens:
+            grid = None
+        return TokenLayout(
+            grid=grid,
+            patch_size=self.patch_size,
+            text_tokens=text_tokens,
+            text_position=text_position if text_tokens > 0 else "none",
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Current context as a plain dict (for logs and tests)."""
+        return {
+            "transformer": self.name,
+            "family": self.family,
+            "grid": self.grid,
+            "patch_size": self.patch_size,
+            "text_tokens": self.text_tokens,
+            "call": self.clock.call_index,
+            "step": self.clock.step,
+            "num_steps": self.clock.num_steps,
+            "branches": self.branches,
+        }
+
+
+class ContextHook(ModelHook):
+    """Transformer forward pre-hook that fills a :class:`TransformerContext` from the forward inputs.
+
+    Stateful in diffusers' sense only so that ``cache_context(...)`` (set by Wan, FLUX and HunyuanVideo
+    pipelines) reaches its ``StateManager``; it never changes the inputs.
+    """
+
+    _is_stateful = True
+    HOOK_NAME = "dit_accel_context"
+
+    def __init__(self, context: TransformerContext, read_inputs: Callable[[inspect.BoundArguments], ForwardInputs]):
+        super().__init__()
+        self.context = context
+        self.read_inputs = read_inputs
+        # diffusers' _set_cache_context finds StateManager attributes on stateful hooks.
+        self.cache_state = StateManager(_NoState)
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        bound = self._signature.bind(module, *args, **kwargs)
+        inputs = self.read_inputs(bound)
+        # One host sync per forward: the step needs the timestep value; FLUX's grid and
+        # HunyuanVideo's text padding ride along in the same transfer.
+        parts = [inputs.timestep.detach().float().max().reshape(1)]
+        if inputs.grid_tensor is not None:
+            parts.append(inputs.grid_tensor.detach().float().reshape(-1))
+        if inputs.text_valid_tensor is not None:
+            parts.append(inputs.text_valid_tensor.detach().float().reshape(-1))
+        values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
+        timestep = values[0]
+        pos = 1
+        if inputs.grid_tensor is not None:
+            f, h, w = (int(v) + 1 for v in values[pos : pos + 3])
+            inputs.grid = (f, h, w)
+            pos += 3
+        self.context.text_valid = tuple(int(v) for v in values[pos:]) if inputs.text_valid_tensor is not None else None
+        self.context.begin_forward(inputs, timestep, self.cache_state._context)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.context.reset_state()
+        return module
+
+
+class _NoState:
+    """Placeholder state class: the hook keeps no per-cache-context state of its own."""
+
+    def reset(self, *args, **kwargs) -> None:
+        """Nothing to reset."""
+
+
+def timed() -> float:
+    """Monotonic clock in milliseconds (planning time; host-side, so asynchronous GPU work is not included)."""
+    return time.perf_counter() * 1000.0
