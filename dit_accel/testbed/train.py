@@ -1,0 +1,450 @@
+"""Training of the testbed: autoencoder first, then the DiT + text encoder by rectified flow.
+
+All loops are bounded by wall-clock seconds (the GPU lease is counted in time, not steps) and draw
+fresh videos from `data.make_batch` every step: nothing is stored. `benchmarks/testbed_train.py`
+is the command-line entry; these functions are importable so tests can run a few CPU steps.
+
+Rectified flow (as diffusers' FlowMatchEulerDiscreteScheduler samples it):
+    x_t = (1 - sigma) * x_0 + sigma * noise,   target v = noise - x_0,   timestep = 1000 * sigma,
+sigma drawn logit-normal and shifted like the scheduler: sigma = s u / (1 + (s - 1) u).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import captions, data
+from .autoencoder import TestbedAutoencoder
+from .pipeline import TestbedPipeline
+
+# ----------------------------------------------------------------------------------------- utilities
+
+
+def log_line(path: Path | None, record: dict[str, Any]) -> None:
+    """Append one JSON line to the loss log and echo it."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing on CPU (CPU runs are tests)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@contextmanager
+def fast_attention(device: torch.device) -> Iterator[None]:
+    """cuDNN attention first, then FA2, on CUDA (the text encoder's masked attention falls back to the
+    memory-efficient kernel); nothing changes on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+    with sdpa_kernel(backends, set_priority=True):
+        yield
+
+
+def lr_at(step: int, elapsed_s: float, *, base_lr: float, warmup_steps: int, total_s: float,
+          decay_from: float = 0.6, final_ratio: float = 0.1) -> float:
+    """Linear warm-up over `warmup_steps`, constant, then cosine from `decay_from * total_s` to
+    `final_ratio * base_lr` at `total_s` (time-based, so the schedule survives resumes)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    start = decay_from * total_s
+    if elapsed_s <= start or total_s <= start:
+        return base_lr * warm
+    p = min(1.0, (elapsed_s - start) / (total_s - start))
+    return base_lr * warm * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class EMA:
+    """Exponential moving average of parameters (fp32 shadow), decay warmed up as (1+n)/(10+n)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], max_decay: float = 0.999) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.max_decay = max_decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the shadow toward the current parameters."""
+        self.updates += 1
+        decay = min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Write the shadow into modules of the same structure."""
+        targets = [p for m in modules for p in m.parameters()]
+        for t, s in zip(targets, self.shadow, strict=True):
+            t.copy_(s.to(t.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shadow tensors and update count."""
+        return {"shadow": self.shadow, "updates": self.updates, "max_decay": self.max_decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()`."""
+        for s, v in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(v)
+        self.updates = int(state["updates"])
+
+
+# ----------------------------------------------------------------------------------------- autoencoder
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Autoencoder training knobs."""
+
+    seconds: float = 120.0
+    """Wall-clock budget."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    sizes: tuple[tuple[int, int, int], ...] = ((16, 4, 256), (32, 4, 128))
+    """(videos, frames, side) batches, alternated; frames are encoded independently."""
+    latent_noise: float = 0.1
+    """Gaussian noise added to the latents before decoding, relative to their std: the decoder
+    learns to tolerate the small errors of generated latents, and the latent space stays smooth."""
+    log_every: int = 50
+    """Steps between log lines."""
+    max_steps: int | None = None
+    """Optional step cap (tests)."""
+
+
+def train_autoencoder(ae: TestbedAutoencoder, cfg: AutoencoderTrainConfig, device: torch.device,
+                      log_path: Path | None = None, seed: int = 0) -> dict[str, float]:
+    """Train the autoencoder in place on fresh generator frames; returns final metrics."""
+    ae.to(device).train()
+    if device.type == "cuda":
+        ae.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    step, run_loss, run_psnr = 0, 0.0, 0.0
+    while True:
+        elapsed = time.perf_counter() - t0
+        if elapsed >= cfg.seconds or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+        b, t, s = cfg.sizes[step % len(cfg.sizes)]
+        video = data.make_batch(b, t, s, s, generator=gen, device=device).video
+        frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, 3, s, s)
+        if device.type == "cuda":
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(step, elapsed, base_lr=cfg.lr, warmup_steps=100, total_s=cfg.seconds, decay_from=0.3)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            z = ae.encode_frames(frames)
+            z_noisy = z + cfg.latent_noise * z.detach().float().std() * torch.randn_like(z)
+            rec = ae.decode_frames(z_noisy)
+        rec = rec.float()
+        mse = F.mse_loss(rec, frames)
+        loss = F.l1_loss(rec, frames) + mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_loss += loss.item() if step % 10 == 0 or cfg.max_steps else 0.0
+        if step % cfg.log_every == 0 or (cfg.max_steps is not None and step >= cfg.max_steps):
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # range [-1, 1] -> peak-to-peak 2
+            log_line(log_path, {"stage": "ae", "step": step, "elapsed_s": round(time.perf_counter() - t0, 2),
+                                "loss": round(loss.item(), 5), "psnr_db": round(psnr, 2), "lr": lr,
+                                "side": s})
+            run_psnr = psnr
+    ae.eval()
+    return {"ae_steps": step, "ae_seconds": round(time.perf_counter() - t0, 1), "ae_last_psnr_db": round(run_psnr, 2)}
+
+
+@torch.no_grad()
+def set_latent_stats(ae: TestbedAutoencoder, device: torch.device, videos: int = 32, seed: int = 1) -> None:
+    """Measure per-channel latent mean/std on fresh videos and store them in the config."""
+    ae.eval()
+    chunks = []
+    for i in range(videos // 8):
+        video = data.make_batch(8, 8, 256, 256, seed=seed + i, device=device).video
+        with autocast(device):
+            chunks.append(ae.encode(video).float())
+    z = torch.cat(chunks).transpose(0, 1).reshape(ae.config.z_dim, -1)
+    ae.register_to_config(latents_mean=z.mean(1).tolist(), latents_std=z.std(1).clamp_min(1e-4).tolist())
+
+
+@torch.no_grad()
+def reconstruction_psnr(ae: TestbedAutoencoder, device: torch.device, seed: int = 12345) -> float:
+    """PSNR (dB, range [-1, 1]) of autoencoder reconstructions of 8 held-out 256x256x8 videos."""
+    video = data.make_batch(8, 8, 256, 256, seed=seed, split="heldout", device=device).video
+    with autocast(device):
+        rec = ae.decode(ae.encode(video)).sample.float().clamp(-1, 1)
+    return 10 * math.log10(4.0 / F.mse_loss(rec, video).item())
+
+
+# ----------------------------------------------------------------------------------------------- DiT
+
+
+@dataclass
+class DiTTrainConfig:
+    """DiT (+ text encoder) training knobs."""
+
+    seconds: float = 300.0
+    """Wall-clock budget of this session."""
+    total_seconds: float = 840.0
+    """Planned training time over all sessions (the LR schedule and the size curriculum follow it)."""
+    lr: float = 4e-4
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 300
+    """Linear warm-up steps (re-done, shorter, when resuming without optimizer state)."""
+    ema_decay: float = 0.999
+    """Largest EMA decay."""
+    text_dropout: float = 0.1
+    """Share of captions replaced by "" so the model learns the unconditional branch (CFG)."""
+    shift: float = 3.0
+    """Timestep shift of the sigma distribution (same as the sampling scheduler's)."""
+    buckets: tuple[tuple[int, int, int], ...] = (
+        (128, 8, 32), (128, 16, 16), (192, 12, 8), (256, 8, 8), (256, 16, 4), (256, 32, 2))
+    """(side px, frames, batch) shapes; each about 55-65K tokens a step."""
+    curriculum: tuple[tuple[float, tuple[float, ...]], ...] = (
+        (0.25, (0.5, 0.2, 0.2, 0.1, 0.0, 0.0)),
+        (0.6, (0.25, 0.15, 0.2, 0.15, 0.25, 0.0)),
+        (1.01, (0.2, 0.1, 0.15, 0.1, 0.4, 0.05)),
+    )
+    """(progress upper bound, bucket probabilities): small/short clips early, eval size later."""
+    validation_size: tuple[int, int] = (256, 16)
+    """(side, frames) of the end-of-session validation loss (held-out captions, fixed noise)."""
+    log_every: int = 25
+    """Steps between log lines."""
+    checkpoint_every_s: float = 150.0
+    """Seconds between checkpoints."""
+    max_steps: int | None = None
+    """Optional step cap (tests)."""
+
+
+@dataclass
+class DiTState:
+    """Progress carried across sessions."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    elapsed_s: float = 0.0
+    """Training seconds done (all sessions)."""
+    samples: int = 0
+    """Videos seen."""
+    tokens: int = 0
+    """Video tokens seen."""
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    """Per-session summaries."""
+
+
+def pick_bucket(cfg: DiTTrainConfig, progress: float, rng: random.Random) -> tuple[int, int, int]:
+    """Draw a (side, frames, batch) bucket by the curriculum at `progress` in [0, 1]."""
+    for bound, probs in cfg.curriculum:
+        if progress < bound:
+            return rng.choices(cfg.buckets, weights=probs, k=1)[0]
+    return cfg.buckets[-1]
+
+
+def sample_sigmas(n: int, shift: float, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logit-normal sigmas in (0, 1), shifted like FlowMatchEulerDiscreteScheduler(shift)."""
+    u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_loss(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str],
+                       sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow MSE of the transformer's velocity on normalised latents (B, C, T, h, w)."""
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * latents + s * noise
+    text = pipe.encode_text(caption_list, latents.device)
+    pred = pipe.transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=text,
+                            return_dict=False)[0]
+    return F.mse_loss(pred.float(), (noise - latents).float())
+
+
+@torch.no_grad()
+def encode_videos(ae: TestbedAutoencoder, video: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Normalised float32 latents of pixel videos."""
+    with autocast(device):
+        z = ae.encode(video)
+    return ae.normalize(z.float())
+
+
+@torch.no_grad()
+def validation_loss(pipe: TestbedPipeline, device: torch.device, side: int = 256, frames: int = 16) -> float:
+    """Flow-matching loss on a fixed held-out batch at sigmas 0.2/0.5/0.8 (monitoring only)."""
+    batch = data.make_batch(3, frames, side, side, seed=777, split="heldout", device=device)
+    lat = encode_videos(pipe.vae, batch.video, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn(lat.shape, generator=g, device=device)
+    sig = torch.tensor([0.2, 0.5, 0.8], device=device)
+    with autocast(device), fast_attention(device):
+        return flow_matching_loss(pipe, lat, batch.captions, sig, noise).item()
+
+
+def save_checkpoint(path: Path, pipe: TestbedPipeline, ema: EMA, opt: torch.optim.Optimizer, state: DiTState,
+                    rng: random.Random, data_gen: torch.Generator) -> None:
+    """Full training state (models, EMA, optimizer, progress, RNG) to one file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "transformer": pipe.transformer.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
+        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
+        "py_rng": rng.getstate(), "data_gen": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, pipe: TestbedPipeline, ema: EMA, opt: torch.optim.Optimizer,
+                    rng: random.Random, data_gen: torch.Generator) -> DiTState:
+    """Restore what `save_checkpoint` wrote; returns the progress."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    pipe.transformer.load_state_dict(ck["transformer"])
+    pipe.text_encoder.load_state_dict(ck["text_encoder"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["optimizer"])
+    rng.setstate(ck["py_rng"])
+    data_gen.set_state(ck["data_gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    return DiTState(**ck["state"])
+
+
+def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, *, state: DiTState | None = None,
+              checkpoint: Path | None = None, resume_full: bool = False, log_path: Path | None = None,
+              seed: int = 0, on_checkpoint: Callable[[EMA, DiTState], None] | None = None) -> tuple[DiTState, EMA]:
+    """Train transformer + text encoder in place for `cfg.seconds`; returns progress and the EMA.
+
+    With `resume_full` and an existing `checkpoint`, the optimizer, EMA and RNG states are restored;
+    otherwise training starts from the pipeline's current weights with a fresh optimizer (EMA = weights).
+    """
+    pipe.transformer.to(device).train()
+    pipe.text_encoder.to(device).train()
+    pipe.vae.to(device).eval().requires_grad_(False)
+    modules = [pipe.transformer, pipe.text_encoder]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    ema = EMA(modules, cfg.ema_decay)
+    rng = random.Random(seed)
+    data_gen = torch.Generator().manual_seed(seed)
+    state = state or DiTState()
+    warmup = cfg.warmup_steps
+    if resume_full and checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, pipe, ema, opt, rng, data_gen)
+        print(f"resumed full state from {checkpoint} at step {state.step}", flush=True)
+    elif state.step > 0:
+        # Weights-only resume (no optimizer state travelled): a short re-warm-up protects Adam's moments.
+        warmup = state.step + 100
+        rng.seed(seed + state.step)
+        data_gen.manual_seed(seed + state.step)
+        print(f"weights-only resume at step {state.step}: fresh AdamW, re-warm-up 100 steps", flush=True)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1 + state.step)
+    session_start_step, session_t0 = state.step, time.perf_counter()
+    wall0 = last_ck = session_t0  # wall0: this session's budget; session_t0: time not yet added to state
+    losses: list[float] = []
+    bucket_counts: dict[str, int] = {}
+    while True:
+        now = time.perf_counter()
+        if now - wall0 >= cfg.seconds or (cfg.max_steps is not None and state.step - session_start_step >= cfg.max_steps):
+            break
+        elapsed = state.elapsed_s + (now - session_t0)
+        progress = min(1.0, elapsed / cfg.total_seconds)
+        side, frames, batch_size = pick_bucket(cfg, progress, rng)
+        batch = data.make_batch(batch_size, frames, side, side, generator=data_gen, device=device)
+        caption_list = ["" if rng.random() < cfg.text_dropout else c for c in batch.captions]
+        latents = encode_videos(pipe.vae, batch.video, device)
+        sigmas = sample_sigmas(batch_size, cfg.shift, device, noise_gen)
+        noise = torch.randn(latents.shape, generator=noise_gen, device=device)
+        lr = lr_at(state.step, elapsed, base_lr=cfg.lr, warmup_steps=warmup, total_s=cfg.total_seconds)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device), fast_attention(device):
+            loss = flow_matching_loss(pipe, latents, caption_list, sigmas, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        state.step += 1
+        state.samples += batch_size
+        tok = batch_size * frames * (side // 8) ** 2
+        state.tokens += tok
+        losses.append(loss.detach())
+        if state.step % cfg.log_every == 0:
+            mean_loss = torch.stack(losses).mean().item()
+            losses.clear()
+            t_now = time.perf_counter()
+            log_line(log_path, {"stage": "dit", "step": state.step, "elapsed_s": round(state.elapsed_s + t_now - session_t0, 1),
+                                "loss": round(mean_loss, 5), "lr": round(lr, 7), "grad_norm": round(float(grad_norm), 3),
+                                "bucket": f"{side}x{frames}x{batch_size}", "samples": state.samples,
+                                "tokens": state.tokens})
+        if checkpoint is not None and time.perf_counter() - last_ck > cfg.checkpoint_every_s:
+            state.elapsed_s += time.perf_counter() - session_t0
+            session_t0 = time.perf_counter()
+            save_checkpoint(checkpoint, pipe, ema, opt, state, rng, data_gen)
+            last_ck = time.perf_counter()
+            if on_checkpoint is not None:
+                on_checkpoint(ema, state)
+        key = f"{side}x{frames}x{batch_size}"
+        bucket_counts[key] = bucket_counts.get(key, 0) + 1
+    state.elapsed_s += time.perf_counter() - session_t0
+    val = validation_loss(pipe, device, *cfg.validation_size)
+    summary = {"steps": state.step - session_start_step, "end_step": state.step, "elapsed_s": round(state.elapsed_s, 1),
+               "val_loss": round(val, 5), "val_size": list(cfg.validation_size), "bucket_counts": bucket_counts}
+    state.sessions.append(summary)
+    log_line(log_path, {"stage": "dit_session", **summary})
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, pipe, ema, opt, state, rng, data_gen)
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    return state, ema
+
+
+def export_pipeline(pipe: TestbedPipeline, ema: EMA | None, folder: Path, *, dtype: torch.dtype = torch.float16,
+                    info: dict[str, Any] | None = None) -> None:
+    """Save a copy of the pipeline with the EMA weights in `dtype` (shards <= 15 MB) + `training_info.json`.
+
+    `pipe` itself is not changed (a CPU copy is written), so this can run in the middle of training.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    copy_pipe = TestbedPipeline(
+        transformer=copy.deepcopy(pipe.transformer).to("cpu"), vae=copy.deepcopy(pipe.vae).to("cpu"),
+        text_encoder=copy.deepcopy(pipe.text_encoder).to("cpu"), scheduler=pipe.scheduler,
+    )
+    if ema is not None:
+        ema.copy_to([copy_pipe.transformer, copy_pipe.text_encoder])
+    for name in ("transformer", "text_encoder", "vae"):
+        getattr(copy_pipe, name).to(dtype)
+    copy_pipe.save_pretrained(str(folder), safe_serialization=True, max_shard_size="15MB")
+    if info is not None:
+        (folder / "training_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def read_training_info(folder: Path) -> dict[str, Any]:
+    """`training_info.json` of an exported folder ({} if absent)."""
+    path = folder / "training_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def vocab() -> tuple[str, ...]:
+    """The grammar's vocabulary (what a fresh text encoder learns)."""
+    return captions.VOCAB
