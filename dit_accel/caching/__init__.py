@@ -1,0 +1,63 @@
+"""Feature caching: schedulers that decide, per denoising step and guidance branch, which blocks to
+compute and which to reuse, installed on diffusers' ``HookRegistry`` (no model forward is edited).
+
+    from dit_accel.caching import install_cache, make_cache_config
+    attachment = install_cache(transformer, context, "procache", budget=0.5)   # context: TransformerContext
+    ...
+    attachment.summary()   # compute fraction, reused calls, peak cached bytes
+    attachment.remove()
+
+Schedulers: ``fixed`` (uniform or listed steps, residual reuse), ``probe`` (first-block probe with an
+accumulated relative-L1 budget), ``taylor`` (fixed schedule, Taylor forecast of the residual) and
+``procache`` (offline-searched non-uniform schedule with selective recomputation of deep blocks).
+"""
+
+from dit_accel.caching.config import (
+    CONFIG_CLASSES,
+    CacheConfig,
+    FixedCacheConfig,
+    ProbeCacheConfig,
+    ProCacheConfig,
+    TaylorCacheConfig,
+)
+from dit_accel.caching.hooks import (
+    CACHE_HOOK_NAME,
+    CACHE_STATE_LAYER,
+    CacheAttachment,
+    find_blocks,
+    install_cache,
+    summarize,
+)
+from dit_accel.caching.schedule_file import load_schedule, resample_schedule, save_schedule
+from dit_accel.caching.schedulers import (
+    CacheScheduler,
+    Decision,
+    available_schedulers,
+    build_scheduler,
+    make_cache_config,
+    register_scheduler,
+)
+
+__all__ = [
+    "CACHE_HOOK_NAME",
+    "CACHE_STATE_LAYER",
+    "CONFIG_CLASSES",
+    "CacheAttachment",
+    "CacheConfig",
+    "CacheScheduler",
+    "Decision",
+    "FixedCacheConfig",
+    "ProCacheConfig",
+    "ProbeCacheConfig",
+    "TaylorCacheConfig",
+    "available_schedulers",
+    "build_scheduler",
+    "find_blocks",
+    "install_cache",
+    "load_schedule",
+    "make_cache_config",
+    "register_scheduler",
+    "resample_schedule",
+    "save_schedule",
+    "summarize",
+]
