@@ -1,0 +1,34 @@
+"""Triton kernels and their torch reference implementations.
+
+Block-sparse attention (layout, LSE and tile statistics: :mod:`.block_sparse_common`):
+
+- :func:`block_sparse_attention` — Triton on CUDA, torch reference on CPU;
+- :func:`block_sparse_attention_reference` — the torch reference, same signature;
+- mask helpers building torch's FlexAttention ``BlockMask``: :func:`dense_block_mask`,
+  :func:`block_mask_from_bool`, :func:`block_mask_from_scores`, :func:`block_mask_density`.
+
+The Triton module is imported lazily (on the first CUDA call), so importing this package needs no GPU.
+"""
+
+from .block_mask import (
+    DEFAULT_BLOCK_SIZE,
+    block_mask_density,
+    block_mask_from_bool,
+    block_mask_from_scores,
+    dense_block_mask,
+)
+from .block_sparse import block_sparse_attention
+from .block_sparse_common import SUPPORTED_HEAD_DIMS, BlockSparseOutput
+from .block_sparse_reference import block_sparse_attention_reference
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "SUPPORTED_HEAD_DIMS",
+    "BlockSparseOutput",
+    "block_mask_density",
+    "block_mask_from_bool",
+    "block_mask_from_scores",
+    "dense_block_mask",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+]

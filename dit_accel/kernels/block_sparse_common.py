@@ -1,0 +1,145 @@
+"""What the block-sparse attention implementations share: the result type and input validation.
+
+Layout contract (same as ``torch.nn.functional.scaled_dot_product_attention`` and FlexAttention):
+
+- ``q``: ``(B, H, S_q, D)``, ``k`` and ``v``: ``(B, H, S_kv, D)``; any strides with the last one 1
+  (a ``(B, S, H, D)`` tensor ``.transpose(1, 2)`` is fine, no copy is made);
+- dtype float16 or bfloat16 (float32 is accepted for tests; on the GPU it runs as tf32);
+- head dim ``D`` in ``SUPPORTED_HEAD_DIMS`` (64, 72, 128; 72 is zero-padded to 128 inside the kernel);
+- output ``(B, H, S_q, D)`` contiguous, dtype of ``q``;
+- LSE ``(B, H, S_q)`` float32, natural log of the softmax denominator of each row, with the scale
+  applied: ``lse[r] = log(sum_c exp(scale * q_r . k_c))`` over the attended keys;
+- tile statistics ``(B, H, Q_BLOCKS, KV_BLOCKS)`` float32, indexed by key-block index (not by position in
+  ``kv_indices``): for every computed tile, ``max_{r in qb, c in kb}(scale * q_r . k_c) - min_{r in qb} lse[r]``,
+  i.e. the log of an upper bound on the largest attention probability of any entry of the tile (so
+  the tile's share of any row's attention mass is at most ``KV_BLOCK_SIZE * exp(stat)``). Always
+  ``<= 0`` up to rounding. Tiles not computed hold ``-inf``.
+- An empty query block (no key block) gives output zeros and LSE ``-inf``, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
+
+__all__ = ["BlockSparseOutput", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "MaskView", "check_inputs"]
+
+SUPPORTED_HEAD_DIMS = (64, 72, 128)
+"""Head dims the kernel runs: 64 (SD3, CogVideoX, LTX), 72 (PixArt, padded to 128), 128 (Wan, HunyuanVideo, Flux)."""
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Accepted dtypes of q, k, v (float32 is meant for tests)."""
+
+
+class BlockSparseOutput(NamedTuple):
+    """What ``block_sparse_attention`` returns when ``return_lse`` or ``tile_stats`` is set.
+
+    Fields not asked for are None.
+    """
+
+    out: Tensor
+    """Attention output ``(B, H, S_q, D)``, dtype of q."""
+    lse: Tensor | None
+    """Log-sum-exp per row ``(B, H, S_q)`` float32 (natural log; ``-inf`` for empty query blocks)."""
+    tile_stats: Tensor | None
+    """``(B, H, Q_BLOCKS, KV_BLOCKS)`` float32: log upper bound of the largest probability in each computed
+    tile (see the module docstring); ``-inf`` where the tile was not computed."""
+
+
+class MaskView(NamedTuple):
+    """The parts of a BlockMask the implementations read, checked against q, k, v."""
+
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    full_kv_num_blocks: Tensor | None
+    full_kv_indices: Tensor | None
+    q_block: int
+    kv_block: int
+    num_q_blocks: int
+    num_kv_blocks: int
+    scale: float
+
+
+def _shape(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None) -> MaskView:
+    """Validate q, k, v and the mask; raise ValueError naming the offending shapes, dtypes or devices.
+
+    Returns the mask fields and the effective softmax scale (``1/sqrt(D)`` when ``scale`` is None).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16 (float32 for tests)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, S_q, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k and v must be (B, H, S_kv, D) matching q {tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported (q shape {tuple(q.shape)}); supported: {SUPPORTED_HEAD_DIMS}")
+    S_kv = k.shape[2]
+    if S_q == 0 or S_kv == 0:
+        raise ValueError(f"sequence lengths must be positive, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not isinstance(mask, BlockMask):
+        raise ValueError(f"mask must be a torch.nn.attention.flex_attention.BlockMask, got {type(mask).__name__}")
+    if mask.mask_mod is not noop_mask:
+        raise ValueError(
+            "mask.mask_mod must be the default noop_mask: block_sparse_attention computes every listed block "
+            f"in full and cannot apply an element-wise mask_mod (got {getattr(mask.mask_mod, '__name__', mask.mask_mod)})"
+        )
+    q_block, kv_block = mask.BLOCK_SIZE
+    if q_block not in (64, 128) or kv_block not in (64, 128):
+        raise ValueError(f"mask.BLOCK_SIZE must be 64 or 128 on each side, got {mask.BLOCK_SIZE}")
+    if tuple(mask.seq_lengths) != (S_q, S_kv):
+        raise ValueError(
+            f"mask.seq_lengths {tuple(mask.seq_lengths)} does not match q {tuple(q.shape)} / k {tuple(k.shape)} "
+            f"(expected ({S_q}, {S_kv}))"
+        )
+    n_qb = (S_q + q_block - 1) // q_block
+    n_kb = (S_kv + kv_block - 1) // kv_block
+    kv_num, kv_idx = mask.kv_num_blocks, mask.kv_indices
+    pairs = [("kv_num_blocks/kv_indices", kv_num, kv_idx)]
+    if mask.full_kv_num_blocks is not None:
+        pairs.append(("full_kv_num_blocks/full_kv_indices", mask.full_kv_num_blocks, mask.full_kv_indices))
+    for name, num, idx in pairs:
+        if num.dim() != 3 or idx.dim() != 4:
+            raise ValueError(f"mask {name} must be [B, H, Q_BLOCKS] / [B, H, Q_BLOCKS, KV_BLOCKS], got "
+                             f"{_shape(num)} / {_shape(idx)}")
+        if tuple(idx.shape[2:]) != (n_qb, n_kb) or num.shape[2] != n_qb:
+            raise ValueError(
+                f"mask {name} has shapes {_shape(num)} / {_shape(idx)} but q {tuple(q.shape)}, k {tuple(k.shape)} "
+                f"with block size {mask.BLOCK_SIZE} need [*, *, {n_qb}] / [*, *, {n_qb}, {n_kb}]"
+            )
+        for dim, size, what in ((0, B, "batch"), (1, H, "heads")):
+            for t in (num, idx):
+                if t.shape[dim] not in (1, size):
+                    raise ValueError(
+                        f"mask {name} {what} size {t.shape[dim]} (shape {_shape(t)}) must be 1 or {size} "
+                        f"(q shape {tuple(q.shape)})"
+                    )
+        if num.device != q.device or idx.device != q.device:
+            raise ValueError(f"mask {name} is on {num.device}/{idx.device} but q is on {q.device}")
+        if num.dtype != torch.int32 or idx.dtype != torch.int32:
+            raise ValueError(f"mask {name} must be int32, got {num.dtype} / {idx.dtype}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    scale = float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return MaskView(
+        kv_num, kv_idx, mask.full_kv_num_blocks, mask.full_kv_indices, q_block, kv_block, n_qb, n_kb, scale
+    )

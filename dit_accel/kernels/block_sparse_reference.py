@@ -1,0 +1,87 @@
+"""Torch reference of block-sparse attention: same signature and results as the Triton kernel.
+
+It is what runs on CPU, and the ground truth of the kernel tests. It materialises the full
+``(B, H, S_q, S_kv)`` logits in float32, so it is meant for small shapes. See
+:mod:`dit_accel.kernels.block_sparse_common` for the layout and the meaning of LSE and tile stats.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .block_sparse_common import BlockSparseOutput, MaskView, check_inputs
+
+__all__ = ["block_allowed", "block_sparse_attention_reference"]
+
+
+def block_allowed(view: MaskView, B: int, H: int) -> Tensor:
+    """Bool ``(B, H, Q_BLOCKS, KV_BLOCKS)``: which tiles the mask computes (partial and full blocks)."""
+    n_kb = view.num_kv_blocks
+    allowed = torch.zeros(B, H, view.num_q_blocks, n_kb, dtype=torch.bool, device=view.kv_indices.device)
+    pairs = [(view.kv_num_blocks, view.kv_indices)]
+    if view.full_kv_num_blocks is not None:
+        pairs.append((view.full_kv_num_blocks, view.full_kv_indices))
+    for num, idx in pairs:
+        num = num.expand(B, H, -1)
+        idx = idx.expand(B, H, -1, -1).long()
+        listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+        # Unlisted slots are padding: route them to an extra column that is dropped afterwards.
+        target = torch.where(listed, idx, torch.full_like(idx, n_kb))
+        hit = torch.zeros(B, H, view.num_q_blocks, n_kb + 1, dtype=torch.bool, device=idx.device)
+        hit.scatter_(-1, target, True)
+        allowed |= hit[..., :n_kb]
+    return allowed
+
+
+def block_sparse_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: BlockMask,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    tile_stats: bool = False,
+) -> Tensor | BlockSparseOutput:
+    """Block-sparse attention in plain torch (float32 math), same contract as ``block_sparse_attention``.
+
+    Args:
+        q: ``(B, H, S_q, D)``; k, v: ``(B, H, S_kv, D)``; float16, bfloat16 or float32.
+        mask: a FlexAttention ``BlockMask`` with the default ``mask_mod``; B/H of size 1 broadcast.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the per-row log-sum-exp.
+        tile_stats: also return the per-tile statistics.
+
+    Returns:
+        The output tensor, or a :class:`BlockSparseOutput` when ``return_lse`` or ``tile_stats`` is set.
+    """
+    view = check_inputs(q, k, v, mask, scale)
+    B, H, S_q, _ = q.shape
+    S_kv = k.shape[2]
+    qbs, kbs = view.q_block, view.kv_block
+    allowed = block_allowed(view, B, H)
+    tok_allowed = allowed.repeat_interleave(qbs, dim=2).repeat_interleave(kbs, dim=3)[:, :, :S_q, :S_kv]
+
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * view.scale
+    logits = logits.masked_fill(~tok_allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    empty = torch.isinf(lse) & (lse < 0)
+    probs = torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.matmul(probs, v.float()).to(q.dtype)
+
+    stats = None
+    if tile_stats:
+        n_qb, n_kb = view.num_q_blocks, view.num_kv_blocks
+        padded = logits.new_full((B, H, n_qb * qbs, n_kb * kbs), float("-inf"))
+        padded[:, :, :S_q, :S_kv] = logits
+        tile_max = padded.view(B, H, n_qb, qbs, n_kb, kbs).amax(dim=(3, 5))
+        lse_pad = lse.new_full((B, H, n_qb * qbs), float("inf"))
+        lse_pad[:, :, :S_q] = lse
+        lse_min = lse_pad.view(B, H, n_qb, qbs).amin(dim=-1)
+        stats = torch.where(allowed, tile_max - lse_min.unsqueeze(-1), torch.full_like(tile_max, float("-inf")))
+
+    if not (return_lse or tile_stats):
+        return out
+    return BlockSparseOutput(out, lse if return_lse else None, stats)
