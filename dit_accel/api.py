@@ -236,8 +236,8 @@ def _detach(attachment: _Attachment) -> None:
 def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[str, Any]:
     transformer = attachment.transformer
     processors = dict(transformer.attn_processors)
-    for name, _module, role, layer in attachment.family.attention_modules(transformer):
-        binding = ModuleBinding(attachment.context, method, layer, name, role)
+    for name, module, role, layer in attachment.family.attention_modules(transformer):
+        binding = ModuleBinding(attachment.context, method, layer, name, role, id(module))
         processors[f"{name}.processor"] = attachment.family.processor_cls(binding)
     return processors
 

@@ -115,10 +115,10 @@ def test_hunyuan_padded_text_is_dropped_from_sparse_call_and_unequal_padding_goe
     # 160 video tokens + 9 valid of 12 text tokens
     assert {(s["seq_len"], s["text_tokens"], s["backend"]) for s in handle.stats()} == {(169, 9, "block_sparse")}
 
-    handle.reset_stats()
+    dit_accel.remove(model)
     batch = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     batch["encoder_attention_mask"][1, 7:] = False  # rows with different padding: the mask must be applied
-    reference = dit_accel.remove(model) or run_model(model, batch)
+    reference = run_model(model, batch)
     handle = dit_accel.apply(model, attention=dit_accel.get_method("full", min_seq_len=0))
     out = run_model(model, batch)
     assert (out - reference).abs().max().item() <= 1e-5
@@ -146,3 +146,16 @@ def test_short_sequences_and_unsupported_head_dims_go_dense():
     assert (run_model(odd, inputs) - reference).abs().max().item() <= 1e-5
     assert {s["dense_reason"] for s in handle.stats()} == {"head_dim"}
     dit_accel.remove(odd)
+
+
+@pytest.mark.parametrize("case_name", ["wan", "sd3"])
+def test_one_processor_instance_for_all_modules_is_refused(case_name):
+    case = TINY_CASES[case_name]
+    model, inputs = case.build(), case.inputs()
+    originals = dict(model.attn_processors)
+    one = next(iter(dit_accel.processors_for(model).values()))
+    model.set_attn_processor(one)  # the same object on every module: layer indices would be wrong
+    with pytest.raises(RuntimeError, match="was built for module"):
+        run_model(model, inputs)
+    dit_accel.remove(model)
+    assert all(model.attn_processors[k] is originals[k] for k in originals)

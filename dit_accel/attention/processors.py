@@ -35,6 +35,17 @@ class DitAccelProcessorMixin:
             raise TypeError(f"binding must be a ModuleBinding, got {type(binding).__name__}")
         self.binding = binding
 
+    def _check_module(self, attn: object) -> None:
+        # A processor carries its module's layer index and its transformer's context; used on any
+        # other module (e.g. one instance passed to set_attn_processor for all layers) it would
+        # mix up per-layer state and layouts, so refuse instead of computing something wrong.
+        if id(attn) != self.binding.module_id:
+            raise RuntimeError(
+                f"{type(self).__name__} was built for module {self.binding.module_name!r} and cannot run on "
+                "another attention module; use dit_accel.processors_for(transformer) (a dict with one processor "
+                "per module) for transformer.set_attn_processor(...)"
+            )
+
     @property
     def method_name(self) -> str:
         """Name of the attention method this processor runs on self-attention."""
@@ -52,8 +63,13 @@ class DispatcherProcessorMixin(DitAccelProcessorMixin):
 
     @contextlib.contextmanager
     def _publish(
-        self, text_tokens: int = 0, text_position: TextPosition = "none", trailing_key_padding: int | None = None
+        self,
+        attn: object,
+        text_tokens: int = 0,
+        text_position: TextPosition = "none",
+        trailing_key_padding: int | None = None,
     ) -> Iterator[None]:
+        self._check_module(attn)
         token = ACTIVE_CALL.set(ActiveCall(self.binding, text_tokens, text_position, trailing_key_padding))
         try:
             yield

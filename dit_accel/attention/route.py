@@ -38,6 +38,8 @@ class ModuleBinding:
     """Dotted module name, e.g. ``blocks.0.attn1``."""
     role: Literal["self", "cross"]
     """``"self"``: self/joint attention over the visual tokens; ``"cross"``: always dense."""
+    module_id: int
+    """``id()`` of the attention module the processor was built for (checked at every call)."""
 
 
 def _sparse_head_dim_ok(q: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@ class CogVideoXDitAccelProcessor(DitAccelProcessorMixin, CogVideoXAttnProcessor2
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_module(attn)
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape

@@ -31,7 +31,7 @@ class FluxDitAccelProcessor(DispatcherProcessorMixin, FluxAttnProcessor):
             text = encoder_hidden_states.shape[1]
         else:  # single-stream block: text already joined in front; its count comes from the forward
             text = self.binding.context.text_tokens
-        with self._publish(text, "first"):
+        with self._publish(attn, text, "first"):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 

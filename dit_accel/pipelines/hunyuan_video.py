@@ -34,7 +34,7 @@ class HunyuanVideoDitAccelProcessor(DispatcherProcessorMixin, HunyuanVideoAttnPr
         valid = self.binding.context.text_valid
         if attention_mask is not None and text > 0 and valid and len(set(valid)) == 1 and valid[0] <= text:
             padding = text - valid[0]
-        with self._publish(text, "last", padding):
+        with self._publish(attn, text, "last", padding):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 

@@ -25,7 +25,7 @@ class LTXVideoDitAccelProcessor(DispatcherProcessorMixin, LTXVideoAttnProcessor)
         self._bind(binding)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        with self._publish():
+        with self._publish(attn):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 

@@ -36,6 +36,7 @@ class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        self._check_module(attn)
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored.")
         residual = hidden_states

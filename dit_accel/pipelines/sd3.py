@@ -35,6 +35,7 @@ class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
+        self._check_module(attn)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
