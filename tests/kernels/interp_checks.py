@@ -1,0 +1,136 @@
+"""Runs the Triton block-sparse kernel in the Triton interpreter on tiny CPU inputs and prints, as one JSON
+object, its errors against the torch reference for each case. Started by test_block_sparse_triton.py in a
+subprocess with TRITON_INTERPRET=1 (that variable must be set before Triton kernels are defined, and
+must not leak into the other tests' process).
+
+Interpreter limits (see /work/shared/cpu.md): bf16 tl.dot is wrong in the interpreter, so cases use
+float16/float32 (bf16 is checked on the GPU by benchmarks/attention_kernel.py --check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("run with TRITON_INTERPRET=1")
+
+import numpy as np
+import triton.runtime.interpreter as _interp
+
+# Triton 3.6's interpreter turns a loaded scalar into a Python int with int(array of shape (1,)), which
+# numpy >= 2.4 refuses; loop bounds read from memory (the mask's kv_num_blocks) need it. Same conversion,
+# through the element instead.
+if hasattr(_interp, "_patch_lang_tensor"):
+    _orig_patch = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
+
+from dit_accel.kernels import block_mask_from_bool, block_sparse_attention, dense_block_mask  # noqa: E402
+from dit_accel.kernels.block_sparse_common import check_inputs  # noqa: E402
+from dit_accel.kernels.block_sparse_reference import block_sparse_attention_reference  # noqa: E402
+from dit_accel.kernels.block_sparse_triton import block_sparse_attention_triton  # noqa: E402
+
+
+def _fin(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+def _compare(got, ref) -> dict:
+    out_g, out_r = got.out.float(), ref.out.float()
+    return dict(
+        rel_err=float((out_g - out_r).norm() / out_r.norm().clamp_min(1e-30)),
+        max_abs_err=float((out_g - out_r).abs().max()),
+        nan=bool(torch.isnan(got.out).any() or torch.isnan(got.lse).any() or torch.isnan(got.tile_stats).any()),
+        lse_err=float((_fin(got.lse) - _fin(ref.lse)).abs().max()),
+        lse_inf_match=bool(torch.equal(torch.isinf(got.lse), torch.isinf(ref.lse))),
+        ts_err=float((_fin(got.tile_stats) - _fin(ref.tile_stats)).abs().max()),
+        ts_inf_match=bool(torch.equal(torch.isinf(got.tile_stats), torch.isinf(ref.tile_stats))),
+    )
+
+
+def _qkv(B, H, S_q, S_kv, D, dtype, layout="bhsd"):
+    if layout == "bshd":
+        mk = lambda S: torch.randn(B, S, H, D, dtype=dtype).transpose(1, 2)  # noqa: E731
+    else:
+        mk = lambda S: torch.randn(B, H, S, D, dtype=dtype)  # noqa: E731
+    return mk(S_q), mk(S_kv), mk(S_kv)
+
+
+def _run(q, k, v, mask, ts_atomic=None):
+    view = check_inputs(q, k, v, mask, None)
+    got = block_sparse_attention_triton(q, k, v, view, return_lse=True, tile_stats=True, ts_atomic=ts_atomic)
+    ref = block_sparse_attention_reference(q, k, v, mask, return_lse=True, tile_stats=True)
+    return _compare(got, ref)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    res: dict = {}
+
+    # Full density, compared with SDPA too (float32: exact up to rounding).
+    q, k, v = _qkv(1, 2, 256, 256, 64, torch.float32)
+    m = dense_block_mask(1, 2, 256, 256)
+    r = _run(q, k, v, m)
+    out = block_sparse_attention(q, k, v, m)  # public entry point: Triton, since TRITON_INTERPRET=1
+    r["sdpa_rel_err"] = float((out - F.scaled_dot_product_attention(q, k, v)).norm()
+                              / F.scaled_dot_product_attention(q, k, v).norm())
+    res["dense_fp32_d64"] = r
+
+    # Random masks, ragged tails, float16, 64-blocks; plus one empty query block.
+    q, k, v = _qkv(1, 2, 300, 300, 64, torch.float16)
+    bb = torch.rand(1, 2, 5, 5) < 0.5
+    bb[0, 1, 2] = False
+    res["random_fp16_ragged_b64_empty_row"] = _run(q, k, v, block_mask_from_bool(bb, 300, 300, 64))
+
+    # Head dim 72 (padded to 128 in the kernel), float32, q block 64.
+    q, k, v = _qkv(1, 2, 200, 200, 72, torch.float32)
+    bb = torch.rand(1, 2, 4, 4) < 0.6
+    res["d72_fp32_b64"] = _run(q, k, v, block_mask_from_bool(bb, 200, 200, 64))
+
+    # Head dim 128, float32 (BLOCK_N 32 < key block 128: sub-tiles), ragged, both tile-stat reductions.
+    q, k, v = _qkv(1, 1, 190, 190, 128, torch.float32)
+    bb = torch.rand(1, 1, 2, 2) < 0.7
+    bb[0, 0, 0] = False
+    m = block_mask_from_bool(bb, 190, 190, 128)
+    res["d128_fp32_subtiles_atomic"] = _run(q, k, v, m, ts_atomic=True)
+    res["d128_fp32_subtiles_reduce"] = _run(q, k, v, m, ts_atomic=False)
+
+    # Cross lengths S_q != S_kv, transposed (B, S, H, D) layout, broadcast mask (B=1, H=1) over B=2, H=2.
+    q, k, v = _qkv(2, 2, 150, 260, 64, torch.float16, layout="bshd")
+    bb = torch.rand(1, 1, 3, 5) < 0.6
+    res["cross_len_bshd_broadcast"] = _run(q, k, v, block_mask_from_bool(bb, 150, 260, 64))
+
+    # FlexAttention full blocks (full_kv_*) next to partial ones: both are computed in full.
+    q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16)
+    part = torch.rand(1, 2, 2, 2) < 0.5
+    full = (torch.rand(1, 2, 2, 2) < 0.5) & ~part
+    mp = block_mask_from_bool(part, 256, 256)
+    mf = block_mask_from_bool(full, 256, 256)
+    m = BlockMask.from_kv_blocks(mp.kv_num_blocks, mp.kv_indices, mf.kv_num_blocks, mf.kv_indices,
+                                 BLOCK_SIZE=128, seq_lengths=(256, 256), compute_q_blocks=False)
+    res["partial_plus_full_blocks"] = _run(q, k, v, m)
+
+    # A mask with no block at all: zeros and LSE -inf everywhere.
+    q, k, v = _qkv(1, 1, 130, 130, 64, torch.float16)
+    m = block_mask_from_bool(torch.zeros(1, 1, 2, 2, dtype=torch.bool), 130, 130)
+    r = _run(q, k, v, m)
+    got = block_sparse_attention(q, k, v, m, return_lse=True)
+    r["all_zero_out"] = bool((got.out == 0).all())
+    r["all_lse_neg_inf"] = bool(torch.isneginf(got.lse).all())
+    res["empty_mask"] = r
+
+    json.dump(res, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
