@@ -105,6 +105,29 @@ class AccelHandle:
             out.extend(a.context.stats())
         return out
 
+    def stats_summary(self) -> dict[str, Any]:
+        """Aggregate of :meth:`stats` for run logs.
+
+        Keys: ``attention_calls``, ``sparse_calls``, ``mean_density`` (over all self-attention calls,
+        dense ones counting 1.0; ``None`` without calls), ``plan_ms_total``, ``backends`` and
+        ``dense_reasons`` (name -> count).
+        """
+        rows = self.stats()
+        backends: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for r in rows:
+            backends[r["backend"]] = backends.get(r["backend"], 0) + 1
+            if r["dense_reason"] is not None:
+                reasons[r["dense_reason"]] = reasons.get(r["dense_reason"], 0) + 1
+        return {
+            "attention_calls": len(rows),
+            "sparse_calls": sum(1 for r in rows if r["dense_reason"] is None),
+            "mean_density": (sum(r["density"] for r in rows) / len(rows)) if rows else None,
+            "plan_ms_total": sum(r["plan_ms"] for r in rows),
+            "backends": backends,
+            "dense_reasons": reasons,
+        }
+
     def reset_stats(self) -> None:
         """Drop all statistics records."""
         for a in self._attachments:

@@ -130,6 +130,31 @@ def _cogvideox_inputs():
     )
 
 
+def _cogvideox15_model():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    cfg = dict(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=8, num_layers=1, sample_width=20, sample_height=20, sample_frames=13, patch_size=2,
+        patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True,
+    )
+    return CogVideoXTransformer3DModel.from_config(cfg).eval()
+
+
+def _cogvideox15_inputs():
+    g = _gen()
+    video_tokens = 2 * 10 * 10  # 4 latent frames / patch_size_t 2, 20x20 / patch 2
+    # RoPE (cos, sin) as the pipeline passes it, so the processor's RoPE branch is exercised too
+    rope = (torch.randn(video_tokens, 64, generator=g), torch.randn(video_tokens, 64, generator=g))
+    return dict(
+        hidden_states=torch.randn(1, 4, 4, 20, 20, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 8, generator=g),
+        timestep=torch.tensor([500]),
+        image_rotary_emb=rope,
+    )
+
+
 def _ltx_model():
     from diffusers import LTXVideoTransformer3DModel
 
@@ -242,19 +267,21 @@ TINY_CASES: dict[str, TinyCase] = {
         TinyCase("wan_i2v", _wan_i2v_model, _wan_i2v_inputs),
         TinyCase("hunyuan_video", _hunyuan_model, _hunyuan_inputs),
         TinyCase("cogvideox", _cogvideox_model, _cogvideox_inputs),
+        TinyCase("cogvideox15", _cogvideox15_model, _cogvideox15_inputs),
         TinyCase("ltx_video", _ltx_model, _ltx_inputs),
         TinyCase("flux", _flux_model, _flux_inputs),
         TinyCase("pixart", _pixart_model, _pixart_inputs),
         TinyCase("sd3", _sd3_model, _sd3_inputs),
     )
 }
-"""Tiny model cases by name (Wan has a T2V and an I2V case)."""
+"""Tiny model cases by name (Wan: T2V and I2V; CogVideoX: 1.0 and 1.5 with RoPE)."""
 
 EXPECTED_GRID = {
     "wan": (2, 10, 10),
     "wan_i2v": (2, 10, 10),
     "hunyuan_video": (2, 10, 8),
     "cogvideox": (2, 10, 10),
+    "cogvideox15": (2, 10, 10),
     "ltx_video": (2, 10, 10),
     "flux": (1, 12, 10),
     "pixart": (1, 14, 10),

@@ -102,6 +102,10 @@ def test_stats_keys_and_reset(wan):
         "plan_ms", "backend", "dense_reason", "seq_len", "text_tokens",
     }
     assert isinstance(stats[0]["density"], float) and stats[0]["module"] == "blocks.0.attn1"
+    summary = handle.stats_summary()
+    assert summary["attention_calls"] == summary["sparse_calls"] == 2
+    assert summary["mean_density"] == pytest.approx(1.0) and summary["backends"] == {"block_sparse": 2}
+    assert summary["dense_reasons"] == {}
     handle.reset_stats()
     assert handle.stats() == []
     dit_accel.remove(model)
