@@ -325,7 +325,7 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         "seed": args.seed,
         "frames_shape": list(frames.shape),
         "call": {k: v for k, v in kwargs.items() if k not in ("generator", "callback_on_step_end", "prompt")},
-        "acceleration": handle.describe(),
+        "acceleration": handle.summary(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype).replace("torch.", ""),
         "versions": _versions(),
@@ -333,7 +333,7 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         "generate_s": round(generate_s, 3),
         "step_s": [round(s, 4) for s in per_step],
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-        "stats": handle.summary(),
+        "attention_stats": handle.stats_summary(),
         "output": str(written),
     }
     _append_jsonl(args.log, record)
@@ -359,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = run_generate(args)
             print(
                 f"wrote {record['output']} ({record['frames_shape'][0]} frames, "
-                f"{record['generate_s']:.1f} s, {record['acceleration']}); log: {args.log}"
+                f"{record['generate_s']:.1f} s, preset {record['acceleration']['preset']}, "
+                f"attention {record['acceleration']['attention']}, cache {record['acceleration']['cache']}); log: {args.log}"
             )
             return 0
     except CLIError as err:
