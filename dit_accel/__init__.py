@@ -9,7 +9,7 @@ Public surface::
 """
 
 from dit_accel.api import AccelHandle, apply, available_caches, get_handle, processors_for, remove
-from dit_accel.attention.dense import dense_backend_name
+from dit_accel.attention.dense import dense_backend_name, dense_probe_report
 from dit_accel.attention.methods import AttentionMethod, available_methods, get_method, register_method
 from dit_accel.pipelines.families import family_names, supported_transformer_classes
 
@@ -20,6 +20,7 @@ __all__ = [
     "available_caches",
     "available_methods",
     "dense_backend_name",
+    "dense_probe_report",
     "family_names",
     "get_handle",
     "get_method",

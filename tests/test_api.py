@@ -39,6 +39,9 @@ def test_unsupported_transformer_and_wrong_types():
         dit_accel.apply("wan")
     with pytest.raises(TypeError, match=r"expected a diffusers transformer.*got int"):
         dit_accel.processors_for(5)
+    compiled = torch.compile(TINY_CASES["wan"].build())
+    with pytest.raises(ValueError, match="apply dit_accel before torch.compile"):
+        dit_accel.apply(compiled)
 
 
 def test_presets_and_cache_arguments(wan):

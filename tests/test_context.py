@@ -127,8 +127,11 @@ def _run_pixart(pipe, guidance_scale, batch=1):
 def test_pixart_pipeline_batched_cfg_rows_and_grid(pixart_pipe):
     pipe = pixart_pipe
     reference = _run_pixart(pipe, 4.5)
+    original_class = type(pipe)
+    dit_accel.apply(pipe, attention="dense")
     method = RecordingMethod()
-    handle = dit_accel.apply(pipe, attention=method)
+    handle = dit_accel.apply(pipe, attention=method)  # applying again replaces, never nests the wrapper
+    assert type(pipe).__mro__[1] is original_class
     out = _run_pixart(pipe, 4.5)
     assert abs(out - reference).max() <= 1e-5
     # PixArt batches [uncond, cond]; 32x24 pixels, VAE factor 1, patch 2 -> (1, 16, 12)
@@ -141,6 +144,7 @@ def test_pixart_pipeline_batched_cfg_rows_and_grid(pixart_pipe):
     _run_pixart(pipe, 1.0)  # no guidance: one branch only
     assert {rec[5] for rec in method.seen} == {"cond"}
     dit_accel.remove(pipe)
+    assert type(pipe) is original_class
 
 
 def test_pixart_pipeline_runs_block_sparse_end_to_end(pixart_pipe):

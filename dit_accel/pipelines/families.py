@@ -42,6 +42,11 @@ def detect_family(transformer: object) -> Family:
             f"expected a diffusers transformer (torch.nn.Module), got {type(transformer).__name__}; "
             f"supported classes: {supported_transformer_classes()}"
         )
+    if hasattr(transformer, "_orig_mod"):  # torch.compile wrapper: hooks and processors must go on the model
+        raise ValueError(
+            f"got a torch.compile-wrapped {type(transformer._orig_mod).__name__}; apply dit_accel before "
+            "torch.compile(...) (or pass the uncompiled module)"
+        )
     for klass in type(transformer).__mro__:
         if klass.__name__ in _BY_CLASS and klass.__module__.startswith("diffusers."):
             return _BY_CLASS[klass.__name__]
