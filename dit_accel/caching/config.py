@@ -134,9 +134,10 @@ class ProbeCacheConfig(CacheConfig):
 class TaylorCacheConfig(FixedCacheConfig):
     """Fixed schedule whose reused steps forecast the span residual with a Taylor expansion.
 
-    The derivatives are finite differences of the residuals of the last computed steps, in units of
-    step index: order 1 keeps the residual and one difference (two stream-size tensors per branch),
-    order 2 a second difference too (three).
+    The derivatives are divided differences of the residuals of the last computed steps, in units of
+    step index (Newton form, exact for polynomial residuals): order 1 keeps the residual and one
+    difference (two stream-size tensors per branch), order 2 a second difference too (three: the one
+    documented exception to the two-tensor memory rule).
     """
 
     scheduler: ClassVar[str] = "taylor"

@@ -517,12 +517,18 @@ def install_cache(
         raise TypeError(f"context must be a TransformerContext, got {type(context).__name__}")
     cfg = make_cache_config(config, **options)
     blocks = find_blocks(transformer)
+    scheduler = build_scheduler(cfg, len(blocks))
+    return install_controller(transformer, CacheController(name or context.name, context, scheduler, blocks))
+
+
+def install_controller(transformer: torch.nn.Module, controller: CacheController) -> CacheAttachment:
+    """Register the block hooks of an already built controller (calibration installs its recorder so)."""
+    blocks = controller.blocks
     for ref in blocks:
         registry = getattr(ref.module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(CACHE_HOOK_NAME) is not None:
             raise ValueError(f"a dit-accel cache is already installed on {ref.name}; remove it first")
-    scheduler = build_scheduler(cfg, len(blocks))
-    controller = CacheController(name or context.name, context, scheduler, blocks)
+    scheduler = controller.scheduler
     attachment = CacheAttachment(transformer, controller)
     try:
         for index, ref in enumerate(blocks):

@@ -70,6 +70,8 @@ class BranchState:
     """Taylor finite differences per slot end: ``[d1]`` or ``[d1, d2]`` (step-index units)."""
     slot_steps: dict[int, int] = field(default_factory=dict)
     """Step at which each slot was last refreshed."""
+    diff_steps: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Steps of the residuals behind the Taylor differences per slot, latest first."""
     probe: torch.Tensor | None = None
     """Previous step's probe residual (hidden stream, strided tokens)."""
     accumulated: float = 0.0
@@ -294,37 +296,42 @@ class FixedScheduler(CacheScheduler):
 
 @register_scheduler
 class TaylorScheduler(FixedScheduler):
-    """Fixed schedule; reused steps forecast the residual by a Taylor expansion (order 1 or 2).
+    """Fixed schedule; reused steps forecast the residual by Newton's divided differences (order 1 or 2).
 
-    With residuals ``R(s)`` at computed steps, ``d1 = (R(s1) - R(s0)) / (s1 - s0)`` and
-    ``d2 = (d1(s1) - d1(s0)) / (s1 - s0)``; at step ``t`` the forecast is
-    ``R(s1) + d1 k + d2 k^2 / 2`` with ``k = t - s1``.
+    With residuals ``R`` at the computed steps ``s2 < s1 < s0`` (``s0`` the latest), the differences
+    are ``d1 = (R(s0) - R(s1)) / (s0 - s1)`` and ``d2 = (d1(s0) - d1(s1)) / (s0 - s2)`` (step-index
+    units), and step ``t`` gets ``R(s0) + d1 (t - s0) + d2 (t - s0)(t - s1)``: the Taylor expansion of
+    the residual, exact for residuals that are polynomials of that order in the step index.
     """
 
     name = "taylor"
     config_class = TaylorCacheConfig
 
     def store(self, state: BranchState, end: int, residual: Streams, step: int) -> None:
-        """Refresh the residual and its finite differences (dropped when the shapes change)."""
+        """Refresh the residual and its divided differences (restarted when the shapes change)."""
         order: int = self.config.order  # type: ignore[attr-defined]
         old = state.slots.get(end)
-        old_step = state.slot_steps.get(end)
+        steps = state.diff_steps.get(end, ())
         derivs: list[Streams] = []
-        if old is not None and old_step is not None and step > old_step and old[0].shape == residual[0].shape:
-            gap = float(step - old_step)
-            derivs.append(_sub_div(residual, old, gap))
+        if old is not None and steps and step > steps[0] and old[0].shape == residual[0].shape:
+            derivs.append(_sub_div(residual, old, float(step - steps[0])))
             old_derivs = state.derivatives.get(end, [])
-            if order >= 2 and old_derivs:
-                derivs.append(_sub_div(derivs[0], old_derivs[0], gap))
+            if order >= 2 and old_derivs and len(steps) >= 2:
+                derivs.append(_sub_div(derivs[0], old_derivs[0], float(step - steps[1])))
+            steps = (step,) + steps[:1]
+        else:
+            steps = (step,)
         state.derivatives[end] = derivs
+        state.diff_steps[end] = steps
         super().store(state, end, residual, step)
 
     def forecast(self, state: BranchState, end: int, step: int) -> Streams:
-        """``R + d1 k + d2 k^2 / 2`` with the available differences."""
+        """``R(s0) + d1 (t - s0) + d2 (t - s0)(t - s1)`` with the available differences."""
         out = state.slots[end]
-        k = float(step - state.slot_steps[end])
-        coeffs = (k, k * k / 2.0)
-        for deriv, coeff in zip(state.derivatives.get(end, []), coeffs):
+        steps = state.diff_steps.get(end, (state.slot_steps[end],))
+        coeff = 1.0
+        for i, deriv in enumerate(state.derivatives.get(end, [])):
+            coeff *= float(step - steps[i])
             out = _add(out, deriv, coeff)
         return out
 

@@ -1,0 +1,405 @@
+"""Offline schedule search (``dit-accel calibrate``): measure, then choose which steps to compute.
+
+1. *Measure.* Dense generations on calibration prompts with a recorder on the blocks: at every step
+   and guidance branch the residual of the cacheable span ``R_t`` (span output minus span input) is
+   compared with the residuals of the previous ``max_consecutive_reuse + 1`` steps. The cost of
+   reusing step ``s``'s residual at step ``t`` is::
+
+       c(s, t) = dt_t * mean|R_t - R_s| / mean_t(mean|R_t|)
+
+   (``dt_t`` the sampler's sigma step, so errors count as much as they move the latent), averaged
+   over prompts, branches and transformers.
+2. *Search.* A dynamic programme over the steps picks the set of computed steps with the smallest
+   total cost under the compute budget and the guardrails (warm-up and final steps computed, at most
+   ``max_consecutive_reuse`` reused steps in a row) -- exact, not greedy. A share of the budget can
+   instead buy *selective* steps (ProCache): the reused steps with the largest cost recompute their
+   last ``selective_blocks`` blocks.
+3. *Write* a schedule file (``dit_accel.caching.schedule_file``) that ``fixed`` and ``procache`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dit_accel.caching.config import CacheConfig, FixedCacheConfig
+from dit_accel.caching.hooks import CacheController, find_blocks, install_controller
+from dit_accel.caching.schedule_file import SCHEDULE_FORMAT, SCHEDULE_VERSION, save_schedule
+from dit_accel.caching.schedulers import BranchState, CacheScheduler, Streams
+
+logger = logging.getLogger("dit_accel")
+
+
+class _ReuseErrorRecorder(CacheScheduler):
+    """Computes every step; records ``mean|R_t - R_s|`` for the last few computed steps ``s``."""
+
+    name = "_recorder"
+    config_class = CacheConfig
+
+    def __init__(self, config: CacheConfig, num_blocks: int, window: int, token_stride: int, sink: "_Measurements") -> None:
+        super().__init__(config, num_blocks)
+        self.window = window
+        self.token_stride = token_stride
+        self.sink = sink
+        self.history: dict[int, deque] = {}
+
+    def guardrail(self, info, state) -> str | None:
+        """Never reuse."""
+        return "calibration"
+
+    def decide(self, info, state):  # pragma: no cover - guardrail always forces compute
+        raise AssertionError("unreachable")
+
+    def store(self, state: BranchState, end: int, residual: Streams, step: int) -> None:
+        """Measure against the window of previous residuals of this branch; keep nothing in ``state``."""
+        r = residual[0].detach()
+        if self.token_stride > 1 and r.dim() >= 2:
+            r = r[:, :: self.token_stride]
+        r = r.float()
+        key = id(state)
+        hist = self.history.setdefault(key, deque(maxlen=self.window))
+        if hist and hist[-1][0] >= step:
+            hist.clear()  # a new generation (state objects are recreated per call; ids may repeat)
+        scale = r.abs().mean()
+        diffs = [(s, (r - prev).abs().mean()) for s, prev in hist]
+        values = torch.stack([scale] + [d for _, d in diffs]).tolist()
+        self.sink.add(step, values[0], {s: v for (s, _), v in zip(diffs, values[1:])})
+        hist.append((step, r))
+
+
+class _Measurements:
+    """Sums of residual magnitudes and reuse errors over prompts, branches and transformers."""
+
+    def __init__(self) -> None:
+        self.scale: dict[int, list[float]] = {}
+        self.diff: dict[tuple[int, int], list[float]] = {}
+
+    def add(self, step: int, scale: float, diffs: dict[int, float]) -> None:
+        self.scale.setdefault(step, []).append(scale)
+        for s, v in diffs.items():
+            self.diff.setdefault((s, step), []).append(v)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def search_schedule(
+    cost: list[list[float | None]],
+    num_compute: int,
+    *,
+    forced: set[int],
+    max_consecutive_reuse: int,
+) -> tuple[list[int], float]:
+    """Exact DP: computed steps (exactly ``num_compute`` of them, step 0 and ``forced`` included) that
+    minimise the summed reuse cost ``cost[s][t]`` (``s`` the last computed step before reused ``t``).
+
+    Returns the 0/1 schedule and its cost. Raises ``ValueError`` when the guardrails cannot be met
+    with ``num_compute`` computed steps.
+    """
+    n = len(cost)
+    forced = set(forced) | {0}
+    gap = max_consecutive_reuse + 1
+    inf = math.inf
+    best = [[inf] * (num_compute + 1) for _ in range(n)]
+    back: list[list[int]] = [[-1] * (num_compute + 1) for _ in range(n)]
+    best[0][1] = 0.0
+
+    def seg(s: int, t: int) -> float:
+        """Cost of reusing s's residual on steps s+1..t-1; inf if a forced step lies between."""
+        total = 0.0
+        for u in range(s + 1, t):
+            if u in forced or cost[s][u] is None:
+                return inf
+            total += cost[s][u]  # type: ignore[operator]
+        return total
+
+    for t in range(1, n):
+        for s in range(max(0, t - gap), t):
+            c = seg(s, t)
+            if c == inf:
+                continue
+            for k in range(1, num_compute):
+                if best[s][k] + c < best[t][k + 1]:
+                    best[t][k + 1] = best[s][k] + c
+                    back[t][k + 1] = s
+    final = None
+    final_cost = inf
+    for last in range(max(0, n - gap), n):
+        c = best[last][num_compute] + seg(last, n)
+        if c < final_cost:
+            final, final_cost = last, c
+    if final is None:
+        raise ValueError(
+            f"no schedule with {num_compute} computed steps of {n} meets the guardrails "
+            f"(forced steps {sorted(forced)}, max_consecutive_reuse={max_consecutive_reuse}); raise the budget"
+        )
+    schedule = [0] * n
+    t, k = final, num_compute
+    while t >= 0 and k >= 1:
+        schedule[t] = 1
+        t, k = back[t][k], k - 1
+    return schedule, final_cost
+
+
+def plan_budget(
+    num_steps: int,
+    num_blocks: int,
+    budget: float,
+    *,
+    always_blocks: int,
+    selective_blocks: int,
+    selective_share: float,
+) -> tuple[int, int]:
+    """``(full steps, selective steps)`` whose block evaluations fit ``budget * num_steps * num_blocks``.
+
+    ``always_blocks`` (head + tail) run on every step; a selective step runs ``selective_blocks`` more.
+    """
+    total = budget * num_steps * num_blocks
+    per_full = num_blocks - always_blocks
+    room = total - num_steps * always_blocks
+    k_max = int(math.floor(room / per_full + 1e-9))
+    k = k_max if selective_share <= 0 or selective_blocks == 0 else int(math.floor(k_max * (1.0 - selective_share) + 1e-9))
+    k = max(1, min(num_steps, k))
+    m = 0
+    if selective_blocks and selective_share > 0:
+        m = int(math.floor((room - k * per_full) / selective_blocks + 1e-9))
+        m = max(0, min(num_steps - k, m))
+    return k, m
+
+
+def _sigma_steps(pipe: Any, num_steps: int) -> list[float]:
+    sigmas = getattr(getattr(pipe, "scheduler", None), "sigmas", None)
+    if sigmas is None or len(sigmas) < num_steps + 1:
+        return [1.0 / num_steps] * num_steps
+    s = [float(v) for v in sigmas]
+    return [abs(s[i] - s[i + 1]) for i in range(num_steps)]
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str | dict[str, Any]],
+    *,
+    num_steps: int,
+    budget: float,
+    out: str | Path | None = None,
+    model_id: str = "unknown",
+    warmup_steps: int = 2,
+    final_steps: int = 1,
+    max_consecutive_reuse: int = 3,
+    head_blocks: int = 0,
+    tail_blocks: int = 0,
+    selective_blocks: int = 1,
+    selective_share: float = 0.0,
+    token_stride: int = 1,
+    seed: int = 0,
+    call_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Search a cache schedule for ``pipe`` at ``num_steps`` steps and compute fraction ``budget``.
+
+    Args:
+        pipe: a diffusers pipeline (dit-accel's context is attached for the run if absent).
+        prompts: calibration prompts; a dict is passed to the pipeline as keyword arguments instead
+            (e.g. ``prompt_embeds`` for pipelines without a text encoder).
+        num_steps: denoising steps of the calibrated runs (and of the schedule).
+        budget: fraction of block evaluations to spend, in (0, 1].
+        out: where to write the schedule JSON (``None``: do not write).
+        model_id: recorded in the file (hub id, path or ``"testbed"``).
+        warmup_steps, final_steps, max_consecutive_reuse, head_blocks, tail_blocks: the guardrails and
+            block split the schedule is searched under (same meaning as in :class:`CacheConfig`).
+        selective_blocks: deep blocks a selective step recomputes (``procache``).
+        selective_share: share of the budget spent on selective steps instead of full ones (0..1).
+        token_stride: measure every ``token_stride``-th token only (memory).
+        seed: base seed; prompt ``i`` uses ``seed + i``.
+        call_kwargs: extra pipeline arguments (size, guidance, ...).
+
+    Returns the schedule file's content (see :mod:`dit_accel.caching.schedule_file`).
+    """
+    from dit_accel import api
+
+    if not prompts:
+        raise ValueError("calibrate needs at least one prompt")
+    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+    if not (0.0 <= selective_share < 1.0):
+        raise ValueError(f"selective_share must be in [0, 1), got {selective_share!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
+    guard = FixedCacheConfig(
+        warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
+        head_blocks=head_blocks, tail_blocks=tail_blocks, interval=1,
+    )
+    handle = api.get_handle(pipe)
+    created_handle = handle is None
+    if created_handle:
+        handle = api.apply(pipe)
+    sink = _Measurements()
+    attachments = []
+    num_blocks = 0
+    try:
+        for name, context in handle.contexts.items():
+            transformer = getattr(pipe, name) if hasattr(pipe, name) else pipe
+            blocks = find_blocks(transformer)
+            num_blocks = len(blocks)
+            recorder = _ReuseErrorRecorder(guard, len(blocks), max_consecutive_reuse + 1, token_stride, sink)
+            attachments.append(install_controller(transformer, CacheController(name, context, recorder, blocks)))
+        for i, prompt in enumerate(prompts):
+            kwargs = dict(call_kwargs or {})
+            kwargs.update(prompt if isinstance(prompt, dict) else {"prompt": prompt})
+            kwargs.setdefault("output_type", "latent")
+            pipe(num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i), **kwargs)
+        dts = _sigma_steps(pipe, num_steps)
+    finally:
+        for a in attachments:
+            a.remove()
+        if created_handle:
+            handle.remove()
+
+    if sorted(sink.scale) != list(range(num_steps)):
+        raise RuntimeError(f"calibration saw steps {sorted(sink.scale)}, expected 0..{num_steps - 1}")
+    scale = [_mean(sink.scale[t]) for t in range(num_steps)]
+    norm = max(_mean(scale), 1e-12)
+    cost: list[list[float | None]] = [[None] * num_steps for _ in range(num_steps)]
+    for (s, t), values in sink.diff.items():
+        cost[s][t] = dts[t] * _mean(values) / norm
+    forced = set(range(min(warmup_steps, num_steps))) | set(range(max(0, num_steps - final_steps), num_steps))
+    k, m = plan_budget(
+        num_steps, num_blocks, budget, always_blocks=head_blocks + tail_blocks,
+        selective_blocks=selective_blocks, selective_share=selective_share,
+    )
+    k = max(k, len(forced | {0}))
+    schedule, expected = search_schedule(cost, k, forced=forced, max_consecutive_reuse=max_consecutive_reuse)
+    reused = [t for t in range(num_steps) if not schedule[t]]
+    reuse_cost = {}
+    last = 0
+    for t in range(num_steps):
+        if schedule[t]:
+            last = t
+        else:
+            reuse_cost[t] = cost[last][t] or 0.0
+    for t in sorted(reused, key=lambda u: -reuse_cost[u])[:m]:
+        schedule[t] = 2
+    always = head_blocks + tail_blocks
+    evals = sum(num_blocks if v == 1 else always + (selective_blocks if v == 2 else 0) for v in schedule)
+    data = {
+        "format": SCHEDULE_FORMAT,
+        "version": SCHEDULE_VERSION,
+        "model": model_id,
+        "num_steps": num_steps,
+        "budget": budget,
+        "num_blocks": num_blocks,
+        "schedule": schedule,
+        "selective_blocks": selective_blocks if m else 0,
+        "compute_fraction": evals / (num_steps * num_blocks),
+        "guardrails": {
+            "warmup_steps": warmup_steps, "final_steps": final_steps,
+            "max_consecutive_reuse": max_consecutive_reuse, "head_blocks": head_blocks, "tail_blocks": tail_blocks,
+        },
+        "errors": {
+            "expected_cost": expected,
+            "reuse_cost": [reuse_cost.get(t, 0.0) for t in range(num_steps)],
+            "step_change": [cost[t - 1][t] if t > 0 else None for t in range(num_steps)],
+            "residual_scale": scale,
+            "pairwise_cost": cost,
+            "metric": "dt_t * mean|R_t - R_s| / mean_t mean|R_t| (span residual, averaged over prompts and branches)",
+        },
+        "prompts": [p if isinstance(p, str) else "<kwargs>" for p in prompts],
+        "seed": seed,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if out is not None:
+        save_schedule(data, out)
+    return data
+
+
+def testbed_prompts(count: int, offset: int = 0) -> list[str]:
+    """``count`` deterministic captions in the testbed grammar (varied shape, colour, motion, background)."""
+    from dit_accel.testbed.captions import ATTRIBUTES
+
+    shapes, colors = ATTRIBUTES["shape"], ATTRIBUTES["color"]
+    motions, backgrounds = ATTRIBUTES["motion"], ATTRIBUTES["background"]
+    out = []
+    for i in range(offset, offset + count):
+        motion = motions[(3 * i + 1) % len(motions)]
+        phrase = motion if motion in ("bouncing", "pulsing") else f"moving {motion}"
+        color = colors[(5 * i + 2) % len(colors)]
+        article = "an" if color[0] in "aeiou" else "a"
+        out.append(f"{article} {color} {shapes[i % len(shapes)]} {phrase} on a {backgrounds[(7 * i) % len(backgrounds)]} background")
+    return out
+
+
+# --- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dit-accel calibrate``."""
+    parser.add_argument("--model", default="testbed", help='"testbed" (shipped) or a diffusers folder / hub id')
+    parser.add_argument("--steps", type=int, required=True, help="denoising steps of the schedule")
+    parser.add_argument("--budget", type=float, required=True, help="fraction of block evaluations, in (0, 1]")
+    parser.add_argument("--out", type=Path, required=True, help="schedule JSON to write")
+    parser.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
+    parser.add_argument("--prompts-file", type=Path, default=None, help="file with one prompt per line")
+    parser.add_argument("--num-prompts", type=int, default=4, help="testbed captions to use when no prompt is given")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--final-steps", type=int, default=1)
+    parser.add_argument("--max-consecutive-reuse", type=int, default=3)
+    parser.add_argument("--head-blocks", type=int, default=0)
+    parser.add_argument("--tail-blocks", type=int, default=0)
+    parser.add_argument("--selective-blocks", type=int, default=1)
+    parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
+    parser.add_argument("--token-stride", type=int, default=1)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def _load_pipeline(model: str, device: str, dtype: str) -> Any:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    if model == "testbed":
+        from dit_accel.testbed import load_testbed_pipeline
+
+        return load_testbed_pipeline(device=device, dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dit-accel calibrate``; returns the exit code."""
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    prompts: list[str] = list(args.prompt or [])
+    if args.prompts_file is not None:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        if args.model != "testbed":
+            raise ValueError("give calibration prompts with --prompt or --prompts-file")
+        prompts = testbed_prompts(args.num_prompts)
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    call_kwargs: dict[str, Any] = {}
+    for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames), ("guidance_scale", args.guidance)):
+        if value is not None:
+            call_kwargs[key] = value
+    data = calibrate(
+        pipe, prompts, num_steps=args.steps, budget=args.budget, out=args.out, model_id=args.model,
+        warmup_steps=args.warmup_steps, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
+        head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, selective_blocks=args.selective_blocks,
+        selective_share=args.selective_share, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
+    )
+    print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
+    return 0

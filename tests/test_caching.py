@@ -1,0 +1,426 @@
+"""Feature-caching schedulers on a tiny random Wan pipeline (CPU): exactness, state isolation,
+skipped blocks, guardrails, memory, composition with attention methods, config errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dit_accel.api as api  # noqa: E402
+from dit_accel.attention.methods import AttentionMethod  # noqa: E402
+from dit_accel.caching import (  # noqa: E402
+    CACHE_STATE_LAYER,
+    FixedCacheConfig,
+    available_schedulers,
+    install_cache,
+    make_cache_config,
+)
+from dit_accel.caching.schedulers import BranchState, TaylorScheduler  # noqa: E402
+
+NUM_LAYERS = 4
+TEXT_DIM = 16
+STEPS = 8
+
+
+# --- tiny models (shared with test_caching_calibrate.py) --------------------------------------------
+def tiny_wan_transformer(seed: int = 0, num_layers: int = NUM_LAYERS, head_dim: int = 8) -> torch.nn.Module:
+    """A 4-block ``WanTransformer3DModel`` with 16 latent channels (matches the tiny VAE); head dim 64
+    where the sparse attention path must be reachable."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    return WanTransformer3DModel.from_config(cfg).eval()
+
+
+def tiny_wan_pipeline(two_transformers: bool = False, head_dim: int = 8):
+    """``WanPipeline`` without text encoder (``prompt_embeds`` are passed); Wan2.2-style with two experts."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    extra = dict(transformer_2=tiny_wan_transformer(seed=1), boundary_ratio=0.5) if two_transformers else {}
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(head_dim=head_dim), **extra,
+    )
+
+
+def embeds(seed: int) -> torch.Tensor:
+    """Deterministic stand-in text embeddings ``(1, 8, TEXT_DIM)``."""
+    return torch.randn(1, 8, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def generate(pipe, steps: int = STEPS, prompt_seed: int = 1, negative_seed: int = 2) -> torch.Tensor:
+    """Final latents of one CFG generation (cond and uncond calls per step; no decode)."""
+    return pipe(
+        prompt_embeds=embeds(prompt_seed), negative_prompt_embeds=embeds(negative_seed), height=16, width=16,
+        num_frames=5, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is ~100x faster than two threads fighting for shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_wan_pipeline()
+
+
+@pytest.fixture(scope="module")
+def dense(pipe):
+    return generate(pipe)
+
+
+@pytest.fixture
+def handle(pipe):
+    h = api.apply(pipe)
+    yield h
+    api.remove(pipe)
+
+
+def _decisions(attachment, branch="cond"):
+    return "".join(r["decision"][0] for r in attachment.stats() if r["branch"] == branch)
+
+
+# --- exactness ------------------------------------------------------------------------------------
+def test_cache_off_and_removed_equal_dense_bitwise(pipe, dense, handle):
+    assert torch.equal(generate(pipe), dense)  # context only, no cache
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", interval=3)
+    assert not torch.equal(generate(pipe), dense)
+    att.remove()
+    assert torch.equal(generate(pipe), dense)
+    assert all(not hasattr(b, "_diffusers_hook") for b in pipe.transformer.blocks)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("fixed", dict(interval=1)),
+        ("taylor", dict(interval=1, order=2)),
+        ("procache", dict(schedule=[1] * STEPS, selective_blocks=1)),
+        ("probe", dict(threshold=0.0)),
+        ("fixed", dict(schedule=[1] * STEPS, head_blocks=1, tail_blocks=1)),
+    ],
+)
+def test_schedule_computing_every_step_equals_dense(pipe, dense, handle, name, options):
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], name, **options)
+    out = generate(pipe)
+    att.remove()
+    assert torch.equal(out, dense)
+    assert att.summary()["compute_fraction"] == 1.0
+
+
+def test_repeated_generations_are_identical_and_state_resets(pipe, dense, handle):
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "procache", budget=0.5, warmup_steps=1)
+    first = generate(pipe)
+    second = generate(pipe)
+    assert torch.equal(first, second) and not torch.equal(first, dense)
+    stats = att.stats()
+    calls = sorted({r["call"] for r in stats})
+    assert len(calls) == 2
+    for call in calls:  # every generation starts from an empty cache
+        first_step = [r for r in stats if r["call"] == call and r["step"] == 0]
+        assert {r["reason"] for r in first_step} == {"no_cache"}
+    att.remove()
+
+
+# --- skipped blocks, guardrails, stats --------------------------------------------------------------
+def _count_block_runs(transformer):
+    counts = [0] * len(transformer.blocks)
+    handles = []
+    for i, block in enumerate(transformer.blocks):
+        def hook(_module, _args, i=i):
+            counts[i] += 1
+        handles.append(block.ffn.register_forward_pre_hook(hook))  # inside the block's own forward
+    return counts, handles
+
+
+def test_skipped_blocks_are_not_entered(pipe, handle):
+    counts, hooks = _count_block_runs(pipe.transformer)
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", interval=2, warmup_steps=1,
+                        head_blocks=1, tail_blocks=1, max_consecutive_reuse=5)
+    generate(pipe)
+    for h in hooks:
+        h.remove()
+    stats = att.stats()
+    att.remove()
+    computed = sum(1 for r in stats if r["decision"] == "compute")
+    reused = sum(1 for r in stats if r["decision"] == "reuse")
+    assert reused > 0
+    # head and tail blocks run on every call, middle blocks only on computed calls
+    assert counts == [computed + reused, computed, computed, computed + reused]
+    assert sum(r["blocks_computed"] for r in stats) == sum(counts)
+    assert {r["blocks_computed"] for r in stats if r["decision"] == "reuse"} == {2}
+
+
+def test_guardrails_are_respected(pipe, handle):
+    # a schedule that never computes: only the guardrails do
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", schedule=[0] * 9,
+                        warmup_steps=2, final_steps=2, max_consecutive_reuse=1)
+    generate(pipe, steps=9)
+    stats = [r for r in att.stats() if r["branch"] == "cond"]
+    att.remove()
+    assert "".join(r["decision"][0] for r in stats) == "ccrcrcrcc"
+    assert [r["reason"] for r in stats] == ["no_cache", "warmup", None, "max_consecutive", None, "max_consecutive",
+                                            None, "final", "final"]
+    assert [r["step"] for r in stats] == list(range(9))
+
+
+def test_probe_budget_and_stats(pipe, handle):
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "probe", threshold=10.0,
+                        warmup_steps=1, final_steps=1, max_consecutive_reuse=2)
+    generate(pipe)
+    stats = att.stats()
+    att.remove()
+    cond = [r for r in stats if r["branch"] == "cond"]
+    assert "".join(r["decision"][0] for r in cond) == "crrcrrcc"  # huge budget: only the cap stops reuse
+    assert all(r["probe_change"] is not None for r in cond[1:])
+    assert {r["blocks_computed"] for r in cond if r["decision"] == "reuse"} == {1}  # the probe block
+    # a zero budget never reuses
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "probe", threshold=0.0)
+    generate(pipe)
+    assert {r["decision"] for r in att.stats()} == {"compute"}
+    att.remove()
+
+
+def test_memory_at_most_two_stream_tensors_per_branch(pipe, handle):
+    for name, options, limit in [
+        ("fixed", dict(interval=2), 1),
+        ("probe", dict(threshold=1.0), 2),
+        ("taylor", dict(interval=2, order=1), 2),
+        ("procache", dict(budget=0.5, selective_blocks=1), 2),
+        ("taylor", dict(interval=2, order=2), 3),  # documented exception: a second difference
+    ]:
+        att = install_cache(pipe.transformer, handle.contexts["transformer"], name, warmup_steps=1, **options)
+        generate(pipe)
+        summary = att.summary()
+        att.remove()
+        for branch in ("cond", "uncond"):
+            assert 0 < summary["peak_branch_bytes"][branch] <= limit * summary["stream_bytes"][branch], (name, summary)
+        assert summary["peak_cached_bytes"] <= sum(summary["peak_branch_bytes"].values())
+
+
+# --- branches and transformers never mix ------------------------------------------------------------
+TIMESTEPS = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0]
+
+
+def _cached_cond_outputs(transformer, handle, config, uncond_text, mode: str) -> tuple[list[torch.Tensor], list[dict]]:
+    """Cond outputs of a cached run over TIMESTEPS with fixed latents (so cond inputs never depend on
+    the other branch). ``mode``: "sequential" (cond call then uncond call per step, labelled with
+    ``cache_context``), "batched" (one call with rows [uncond, cond]) or "alone" (cond calls only)."""
+    context = handle.contexts["transformer"]
+    context.cfg_style = "batched" if mode == "batched" else "sequential"
+    handle.clock.cfg = mode == "batched"
+    handle.begin_call()
+    x = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(5))
+    text_c = embeds(1)
+    att = install_cache(transformer, context, config)
+    outs = []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            if mode == "batched":
+                out = transformer(hidden_states=torch.cat([x, x]), timestep=torch.tensor([t, t]),
+                                  encoder_hidden_states=torch.cat([uncond_text, text_c]), return_dict=False)[0]
+                outs.append(out[1:])
+                continue
+            with transformer.cache_context("cond"):
+                outs.append(transformer(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text_c,
+                                        return_dict=False)[0])
+            if mode == "sequential":
+                with transformer.cache_context("uncond"):
+                    transformer(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=uncond_text,
+                                return_dict=False)
+    stats = att.stats()
+    att.remove()
+    return outs, stats
+
+
+@pytest.fixture
+def bare_transformer():
+    transformer = tiny_wan_transformer()
+    handle = api.apply(transformer)
+    yield transformer, handle
+    api.remove(transformer)
+
+
+@pytest.mark.parametrize("name", ["fixed", "taylor", "procache", "probe"])
+def test_separate_call_cfg_branches_do_not_mix(bare_transformer, name):
+    """Cond outputs of a cached run with separate cond/uncond calls do not depend on the uncond
+    prompt and equal a cached run with no uncond calls at all (bit for bit)."""
+    transformer, handle = bare_transformer
+    options = {"fixed": dict(interval=2), "taylor": dict(interval=2, order=2), "probe": dict(threshold=0.5),
+               "procache": dict(schedule=[1, 1, 2, 0, 1, 1], selective_blocks=1)}[name]
+    config = make_cache_config(name, warmup_steps=1, **options)
+    a, stats = _cached_cond_outputs(transformer, handle, config, embeds(2), "sequential")
+    b, _ = _cached_cond_outputs(transformer, handle, config, embeds(3), "sequential")
+    alone, _ = _cached_cond_outputs(transformer, handle, config, None, "alone")
+    assert {r["branch"] for r in stats} == {"cond", "uncond"}
+    assert any(r["decision"] != "compute" for r in stats if r["branch"] == "cond")
+    for x_a, x_b, x_alone in zip(a, b, alone):
+        assert torch.equal(x_a, x_b) and torch.equal(x_a, x_alone)
+
+
+def test_batched_cfg_rows_keep_their_own_residuals(bare_transformer):
+    """Batched guidance ([uncond row, cond row] in one call): the cond row's cached outputs do not
+    depend on the uncond row and match the cond row cached alone."""
+    transformer, handle = bare_transformer
+    config = make_cache_config("taylor", interval=2, warmup_steps=1, order=1)
+    a, stats = _cached_cond_outputs(transformer, handle, config, embeds(2), "batched")
+    b, _ = _cached_cond_outputs(transformer, handle, config, embeds(3), "batched")
+    alone, _ = _cached_cond_outputs(transformer, handle, config, None, "alone")
+    assert {r["branch"] for r in stats} == {"cond", "uncond"}
+    assert any(r["decision"] == "reuse" for r in stats)
+    for x_a, x_b, x_alone in zip(a, b, alone):
+        torch.testing.assert_close(x_a, x_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_a, x_alone, rtol=1e-5, atol=1e-6)
+
+
+def test_two_transformers_keep_separate_states():
+    pipe = tiny_wan_pipeline(two_transformers=True)
+    dense = generate(pipe)
+    handle = api.apply(pipe)
+    atts = {
+        name: install_cache(getattr(pipe, name), ctx, "fixed", interval=1)
+        for name, ctx in handle.contexts.items()
+    }
+    assert torch.equal(generate(pipe), dense)  # computing every step stays exact with two experts
+    for a in atts.values():
+        a.remove()
+    atts = {
+        name: install_cache(getattr(pipe, name), ctx, "fixed", interval=2, warmup_steps=0, final_steps=0)
+        for name, ctx in handle.contexts.items()
+    }
+    first = generate(pipe)
+    assert torch.equal(first, generate(pipe))
+    steps = {name: sorted({r["step"] for r in a.stats()}) for name, a in atts.items()}
+    assert steps["transformer"] and steps["transformer_2"]
+    assert set(steps["transformer"]).isdisjoint(steps["transformer_2"])
+    assert set(steps["transformer"]) | set(steps["transformer_2"]) == set(range(STEPS))
+    # the low-noise expert starts from an empty cache even though the first expert had one
+    boundary = steps["transformer_2"][0]
+    first_call = min(r["call"] for r in atts["transformer_2"].stats())
+    first_calls = [r for r in atts["transformer_2"].stats() if r["step"] == boundary and r["call"] == first_call]
+    assert {r["reason"] for r in first_calls} == {"no_cache"}
+    for a in atts.values():
+        a.remove()
+    handle.remove()
+
+
+# --- composition with attention methods ------------------------------------------------------------
+class _CountingMethod(AttentionMethod):
+    """Stand-in for the temporal-skip method: records every plan call and the cache status it sees."""
+
+    name = "test_caching_counting"
+
+    def __init__(self) -> None:
+        super().__init__(min_seq_len=0)
+        self.calls: list[tuple] = []
+
+    def plan(self, q, k, ctx):
+        branch = ctx.branches[0]
+        status = ctx.context.state(CACHE_STATE_LAYER, branch)
+        layer_state = ctx.state(branch)
+        gap = ctx.step - layer_state.get("last_step", ctx.step - 1)
+        layer_state["last_step"] = ctx.step
+        self.calls.append((ctx.layer, ctx.step, branch, status["decision"], tuple(status["cached_steps"]), gap))
+        return None  # dense
+
+
+def test_cached_steps_skip_attention_and_publish_status():
+    pipe = tiny_wan_pipeline(head_dim=64)  # a head dim the sparse path takes, so plan() is called
+    method = _CountingMethod()
+    handle = api.apply(pipe, attention=method)
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", schedule=[1, 1, 0, 0, 1, 0, 1, 1],
+                        warmup_steps=1, final_steps=1, head_blocks=1)
+    generate(pipe)
+    att.remove()
+    api.remove(pipe)
+    reused_steps = [2, 3, 5]
+    layer0 = [c for c in method.calls if c[0] == 0 and c[2] == "cond"]
+    deep = [c for c in method.calls if c[0] == 2 and c[2] == "cond"]
+    assert [c[1] for c in layer0] == list(range(STEPS))  # head block: every step
+    assert [c[1] for c in deep] == [0, 1, 4, 6, 7]  # span blocks: computed steps only
+    assert all(c[3] == "compute" for c in deep)
+    assert {c[3] for c in layer0 if c[1] in reused_steps} == {"reuse"}
+    # the cached steps a method missed are listed, and its own step gaps match them
+    assert [c[4] for c in deep] == [(), (), (2, 3), (2, 3, 5), (2, 3, 5)]
+    assert [c[5] for c in deep] == [1, 1, 3, 2, 1]
+    # both branches: 4 self-attention layers x computed steps + head layer on reused steps
+    assert len(method.calls) == 2 * (4 * 5 + 3)
+
+
+# --- forecasting ---------------------------------------------------------------------------------------
+def test_taylor_forecast_is_exact_on_polynomial_residuals():
+    for order in (1, 2):
+        sched = TaylorScheduler(make_cache_config("taylor", order=order), num_blocks=4)
+        state = BranchState()
+        base = torch.randn(1, 3, 5)
+
+        def residual(t):
+            return (base * (1 + 0.5 * t + (0.1 * t * t if order == 2 else 0.0)), None)
+
+        for step in (0, 2, 4):
+            sched.store(state, 4, residual(step), step)
+        for t in (5, 6, 7):
+            torch.testing.assert_close(sched.forecast(state, 4, t)[0], residual(t)[0], rtol=1e-5, atol=1e-5)
+
+
+# --- configuration errors ----------------------------------------------------------------------------
+def test_bad_configs_raise_clear_errors(pipe):
+    assert available_schedulers() == ["fixed", "probe", "procache", "taylor"]
+    with pytest.raises(ValueError, match=r"unknown cache scheduler 'teacache'; available schedulers: \['fixed', 'probe'"):
+        make_cache_config("teacache")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['treshold'\] for cache scheduler 'probe'; allowed options: \["):
+        make_cache_config("probe", treshold=0.1)
+    with pytest.raises(TypeError, match="cache must be a scheduler name or a CacheConfig, got int"):
+        make_cache_config(3)
+    for kwargs, message in [
+        (dict(warmup_steps=-1), "warmup_steps must be an int >= 0, got -1"),
+        (dict(interval=0), "interval must be an int >= 1, got 0"),
+        (dict(schedule=[1, 3]), r"schedule values must be in \[0, 1\]"),
+        (dict(max_consecutive_reuse=1.5), "max_consecutive_reuse must be an int >= 0, got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            FixedCacheConfig(**kwargs)
+    with pytest.raises(ValueError, match="order must be 1 or 2, got 3"):
+        make_cache_config("taylor", order=3)
+    with pytest.raises(ValueError, match=r"budget must be in \(0.0, 1.0\], got 0"):
+        make_cache_config("procache", budget=0)
+    with pytest.raises(ValueError, match=r"threshold must be >= 0.0, got -1"):
+        make_cache_config("probe", threshold=-1)
+    with pytest.raises(ValueError, match="head_blocks must be an int >= 1, got 0"):
+        make_cache_config("probe", head_blocks=0)
+    with pytest.raises(FileNotFoundError, match="schedule file not found"):
+        install_cache(pipe.transformer, _context_for(pipe), "fixed", schedule_file="/nonexistent/schedule.json")
+    with pytest.raises(ValueError, match=r"head_blocks=2 \+ tail_blocks=1 \+ selective_blocks=1 leave no block to cache in a transformer of 4 blocks"):
+        install_cache(pipe.transformer, _context_for(pipe), "procache", head_blocks=2, tail_blocks=1, selective_blocks=1)
+    with pytest.raises(TypeError, match="context must be a TransformerContext"):
+        install_cache(pipe.transformer, None, "fixed")
+    handle = api.apply(pipe)
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed")
+    with pytest.raises(ValueError, match="a dit-accel cache is already installed on blocks.0; remove it first"):
+        install_cache(pipe.transformer, handle.contexts["transformer"], "probe")
+    att.remove()
+    api.remove(pipe)
+    assert all(not hasattr(b, "_diffusers_hook") for b in pipe.transformer.blocks)
+
+
+def _context_for(pipe):
+    handle = api.get_handle(pipe) or api.apply(pipe)
+    return handle.contexts["transformer"]
