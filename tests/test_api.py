@@ -142,3 +142,25 @@ def test_registered_diffusers_backend_matches_native(wan):
     procs = [p for p in model.attn_processors.values()]
     assert all(p._attention_backend == AttentionBackendName("dit_accel") and p._parallel_config is None for p in procs)
     handle.remove()
+
+
+def test_context_parallel_limits_are_clear_errors():
+    from types import SimpleNamespace
+
+    from dit_accel.attention.backend import _dit_accel_attention
+
+    q = torch.randn(1, 8, 2, 64)
+    ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    with pytest.raises(ValueError, match="Ulysses context parallelism only, got ring_degree=2"):
+        _dit_accel_attention(q, q, q, _parallel_config=ring)
+    with pytest.raises(ValueError, match="does not return LSE"):
+        _dit_accel_attention(q, q, q, return_lse=True)
+
+    case = TINY_CASES["pixart"]
+    model, inputs = case.build(), case.inputs()
+    dit_accel.apply(model, attention="dense")
+    for processor in model.attn_processors.values():
+        processor._parallel_config = object()  # what diffusers' enable_parallelism would do
+    with pytest.raises(ValueError, match="context parallelism is not supported for PixArtDitAccelProcessor"):
+        run_model(model, inputs)
+    dit_accel.remove(model)

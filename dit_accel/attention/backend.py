@@ -12,8 +12,10 @@ How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` en
 ``_AttentionBackendRegistry`` is private. We add one member to the enum in place (the pattern
 cache-dit uses) and register the function with ``_AttentionBackendRegistry.register``. Limits:
 private API, so it is feature-checked at import and pinned by ``diffusers>=0.42.1,<0.43``;
-the backend is registered with ``supports_context_parallel=False`` for now, so
-``enable_parallelism`` refuses it with diffusers' own error instead of computing on a shard;
+the backend supports diffusers' Ulysses context parallelism (after the all-to-all each rank
+holds the whole sequence for a subset of heads, so token layouts and block masks stay global);
+ring attention (``ring_degree > 1``) is refused with a clear error, because each ring step sees
+only a chunk of the keys and needs the LSE, which the sparse path does not merge yet;
 ``transformer.set_attention_backend("dit_accel")`` works (on every dispatcher module, where calls
 without a dit-accel processor run dense), and ``set_attention_backend(<other>)`` after
 ``dit_accel.apply`` replaces ours on those processors (then everything runs on that backend).
@@ -26,7 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _AttentionBackendRegistry,
+    _templated_context_parallel_attention,
+)
 
 from dit_accel.attention.dense import dense_attention
 from dit_accel.attention.route import ModuleBinding, attend
@@ -68,23 +74,17 @@ def _extend_enum(name: str) -> AttentionBackendName:
     return member
 
 
-def _dit_accel_attention(
+def _attend_bshd(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any | None = None,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
 ) -> torch.Tensor:
-    """Backend function: BSHD in, BSHD out (diffusers' dispatcher layout)."""
-    if return_lse:
-        raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
-    if _parallel_config is not None:
-        raise ValueError("the dit_accel attention backend does not support context parallelism yet")
+    """Route one call (BSHD in and out) through the processor's binding, or dense without one."""
     if (
         attn_mask is not None
         and attn_mask.ndim == 2
@@ -113,11 +113,74 @@ def _dit_accel_attention(
     return out.transpose(1, 2)
 
 
+def _context_parallel_forward_op(
+    ctx: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _save_ctx: bool = True,
+    _parallel_config: Any | None = None,
+) -> torch.Tensor:
+    """diffusers' templated-CP ``forward_op``: under Ulysses it sees the full sequence for its heads."""
+    if return_lse:
+        raise ValueError("the dit_accel attention backend does not return LSE (needed by ring attention)")
+    return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _context_parallel_backward_op(*args: Any, **kwargs: Any) -> None:
+    """Inference only: no gradients through the dit_accel backend."""
+    raise NotImplementedError("the dit_accel attention backend is inference-only (no backward)")
+
+
+def _dit_accel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _parallel_config: Any | None = None,
+) -> torch.Tensor:
+    """Backend function: BSHD in, BSHD out (diffusers' dispatcher layout)."""
+    if return_lse:
+        raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
+    if _parallel_config is None or _parallel_config.context_parallel_config is None:
+        return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    cp = _parallel_config.context_parallel_config
+    if cp.ring_degree is not None and cp.ring_degree > 1:
+        raise ValueError(
+            f"the dit_accel attention backend supports Ulysses context parallelism only, got ring_degree={cp.ring_degree}"
+        )
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        return_lse,
+        forward_op=_context_parallel_forward_op,
+        backward_op=_context_parallel_backward_op,
+        _parallel_config=_parallel_config,
+    )
+
+
 def register_backend() -> AttentionBackendName:
     """Register (once) and return the ``dit_accel`` member of diffusers' ``AttentionBackendName``."""
     member = _extend_enum(BACKEND_NAME)
     if member not in _AttentionBackendRegistry._backends:
-        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(
+        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(
             _dit_accel_attention
         )
     return member

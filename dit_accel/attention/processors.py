@@ -29,6 +29,7 @@ class DitAccelProcessorMixin:
 
     _attention_backend = None
     _parallel_config = None
+    _uses_dispatcher = False
 
     def _bind(self, binding: ModuleBinding) -> None:
         if not isinstance(binding, ModuleBinding):
@@ -45,6 +46,13 @@ class DitAccelProcessorMixin:
                 "another attention module; use dit_accel.processors_for(transformer) (a dict with one processor "
                 "per module) for transformer.set_attn_processor(...)"
             )
+        if self._parallel_config is not None and not self._uses_dispatcher:
+            # diffusers' enable_parallelism sets _parallel_config on every processor that declares it;
+            # this family computes attention without the dispatcher, so it would only see its shard.
+            raise ValueError(
+                f"context parallelism is not supported for {type(self).__name__} (module {self.binding.module_name!r}): "
+                "this family does not go through diffusers' attention dispatcher"
+            )
 
     @property
     def method_name(self) -> str:
@@ -60,6 +68,7 @@ class DispatcherProcessorMixin(DitAccelProcessorMixin):
     """For families whose stock processor calls ``dispatch_attention_fn``: route it to our backend."""
 
     _attention_backend = DIT_ACCEL_BACKEND
+    _uses_dispatcher = True
 
     @contextlib.contextmanager
     def _publish(
