@@ -128,6 +128,18 @@ class AccelHandle:
             "dense_reasons": reasons,
         }
 
+    @property
+    def stats_enabled(self) -> bool:
+        """Whether attention calls are recorded (on by default; turn off for long-running services)."""
+        return all(a.context.stats_enabled for a in self._attachments)
+
+    @stats_enabled.setter
+    def stats_enabled(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"stats_enabled must be a bool, got {type(enabled).__name__}: {enabled!r}")
+        for a in self._attachments:
+            a.context.stats_enabled = enabled
+
     def reset_stats(self) -> None:
         """Drop all statistics records."""
         for a in self._attachments:
@@ -259,7 +271,16 @@ def _detach(attachment: _Attachment) -> None:
 def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[str, Any]:
     transformer = attachment.transformer
     processors = dict(transformer.attn_processors)
+    stock = attachment.family.stock_processor_cls
     for name, module, role, layer in attachment.family.attention_modules(transformer):
+        current = processors[f"{name}.processor"]
+        if not isinstance(current, stock):
+            # e.g. an IP-Adapter, PAG or fused-projection processor: replacing it would silently drop
+            # what it does, so refuse instead.
+            raise ValueError(
+                f"module {name!r} runs {type(current).__name__}, not the stock {stock.__name__} dit-accel "
+                "builds on; remove that processor first (e.g. unload IP-Adapters, unfuse_qkv_projections())"
+            )
         binding = ModuleBinding(attachment.context, method, layer, name, role, id(module))
         processors[f"{name}.processor"] = attachment.family.processor_cls(binding)
     return processors

@@ -111,6 +111,11 @@ def test_stats_keys_and_reset(wan):
     assert summary["dense_reasons"] == {}
     handle.reset_stats()
     assert handle.stats() == []
+    handle.stats_enabled = False
+    run_model(model, inputs)
+    assert handle.stats() == [] and handle.stats_enabled is False
+    with pytest.raises(TypeError, match="stats_enabled must be a bool"):
+        handle.stats_enabled = "yes"
     dit_accel.remove(model)
 
 
@@ -164,3 +169,15 @@ def test_context_parallel_limits_are_clear_errors():
     with pytest.raises(ValueError, match="context parallelism is not supported for PixArtDitAccelProcessor"):
         run_model(model, inputs)
     dit_accel.remove(model)
+
+
+def test_non_stock_processor_is_refused_not_replaced(wan):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model, _ = wan
+    custom = AttnProcessor2_0()
+    model.blocks[1].attn1.set_processor(custom)
+    with pytest.raises(ValueError, match=r"module 'blocks.1.attn1' runs AttnProcessor2_0, not the stock WanAttnProcessor"):
+        dit_accel.apply(model, attention="dense")
+    assert model.blocks[1].attn1.processor is custom
+    assert dit_accel.get_handle(model) is None and not hasattr(model, "_diffusers_hook")

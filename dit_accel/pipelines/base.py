@@ -34,6 +34,11 @@ class Family:
     covers: str
     """One line: what the processor covers with the sparse path and what it hands to dense."""
 
+    @property
+    def stock_processor_cls(self) -> type:
+        """The diffusers processor class ours subclasses (what the module must run before ``apply``)."""
+        return next(c for c in self.processor_cls.__mro__ if c.__module__.startswith("diffusers."))
+
     def attention_modules(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, int]]:
         """``(name, module, role, layer)`` of every module we replace, in model order.
 
