@@ -46,6 +46,9 @@ from dit_accel.kernels import block_sparse_triton as bst  # noqa: E402
 from dit_accel.kernels.block_sparse_common import check_inputs  # noqa: E402
 
 
+DEVICE = "cuda"
+
+
 def time_ms(fn, target_ms: float = 150.0, min_reps: int = 3, max_reps: int = 40) -> float:
     """Median time of ``fn()`` in ms (CUDA events), after one warm-up call."""
     fn()
@@ -122,10 +125,10 @@ def run_check(log: list) -> bool:
         mask = block_mask_from_bool(bb, S, S, blk)
         ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), mask, return_lse=True, tile_stats=True)
         for use_tma in (False, True):
-            for ts_atomic in (False, True):
+            for cfg in ((None, (64, 4, 3)) if q.element_size() == 2 else (None,)):
                 view = check_inputs(q, k, v, mask, None)
                 got = bst.block_sparse_attention_triton(
-                    q, k, v, view, return_lse=True, tile_stats=True, use_tma=use_tma, ts_atomic=ts_atomic
+                    q, k, v, view, return_lse=True, tile_stats=True, use_tma=use_tma, config=cfg
                 )
                 fin = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
                 e_out = rel_err(got.out, ref.out)
@@ -138,7 +141,7 @@ def run_check(log: list) -> bool:
                 ok = e_out < tol and e_lse < 2e-2 and e_ts < 5e-2 and inf_ok and not nan
                 ok_all &= ok
                 rec = dict(B=B, H=H, S=S, D=D, dtype=str(dt), block=blk, layout=layout, tma=use_tma,
-                           ts_atomic=ts_atomic, rel_err_out=e_out, max_err_lse=e_lse, max_err_tile_stats=e_ts,
+                           config=cfg, rel_err_out=e_out, max_err_lse=e_lse, max_err_tile_stats=e_ts,
                            inf_pattern_ok=inf_ok, nan=nan, ok=ok)
                 log.append(rec)
                 print("check", rec, flush=True)
@@ -169,7 +172,7 @@ def run_sweep(log: list, S: int, H: int, D: int) -> None:
         t_cudnn = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
     print(f"sweep S={S} H={H} D={D} cudnn {t_cudnn:.3f} ms {tflops(1, H, S, D, 1.0, t_cudnn):.0f} TF/s", flush=True)
     log.append(dict(S=S, H=H, D=D, variant="cudnn", ms=t_cudnn))
-    configs = [(128, 8, 3), (128, 8, 2), (64, 8, 3)] if D == 128 else [(128, 8, 3), (128, 4, 3), (64, 4, 3)]
+    configs = [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 8, 4)] if D == 128 else [(128, 8, 3), (128, 4, 3), (64, 4, 3)]
     for dens in (1.0, 0.25):
         mask = random_mask(1, H, S, dens, dev)
         d = block_mask_density(mask)
@@ -179,26 +182,25 @@ def run_sweep(log: list, S: int, H: int, D: int) -> None:
                 try:
                     fn = lambda: bst.block_sparse_attention_triton(q, k, v, view, config=cfg, use_tma=use_tma)  # noqa: E731
                     t = time_ms(fn)
-                    t_ts = {}
-                    if dens == 1.0 and D == 128:
-                        for at in (False, True):
-                            t_ts[at] = time_ms(lambda: bst.block_sparse_attention_triton(
-                                q, k, v, view, config=cfg, use_tma=use_tma, tile_stats=True, ts_atomic=at))
+                    t_ts = None
+                    if dens == 1.0:
+                        t_ts = time_ms(lambda: bst.block_sparse_attention_triton(
+                            q, k, v, view, config=cfg, use_tma=use_tma, tile_stats=True))
                 except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
                     print(f"sweep {cfg} tma={use_tma} failed: {e!r}"[:300], flush=True)
                     continue
                 rec = dict(S=S, H=H, D=D, density=d, tma=use_tma, config=cfg, ms=t,
                            tflops=tflops(1, H, S, D, d, t), ratio_vs_cudnn=t / t_cudnn,
-                           ms_tile_stats_reduce=t_ts.get(False), ms_tile_stats_atomic=t_ts.get(True))
+                           ms_tile_stats=t_ts)
                 log.append(rec)
-                extra = "" if not t_ts else f" stats reduce {t_ts[False] / t - 1:+.1%} atomic {t_ts[True] / t - 1:+.1%}"
+                extra = "" if t_ts is None else f" stats {t_ts / t - 1:+.1%}"
                 print(f"sweep dens={d:.2f} tma={use_tma:d} cfg={cfg} {t:.3f} ms {rec['tflops']:.0f} TF/s "
                       f"x{t / t_cudnn:.3f} cudnn{extra}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ full
 def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], densities: list[float],
-             target_ms: float) -> None:
+             target_ms: float, alt_path: bool, dump=lambda: None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -217,7 +219,7 @@ def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], de
         sageattn = None
         log.append(dict(note=f"sageattention unavailable: {e!r}"[:300]))
 
-    dev = "cuda"
+    dev = DEVICE
     for D in dims:
         for H in heads:
             for S in tokens:
@@ -252,6 +254,13 @@ def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], de
                     d = block_mask_density(mask)
                     fmask = as_full_blocks(mask)
                     t_ours = rec("ours", time_ms(lambda: block_sparse_attention(q, k, v, mask), target_ms), d, dens)
+                    if alt_path:
+                        # The other load path (TMA vs pointer), same config otherwise: the default is a choice.
+                        view = check_inputs(q, k, v, mask, None)
+                        tma_default = bst.kernel_config(128 if D != 64 else 64, 2, 128, 128)[3]
+                        rec("ours-tma" if not tma_default else "ours-ptr", time_ms(
+                            lambda: bst.block_sparse_attention_triton(q, k, v, view, use_tma=not tma_default),
+                            target_ms), d, dens)
                     t_ts = rec("ours+stats", time_ms(
                         lambda: block_sparse_attention(q, k, v, mask, tile_stats=True), target_ms), d, dens)
                     try:
@@ -259,10 +268,12 @@ def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], de
                     except Exception as e:  # noqa: BLE001
                         t_flex = float("nan")
                         log.append(dict(row, density=d, note=f"flex failed: {e!r}"[:300]))
-                    log.append(dict(row, density=d, summary=True, ours_vs_cudnn=t_ours / t_cudnn,
+                    log.append(dict(row, density=d, summary=True, ours_ms=t_ours, cudnn_ms=t_cudnn, flex_ms=t_flex,
+                                    ours_tflops=tflops(1, H, S, D, d, t_ours), ours_vs_cudnn=t_ours / t_cudnn,
                                     ours_vs_flex=t_ours / t_flex, stats_overhead=t_ts / t_ours - 1.0))
                 del q, k, v
                 torch.cuda.empty_cache()
+                dump()  # partial results survive a time limit
 
 
 def plot(results: list, path: Path) -> None:
@@ -281,7 +292,7 @@ def plot(results: list, path: Path) -> None:
         for r in sub:
             name = r["backend"] if r["backend"] not in ("ours", "ours+stats", "flex") \
                 else f"{r['backend']} d={r['nominal_density']:g}"
-            if r["backend"] == "ours+stats":
+            if r["backend"] in ("ours+stats", "ours-tma", "ours-ptr"):
                 continue
             series.setdefault(name, {})[r["S"]] = r["ms"]
         for name, pts in sorted(series.items()):
@@ -311,6 +322,7 @@ def main() -> None:
     p.add_argument("--dims", default="128,64")
     p.add_argument("--densities", default="1.0,0.5,0.25,0.1")
     p.add_argument("--target-ms", type=float, default=150.0)
+    p.add_argument("--alt-path", action="store_true", help="also time the non-default load path (TMA/pointer)")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="attention_kernel")
     a = p.parse_args()
@@ -322,8 +334,8 @@ def main() -> None:
         device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        kernel_defaults=dict(configs={f"{k[0]}/{k[1]}": v for k, v in bst._CONFIGS.items()},
-                             use_tma=bst._USE_TMA, ts_atomic=bst._TS_ATOMIC),
+        kernel_defaults={f"D{k[0]}/{k[1]}B": dict(zip(("block_n", "warps", "stages", "tma"), v))
+                         for k, v in bst._CONFIGS.items()},
         timing="CUDA events, 1 warm-up, median of repeats; effective TFLOP/s = 4*B*H*S^2*D*density/t",
     )
     print(meta, flush=True)
@@ -339,23 +351,30 @@ def main() -> None:
             S, H, D = (int(x) for x in shape.split(","))
             run_sweep(log, S, H, D)
         res["sweep"] = log
+    path = out / f"{a.name}.json"
+
+    def dump() -> None:
+        res["wall_s"] = time.time() - t0
+        path.write_text(json.dumps(res, indent=1, default=str))
+
     if a.full:
         log = []
-        run_full(log, [int(x) for x in a.heads.split(",")], [int(x) for x in a.tokens.split(",")],
-                 [int(x) for x in a.dims.split(",")], [float(x) for x in a.densities.split(",")], a.target_ms)
         res["full"] = log
+        run_full(log, [int(x) for x in a.heads.split(",")], [int(x) for x in a.tokens.split(",")],
+                 [int(x) for x in a.dims.split(",")], [float(x) for x in a.densities.split(",")], a.target_ms,
+                 a.alt_path, dump)
         try:
             plot(log, out / f"{a.name}.png")
         except Exception as e:  # noqa: BLE001
             print("plot failed", repr(e), flush=True)
-    res["wall_s"] = time.time() - t0
-    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=str))
+    dump()
     # Short table last (the device reply carries the end of the output).
     if a.full:
         print("\nsummary (ours vs cuDNN dense, vs flex same mask, tile-stats overhead)")
         for r in res["full"]:
             if r.get("summary"):
                 print(f"D={r['D']:3d} H={r['H']:2d} S={r['S']:6d} dens={r['density']:.3f} "
+                      f"ours {r['ours_ms']:8.3f} ms {r['ours_tflops']:4.0f} TF/s "
                       f"ours/cudnn={r['ours_vs_cudnn']:.3f} ours/flex={r['ours_vs_flex']:.3f} "
                       f"stats={r['stats_overhead']:+.1%}")
     print("check_ok", res.get("check_ok"), "wall_s", round(res["wall_s"], 1))

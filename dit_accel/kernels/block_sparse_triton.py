@@ -40,10 +40,10 @@ def _attend_listed_blocks(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
     idx_row, n_listed, ts_row, S_KV, qk_scale,
-    offs_d, offs_m,
+    offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
-    EVEN_KV: tl.constexpr, TILE_STATS: tl.constexpr, TS_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_KV: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over the first ``n_listed`` key blocks of ``idx_row``."""
     SUB: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -92,15 +92,12 @@ def _attend_listed_blocks(
         m_i = m_new
         if TILE_STATS:
             # Raw max logit of the tile (log2 units); the epilogue subtracts the block's smallest LSE.
-            if TS_ATOMIC:
-                # Each thread folds its rows' maxima in with a fire-and-forget atomic max: no
-                # cross-warp reduction (and no barrier) inside the loop.
-                tl.atomic_max(ts_row + kb + tl.zeros_like(offs_m), row_max * qk_scale, sem="relaxed")
-            elif SUB == 1:
-                t = tl.max(row_max, 0) * qk_scale
+            # (Measured on H100: one reduction over rows then a scalar store costs less than per-row
+            # atomic max, which needs a layout conversion to drop replicated rows.)
+            t = tl.max(row_max, 0) * qk_scale
+            if SUB == 1:
                 tl.store(ts_row + kb, t)
             else:
-                t = tl.max(row_max, 0) * qk_scale
                 tile_max = tl.where(it % SUB == 0, t, tl.maximum(tile_max, t))
                 tl.store(ts_row + kb, tile_max, mask=(it % SUB) == SUB - 1)
     return acc, l_i, m_i
@@ -134,7 +131,7 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
-    RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, TS_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -169,16 +166,16 @@ def _block_sparse_fwd(
     idx_part = KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb * stride_iq
     acc, l_i, m_i = _attend_listed_blocks(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-        idx_part, n_part, ts_row, S_KV, qk_scale, offs_d, offs_m,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, TS_ATOMIC, USE_TMA,
+        idx_part, n_part, ts_row, S_KV, qk_scale, offs_d,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA,
     )
     if HAS_FULL:
         n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
         idx_full = FULL_IDX + b.to(tl.int64) * stride_fib + h.to(tl.int64) * stride_fih + qb * stride_fiq
         acc, l_i, m_i = _attend_listed_blocks(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-            idx_full, n_full, ts_row, S_KV, qk_scale, offs_d, offs_m,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, TS_ATOMIC, USE_TMA,
+            idx_full, n_full, ts_row, S_KV, qk_scale, offs_d,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA,
         )
 
     # Empty query block: l_i == 0 -> output 0, LSE -inf (never 0/0).
@@ -205,31 +202,23 @@ def _block_sparse_fwd(
                 _finish_tile_stats(idx_full, n_full, ts_row, lse_min, 128)
 
 
-# (HEAD_DIM_PAD, element size) -> (BLOCK_N, num_warps, num_stages), for a 128-row query block.
-# Chosen from the sweep in benchmarks/attention_kernel.py (see benchmarks/KERNEL_NOTES.md).
-_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (64, 2): (128, 8, 3),
-    (128, 2): (128, 8, 3),
-    (64, 4): (64, 8, 2),
-    (128, 4): (32, 8, 2),
+# (HEAD_DIM_PAD, element size) -> (BLOCK_N, num_warps, num_stages, use TMA), for a 128-row query block.
+# Chosen from the H100 sweep of benchmarks/attention_kernel.py (see benchmarks/KERNEL_NOTES.md).
+_CONFIGS: dict[tuple[int, int], tuple[int, int, int, bool]] = {
+    (64, 2): (64, 4, 3, False),
+    (128, 2): (128, 8, 3, True),
+    (64, 4): (64, 8, 2, False),
+    (128, 4): (32, 8, 2, False),
 }
 
 
-_TS_ATOMIC = True
-"""Tile maxima through per-row atomic max (True) or a per-tile reduction over rows then one store (False)."""
-
-
-def kernel_config(head_dim_pad: int, elem_size: int, q_block: int, kv_block: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) used for a head dim (padded), element size and mask block sizes."""
-    block_n, warps, stages = _CONFIGS[(head_dim_pad, elem_size)]
+def kernel_config(head_dim_pad: int, elem_size: int, q_block: int, kv_block: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, num_warps, num_stages, use_tma) for a head dim (padded), element size and mask block sizes."""
+    block_n, warps, stages, tma = _CONFIGS[(head_dim_pad, elem_size)]
     block_n = min(block_n, kv_block)
     if q_block == 64:
         warps = 4
-    return block_n, warps, stages
-
-
-_USE_TMA = True
-"""Load K and V through Hopper's tensor-memory accelerator when the layout allows it (see ``_tma_view``)."""
+    return block_n, warps, stages, tma
 
 
 def _tma_view(t: Tensor, block_rows: int, block_cols: int):
@@ -260,12 +249,11 @@ def block_sparse_attention_triton(
     tile_stats: bool = False,
     config: tuple[int, int, int] | None = None,
     use_tma: bool | None = None,
-    ts_atomic: bool | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Launch the Triton kernel on checked inputs (``view`` from ``check_inputs``).
 
-    ``config`` overrides ``(BLOCK_N, num_warps, num_stages)``, ``use_tma`` and ``ts_atomic`` the load path
-    and the tile-statistics reduction (benchmark sweeps); leave them None.
+    ``config`` overrides ``(BLOCK_N, num_warps, num_stages)`` and ``use_tma`` the load path (benchmark
+    sweeps); leave them None.
     """
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -276,7 +264,11 @@ def block_sparse_attention_triton(
     B, H, S_q, D = q.shape
     S_kv = k.shape[2]
     d_pad = 64 if D == 64 else 128
-    block_n, num_warps, num_stages = config or kernel_config(d_pad, q.element_size(), view.q_block, view.kv_block)
+    block_n, num_warps, num_stages, tma = kernel_config(d_pad, q.element_size(), view.q_block, view.kv_block)
+    if config is not None:
+        block_n, num_warps, num_stages = config
+    if use_tma is not None:
+        tma = use_tma
     if view.kv_block % block_n != 0:
         raise ValueError(f"BLOCK_N {block_n} must divide the mask's key block size {view.kv_block}")
 
@@ -299,7 +291,8 @@ def block_sparse_attention_triton(
         return 0 if t.shape[dim] == 1 else t.stride(dim)
 
     desc_k = desc_v = None
-    if (_USE_TMA if use_tma is None else use_tma) and q.is_cuda and not INTERPRETED and q.element_size() == 2:
+    # Hopper's tensor-memory accelerator loads K and V when the layout allows it (see ``_tma_view``).
+    if tma and q.is_cuda and not INTERPRETED and q.element_size() == 2:
         if torch.cuda.get_device_capability(q.device)[0] >= 9:
             desc_k = _tma_view(k, block_n, d_pad)
             desc_v = _tma_view(v, block_n, d_pad)
@@ -323,7 +316,7 @@ def block_sparse_attention_triton(
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
         BLOCK_M=view.q_block, BLOCK_N=block_n, KV_BLOCK=view.kv_block,
         HAS_FULL=has_full, EVEN_KV=(S_kv % view.kv_block == 0),
-        RETURN_LSE=return_lse, TILE_STATS=tile_stats, TS_ATOMIC=_TS_ATOMIC if ts_atomic is None else ts_atomic,
+        RETURN_LSE=return_lse, TILE_STATS=tile_stats,
         USE_TMA=desc_k is not None,
         num_warps=num_warps, num_stages=num_stages,
     )

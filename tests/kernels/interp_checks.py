@@ -66,9 +66,9 @@ def _qkv(B, H, S_q, S_kv, D, dtype, layout="bhsd"):
     return mk(S_q), mk(S_kv), mk(S_kv)
 
 
-def _run(q, k, v, mask, ts_atomic=None):
+def _run(q, k, v, mask, config=None):
     view = check_inputs(q, k, v, mask, None)
-    got = block_sparse_attention_triton(q, k, v, view, return_lse=True, tile_stats=True, ts_atomic=ts_atomic)
+    got = block_sparse_attention_triton(q, k, v, view, return_lse=True, tile_stats=True, config=config)
     ref = block_sparse_attention_reference(q, k, v, mask, return_lse=True, tile_stats=True)
     return _compare(got, ref)
 
@@ -97,13 +97,13 @@ def main() -> None:
     bb = torch.rand(1, 2, 4, 4) < 0.6
     res["d72_fp32_b64"] = _run(q, k, v, block_mask_from_bool(bb, 200, 200, 64))
 
-    # Head dim 128, float32 (BLOCK_N 32 < key block 128: sub-tiles), ragged, both tile-stat reductions.
+    # Head dim 128, float32, ragged, key block 128 walked in sub-tiles of BLOCK_N 32 and 64.
     q, k, v = _qkv(1, 1, 190, 190, 128, torch.float32)
     bb = torch.rand(1, 1, 2, 2) < 0.7
     bb[0, 0, 0] = False
     m = block_mask_from_bool(bb, 190, 190, 128)
-    res["d128_fp32_subtiles_atomic"] = _run(q, k, v, m, ts_atomic=True)
-    res["d128_fp32_subtiles_reduce"] = _run(q, k, v, m, ts_atomic=False)
+    res["d128_fp32_subtiles_32"] = _run(q, k, v, m, config=(32, 4, 1))
+    res["d128_fp32_subtiles_64"] = _run(q, k, v, m, config=(64, 4, 1))
 
     # Cross lengths S_q != S_kv, transposed (B, S, H, D) layout, broadcast mask (B=1, H=1) over B=2, H=2.
     q, k, v = _qkv(2, 2, 150, 260, 64, torch.float16, layout="bshd")
