@@ -25,7 +25,7 @@ import math
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -38,14 +38,22 @@ logger = logging.getLogger("dit_accel")
 
 
 class _ReuseErrorRecorder(CacheScheduler):
-    """Computes every step; records ``mean|R_t - R_s|`` for the last few computed steps ``s``."""
+    """Computes every step; measures what reusing (or forecasting) earlier residuals would cost.
+
+    At step ``t`` with span residual ``R_t`` and the residuals of the previous steps in a window:
+    ``e0(s, t) = mean|R_t - R_s|`` for ``t - s <= gap`` and, for order 1, the error of the linear
+    forecast from two computed steps ``s0 < s1``: ``e1(s0, s1, t) = mean|R_t - F|`` with
+    ``F = R_s1 + (R_s1 - R_s0) (t - s1) / (s1 - s0)``, for ``s1 - s0 <= gap`` and ``t - s1 <= gap``.
+    """
 
     name = "_recorder"
     config_class = CacheConfig
 
-    def __init__(self, config: CacheConfig, num_blocks: int, window: int, token_stride: int, sink: "_Measurements") -> None:
+    def __init__(self, config: CacheConfig, num_blocks: int, gap: int, order: int, token_stride: int,
+                 sink: "_Measurements") -> None:
         super().__init__(config, num_blocks)
-        self.window = window
+        self.gap = gap
+        self.forecast_order = order
         self.token_stride = token_stride
         self.sink = sink
         self.history: dict[int, deque] = {}
@@ -63,89 +71,118 @@ class _ReuseErrorRecorder(CacheScheduler):
         if self.token_stride > 1 and r.dim() >= 2:
             r = r[:, :: self.token_stride]
         r = r.float()
-        key = id(state)
-        hist = self.history.setdefault(key, deque(maxlen=self.window))
+        window = 2 * self.gap if self.forecast_order else self.gap
+        hist = self.history.setdefault(id(state), deque(maxlen=window))
         if hist and hist[-1][0] >= step:
             hist.clear()  # a new generation (state objects are recreated per call; ids may repeat)
-        scale = r.abs().mean()
-        diffs = [(s, (r - prev).abs().mean()) for s, prev in hist]
-        values = torch.stack([scale] + [d for _, d in diffs]).tolist()
-        self.sink.add(step, values[0], {s: v for (s, _), v in zip(diffs, values[1:])})
+        past = {s: prev for s, prev in hist}
+        keys: list[tuple[int, ...]] = []
+        values = [r.abs().mean()]
+        for s1 in range(step - self.gap, step):
+            if s1 not in past:
+                continue
+            keys.append((s1,))
+            values.append((r - past[s1]).abs().mean())
+            if self.forecast_order:
+                for s0 in range(s1 - self.gap, s1):
+                    if s0 in past:
+                        forecast = past[s1] + (past[s1] - past[s0]) * ((step - s1) / (s1 - s0))
+                        keys.append((s0, s1))
+                        values.append((r - forecast).abs().mean())
+        host = torch.stack(values).tolist()  # one host sync per step and branch
+        self.sink.add(step, host[0], dict(zip(keys, host[1:])))
         hist.append((step, r))
 
 
 class _Measurements:
-    """Sums of residual magnitudes and reuse errors over prompts, branches and transformers."""
+    """Residual magnitudes and reuse/forecast errors, listed over prompts, branches and transformers."""
 
     def __init__(self) -> None:
         self.scale: dict[int, list[float]] = {}
-        self.diff: dict[tuple[int, int], list[float]] = {}
+        self.err: dict[tuple[int, ...], list[float]] = {}
 
-    def add(self, step: int, scale: float, diffs: dict[int, float]) -> None:
+    def add(self, step: int, scale: float, errors: dict[tuple[int, ...], float]) -> None:
         self.scale.setdefault(step, []).append(scale)
-        for s, v in diffs.items():
-            self.diff.setdefault((s, step), []).append(v)
+        for key, v in errors.items():
+            self.err.setdefault(key + (step,), []).append(v)
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+CostFn = Callable[[int, int, int], "float | None"]
+"""``cost(prev, last, u)``: cost of step ``u`` reused after computed steps ``prev < last``
+(``prev = -1`` when ``last`` is the first computed step); ``None`` when unknown (not allowed)."""
+
+
 def search_schedule(
-    cost: list[list[float | None]],
+    cost: CostFn,
+    num_steps: int,
     num_compute: int,
     *,
     forced: set[int],
     max_consecutive_reuse: int,
 ) -> tuple[list[int], float]:
-    """Exact DP: computed steps (exactly ``num_compute`` of them, step 0 and ``forced`` included) that
-    minimise the summed reuse cost ``cost[s][t]`` (``s`` the last computed step before reused ``t``).
+    """Exact DP over the computed steps: exactly ``num_compute`` of them (step 0 and ``forced``
+    included), at most ``max_consecutive_reuse`` reused steps in a row, minimising the summed
+    ``cost(prev, last, u)`` of the reused steps ``u``. The state is the pair of the last two computed
+    steps, so forecast costs that depend on both are exact.
 
-    Returns the 0/1 schedule and its cost. Raises ``ValueError`` when the guardrails cannot be met
-    with ``num_compute`` computed steps.
+    Returns the 0/1 schedule and its cost. Raises ``ValueError`` when no schedule meets the guardrails.
     """
-    n = len(cost)
+    n = num_steps
     forced = set(forced) | {0}
     gap = max_consecutive_reuse + 1
     inf = math.inf
-    best = [[inf] * (num_compute + 1) for _ in range(n)]
-    back: list[list[int]] = [[-1] * (num_compute + 1) for _ in range(n)]
-    best[0][1] = 0.0
+    # best[(prev, last)][k] = (cost, back pointer prev-of-prev)
+    best: dict[tuple[int, int], dict[int, tuple[float, int]]] = {(-1, 0): {1: (0.0, -2)}}
+    by_last: dict[int, list[tuple[int, int]]] = {0: [(-1, 0)]}
 
-    def seg(s: int, t: int) -> float:
-        """Cost of reusing s's residual on steps s+1..t-1; inf if a forced step lies between."""
+    def seg(prev: int, last: int, end: int) -> float:
         total = 0.0
-        for u in range(s + 1, t):
-            if u in forced or cost[s][u] is None:
+        for u in range(last + 1, end):
+            c = None if u in forced else cost(prev, last, u)
+            if c is None:
                 return inf
-            total += cost[s][u]  # type: ignore[operator]
+            total += c
         return total
 
-    for t in range(1, n):
-        for s in range(max(0, t - gap), t):
-            c = seg(s, t)
-            if c == inf:
-                continue
-            for k in range(1, num_compute):
-                if best[s][k] + c < best[t][k + 1]:
-                    best[t][k + 1] = best[s][k] + c
-                    back[t][k + 1] = s
-    final = None
+    for last in range(n):
+        for state in by_last.get(last, []):
+            prev = state[0]
+            for t in range(last + 1, min(n, last + gap + 1)):
+                c = seg(prev, last, t)
+                if c == inf:
+                    continue
+                nxt = (last, t)
+                for k, (value, _) in best[state].items():
+                    if k + 1 > num_compute:
+                        continue
+                    table = best.setdefault(nxt, {})
+                    if nxt not in by_last.get(t, []):
+                        by_last.setdefault(t, []).append(nxt)
+                    if value + c < table.get(k + 1, (inf, 0))[0]:
+                        table[k + 1] = (value + c, prev)
+    final: tuple[int, int] | None = None
     final_cost = inf
-    for last in range(max(0, n - gap), n):
-        c = best[last][num_compute] + seg(last, n)
+    for state, table in best.items():
+        if num_compute not in table or n - 1 - state[1] > max_consecutive_reuse:
+            continue
+        c = table[num_compute][0] + seg(state[0], state[1], n)
         if c < final_cost:
-            final, final_cost = last, c
+            final, final_cost = state, c
     if final is None:
         raise ValueError(
             f"no schedule with {num_compute} computed steps of {n} meets the guardrails "
             f"(forced steps {sorted(forced)}, max_consecutive_reuse={max_consecutive_reuse}); raise the budget"
         )
     schedule = [0] * n
-    t, k = final, num_compute
-    while t >= 0 and k >= 1:
-        schedule[t] = 1
-        t, k = back[t][k], k - 1
+    state, k = final, num_compute
+    while state[1] >= 0 and k >= 1:
+        schedule[state[1]] = 1
+        back = best[state][k][1]
+        state, k = (back, state[0]), k - 1
     return schedule, final_cost
 
 
@@ -198,6 +235,7 @@ def calibrate(
     tail_blocks: int = 0,
     selective_blocks: int = 1,
     selective_share: float = 0.0,
+    forecast_order: int | str = "auto",
     token_stride: int = 1,
     seed: int = 0,
     call_kwargs: dict[str, Any] | None = None,
@@ -216,6 +254,9 @@ def calibrate(
             block split the schedule is searched under (same meaning as in :class:`CacheConfig`).
         selective_blocks: deep blocks a selective step recomputes (``procache``).
         selective_share: share of the budget spent on selective steps instead of full ones (0..1).
+        forecast_order: 0 searches for plain reuse, 1 for a linear (Taylor order-1) forecast from the
+            last two computed steps, ``"auto"`` searches both and keeps the one with the smaller expected
+            error; recorded in the file, where ``procache`` picks it up.
         token_stride: measure every ``token_stride``-th token only (memory).
         seed: base seed; prompt ``i`` uses ``seed + i``.
         call_kwargs: extra pipeline arguments (size, guidance, ...).
@@ -232,6 +273,9 @@ def calibrate(
         raise ValueError(f"selective_share must be in [0, 1), got {selective_share!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
+    if forecast_order not in (0, 1, "auto") or isinstance(forecast_order, bool):
+        raise ValueError(f"forecast_order must be 0, 1 or 'auto', got {forecast_order!r}")
+    measure_order = 0 if forecast_order == 0 else 1
     guard = FixedCacheConfig(
         warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
         head_blocks=head_blocks, tail_blocks=tail_blocks, interval=1,
@@ -248,7 +292,7 @@ def calibrate(
             transformer = getattr(pipe, name) if hasattr(pipe, name) else pipe
             blocks = find_blocks(transformer)
             num_blocks = len(blocks)
-            recorder = _ReuseErrorRecorder(guard, len(blocks), max_consecutive_reuse + 1, token_stride, sink)
+            recorder = _ReuseErrorRecorder(guard, len(blocks), max_consecutive_reuse + 1, measure_order, token_stride, sink)
             attachments.append(install_controller(transformer, CacheController(name, context, recorder, blocks)))
         for i, prompt in enumerate(prompts):
             kwargs = dict(call_kwargs or {})
@@ -266,25 +310,52 @@ def calibrate(
         raise RuntimeError(f"calibration saw steps {sorted(sink.scale)}, expected 0..{num_steps - 1}")
     scale = [_mean(sink.scale[t]) for t in range(num_steps)]
     norm = max(_mean(scale), 1e-12)
-    cost: list[list[float | None]] = [[None] * num_steps for _ in range(num_steps)]
-    for (s, t), values in sink.diff.items():
-        cost[s][t] = dts[t] * _mean(values) / norm
+    err = {key: dts[key[-1]] * _mean(values) / norm for key, values in sink.err.items()}
+
+    def cost_fn(order: int) -> CostFn:
+        def cost(prev: int, last: int, u: int) -> float | None:
+            if order and prev >= 0:
+                return err.get((prev, last, u))
+            return err.get((last, u))
+
+        return cost
+
     forced = set(range(min(warmup_steps, num_steps))) | set(range(max(0, num_steps - final_steps), num_steps))
-    k, m = plan_budget(
+    k_budget, _ = plan_budget(
         num_steps, num_blocks, budget, always_blocks=head_blocks + tail_blocks,
         selective_blocks=selective_blocks, selective_share=selective_share,
     )
-    k = max(k, len(forced | {0}))
-    schedule, expected = search_schedule(cost, k, forced=forced, max_consecutive_reuse=max_consecutive_reuse)
-    reused = [t for t in range(num_steps) if not schedule[t]]
-    reuse_cost = {}
-    last = 0
+    k = max(k_budget, len(forced | {0}))
+    orders = (0, 1) if forecast_order == "auto" else (int(forecast_order),)
+    while True:  # the guardrails may need more computed steps than the budget buys
+        try:
+            found = [
+                search_schedule(cost_fn(o), num_steps, k, forced=forced, max_consecutive_reuse=max_consecutive_reuse) + (o,)
+                for o in orders
+            ]
+            break
+        except ValueError:
+            if k >= num_steps:
+                raise
+            k += 1
+    if k > k_budget:
+        logger.warning("calibrate: the guardrails need %d computed steps, more than the budget's %d", k, k_budget)
+    expected_by_order = {o: c for _, c, o in found}
+    schedule, expected, chosen_order = min(found, key=lambda f: f[1])
+    cost = cost_fn(chosen_order)
+    always = head_blocks + tail_blocks
+    room = budget * num_steps * num_blocks - k * num_blocks - (num_steps - k) * always
+    m = 0
+    if selective_share > 0 and selective_blocks:
+        m = max(0, min(num_steps - k, int(math.floor(room / selective_blocks + 1e-9))))
+    reuse_cost: dict[int, float] = {}
+    prev, last = -1, 0
     for t in range(num_steps):
         if schedule[t]:
-            last = t
+            prev, last = last if t else -1, t
         else:
-            reuse_cost[t] = cost[last][t] or 0.0
-    for t in sorted(reused, key=lambda u: -reuse_cost[u])[:m]:
+            reuse_cost[t] = cost(prev, last, t) or 0.0
+    for t in sorted(reuse_cost, key=lambda u: -reuse_cost[u])[:m]:
         schedule[t] = 2
     always = head_blocks + tail_blocks
     evals = sum(num_blocks if v == 1 else always + (selective_blocks if v == 2 else 0) for v in schedule)
@@ -296,6 +367,7 @@ def calibrate(
         "budget": budget,
         "num_blocks": num_blocks,
         "schedule": schedule,
+        "forecast_order": chosen_order,
         "selective_blocks": selective_blocks if m else 0,
         "compute_fraction": evals / (num_steps * num_blocks),
         "guardrails": {
@@ -304,11 +376,14 @@ def calibrate(
         },
         "errors": {
             "expected_cost": expected,
+            "expected_cost_by_order": {str(o): c for o, c in expected_by_order.items()},
             "reuse_cost": [reuse_cost.get(t, 0.0) for t in range(num_steps)],
-            "step_change": [cost[t - 1][t] if t > 0 else None for t in range(num_steps)],
+            "step_change": [err.get((t - 1, t)) if t > 0 else None for t in range(num_steps)],
             "residual_scale": scale,
-            "pairwise_cost": cost,
-            "metric": "dt_t * mean|R_t - R_s| / mean_t mean|R_t| (span residual, averaged over prompts and branches)",
+            "reuse_cost_pairs": {f"{key[0]}->{key[1]}": v for key, v in err.items() if len(key) == 2},
+            "metric": "dt_t * mean|R_t - forecast| / mean_t mean|R_t| (span residual; forecast = R_s (order 0) "
+                      "or the linear extrapolation from the last two computed steps (order 1); averaged over "
+                      "prompts, branches and transformers)",
         },
         "prompts": [p if isinstance(p, str) else "<kwargs>" for p in prompts],
         "seed": seed,
@@ -319,7 +394,7 @@ def calibrate(
     return data
 
 
-def testbed_prompts(count: int, offset: int = 0) -> list[str]:
+def captions_for_testbed(count: int, offset: int = 0) -> list[str]:
     """``count`` deterministic captions in the testbed grammar (varied shape, colour, motion, background)."""
     from dit_accel.testbed.captions import ATTRIBUTES
 
@@ -359,6 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tail-blocks", type=int, default=0)
     parser.add_argument("--selective-blocks", type=int, default=1)
     parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
+    parser.add_argument("--forecast-order", default="auto", choices=("0", "1", "auto"),
+                        help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
     parser.add_argument("--token-stride", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -389,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         if args.model != "testbed":
             raise ValueError("give calibration prompts with --prompt or --prompts-file")
-        prompts = testbed_prompts(args.num_prompts)
+        prompts = captions_for_testbed(args.num_prompts)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     call_kwargs: dict[str, Any] = {}
     for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames), ("guidance_scale", args.guidance)):
@@ -399,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         pipe, prompts, num_steps=args.steps, budget=args.budget, out=args.out, model_id=args.model,
         warmup_steps=args.warmup_steps, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
         head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, selective_blocks=args.selective_blocks,
-        selective_share=args.selective_share, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
+        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
     )
     print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
     return 0

@@ -52,8 +52,14 @@ class CacheConfig:
     num_inference_steps: int | None = None
     """Step count to assume when the pipeline does not announce it (bare transformers); ``None``: take
     the pipeline's count, and skip the ``final_steps`` guardrail when unknown."""
+    order: int | None = 0
+    """How a reused step fills the span: 0 adds the cached residual as is; 1 or 2 adds a Taylor forecast
+    from divided differences of the residuals of the last computed steps (each order keeps one more
+    stream-size tensor per branch)."""
 
     def __post_init__(self) -> None:
+        if self.order is not None and (isinstance(self.order, bool) or self.order not in (0, 1, 2)):
+            raise ValueError(f"order must be 0, 1 or 2, got {self.order!r}")
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("final_steps", self.final_steps, 0)
         _check_int("max_consecutive_reuse", self.max_consecutive_reuse, 0)
@@ -142,13 +148,13 @@ class TaylorCacheConfig(FixedCacheConfig):
 
     scheduler: ClassVar[str] = "taylor"
 
-    order: int = 1
+    order: int | None = 1
     """Taylor order of the forecast: 1 (linear) or 2 (quadratic)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.order not in (1, 2) or isinstance(self.order, bool):
             raise ValueError(f"order must be 1 or 2, got {self.order!r}")
+        super().__post_init__()
 
 
 @dataclass(kw_only=True)
@@ -172,6 +178,9 @@ class ProCacheConfig(CacheConfig):
     """Compute fraction of the built-in pattern (used only without ``schedule`` or ``schedule_file``)."""
     selective_blocks: int = 1
     """Deep blocks recomputed on selective (value 2) steps; 0 turns selective steps into plain reuse."""
+    order: int | None = None
+    """Forecast order (see :class:`CacheConfig`); ``None``: the schedule file's ``forecast_order`` (the
+    order its search assumed), 0 without a file."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

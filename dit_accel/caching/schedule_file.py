@@ -36,7 +36,7 @@ def resample_schedule(schedule: list[int], num_steps: int) -> list[int]:
     if num_steps == 1:
         return [schedule[-1]]
     scale = (n - 1) / (num_steps - 1)
-    return [schedule[int(round(i * scale))] for i in range(num_steps)]
+    return [schedule[int(i * scale + 0.5)] for i in range(num_steps)]
 
 
 def validate_schedule_data(data: Any, source: str = "schedule") -> dict[str, Any]:

@@ -182,14 +182,52 @@ class CacheScheduler:
         return None
 
     # --- residuals -----------------------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        """Forecast order (0: plain reuse)."""
+        return self.config.order or 0
+
     def store(self, state: BranchState, end: int, residual: Streams, step: int) -> None:
-        """Keep ``residual`` as the slot ``end`` refreshed at ``step``."""
+        """Keep ``residual`` as slot ``end`` at ``step``, with its divided differences when ``order > 0``.
+
+        Newton form: with residuals at computed steps ``s2 < s1 < s0`` (``s0`` latest),
+        ``d1 = (R(s0) - R(s1)) / (s0 - s1)`` and ``d2 = (d1(s0) - d1(s1)) / (s0 - s2)`` in step-index
+        units; the differences restart when the shape changes.
+        """
+        # Only the whole span is forecast: ProCache's front slot (selective steps) stays zero order,
+        # so memory stays at one tensor per slot plus one per order.
+        order = self.order if end == self.slot_ends[-1] else 0
+        if order:
+            old = state.slots.get(end)
+            steps = state.diff_steps.get(end, ())
+            derivs: list[Streams] = []
+            if old is not None and steps and step > steps[0] and old[0].shape == residual[0].shape:
+                derivs.append(_sub_div(residual, old, float(step - steps[0])))
+                old_derivs = state.derivatives.get(end, [])
+                if order >= 2 and old_derivs and len(steps) >= 2:
+                    derivs.append(_sub_div(derivs[0], old_derivs[0], float(step - steps[1])))
+                steps = (step,) + steps[:1]
+            else:
+                steps = (step,)
+            state.derivatives[end] = derivs
+            state.diff_steps[end] = steps
         state.slots[end] = residual
         state.slot_steps[end] = step
 
     def forecast(self, state: BranchState, end: int, step: int) -> Streams:
-        """The residual to add for slot ``end`` at ``step`` (zero order: the cached one)."""
-        return state.slots[end]
+        """Residual for slot ``end`` at ``step``: ``R(s0) + d1 (t - s0) + d2 (t - s0)(t - s1)`` with the
+        available differences (the cached residual itself at order 0): exact for residuals that are
+        polynomials of that order in the step index."""
+        out = state.slots[end]
+        derivs = state.derivatives.get(end, [])
+        if not derivs:
+            return out
+        steps = state.diff_steps[end]
+        coeff = 1.0
+        for i, deriv in enumerate(derivs):
+            coeff *= float(step - steps[i])
+            out = _add(out, deriv, coeff)
+        return out
 
     def describe(self) -> dict[str, Any]:
         """Options as plain data, for run logs."""
@@ -296,44 +334,11 @@ class FixedScheduler(CacheScheduler):
 
 @register_scheduler
 class TaylorScheduler(FixedScheduler):
-    """Fixed schedule; reused steps forecast the residual by Newton's divided differences (order 1 or 2).
-
-    With residuals ``R`` at the computed steps ``s2 < s1 < s0`` (``s0`` the latest), the differences
-    are ``d1 = (R(s0) - R(s1)) / (s0 - s1)`` and ``d2 = (d1(s0) - d1(s1)) / (s0 - s2)`` (step-index
-    units), and step ``t`` gets ``R(s0) + d1 (t - s0) + d2 (t - s0)(t - s1)``: the Taylor expansion of
-    the residual, exact for residuals that are polynomials of that order in the step index.
-    """
+    """Fixed schedule whose reused steps add a Taylor forecast of the residual (order 1 or 2; see
+    :meth:`CacheScheduler.store`), the TaylorSeer idea at the granularity of the block span."""
 
     name = "taylor"
     config_class = TaylorCacheConfig
-
-    def store(self, state: BranchState, end: int, residual: Streams, step: int) -> None:
-        """Refresh the residual and its divided differences (restarted when the shapes change)."""
-        order: int = self.config.order  # type: ignore[attr-defined]
-        old = state.slots.get(end)
-        steps = state.diff_steps.get(end, ())
-        derivs: list[Streams] = []
-        if old is not None and steps and step > steps[0] and old[0].shape == residual[0].shape:
-            derivs.append(_sub_div(residual, old, float(step - steps[0])))
-            old_derivs = state.derivatives.get(end, [])
-            if order >= 2 and old_derivs and len(steps) >= 2:
-                derivs.append(_sub_div(derivs[0], old_derivs[0], float(step - steps[1])))
-            steps = (step,) + steps[:1]
-        else:
-            steps = (step,)
-        state.derivatives[end] = derivs
-        state.diff_steps[end] = steps
-        super().store(state, end, residual, step)
-
-    def forecast(self, state: BranchState, end: int, step: int) -> Streams:
-        """``R(s0) + d1 (t - s0) + d2 (t - s0)(t - s1)`` with the available differences."""
-        out = state.slots[end]
-        steps = state.diff_steps.get(end, (state.slot_steps[end],))
-        coeff = 1.0
-        for i, deriv in enumerate(state.derivatives.get(end, [])):
-            coeff *= float(step - steps[i])
-            out = _add(out, deriv, coeff)
-        return out
 
 
 @register_scheduler
@@ -423,11 +428,20 @@ class ProCacheScheduler(CacheScheduler):
     def __init__(self, config: ProCacheConfig, num_blocks: int) -> None:
         super().__init__(config, num_blocks)
         self.schedule: list[int] | None = None
+        self._order = config.order or 0
         if config.schedule_file is not None:
-            self.schedule = list(load_schedule(config.schedule_file)["schedule"])
+            data = load_schedule(config.schedule_file)
+            self.schedule = list(data["schedule"])
+            if config.order is None:
+                self._order = int(data.get("forecast_order", 0))
         elif config.schedule is not None:
             self.schedule = list(config.schedule)
         self._patterns: dict[int, list[int]] = {}
+
+    @property
+    def order(self) -> int:
+        """The config's order, else the schedule file's ``forecast_order``."""
+        return self._order
 
     @staticmethod
     def extra_deep_blocks(config: CacheConfig) -> int:

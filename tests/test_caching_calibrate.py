@@ -1,0 +1,207 @@
+"""Schedule search (``calibrate``), schedule files, the ``calibrate`` CLI pair and the caching
+benchmark's ``--tiny`` path, on tiny random pipelines (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_caching import embeds, tiny_wan_pipeline
+
+import dit_accel.api as api
+from dit_accel.caching import install_cache, load_schedule, resample_schedule, save_schedule
+from dit_accel.caching.calibrate import add_arguments, calibrate, plan_budget, run, search_schedule, captions_for_testbed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is much faster than two threads fighting for shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("caching_compare", ROOT / "benchmarks" / "caching_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["caching_compare"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the search --------------------------------------------------------------------------------------
+def _brute_force(cost, n, k, forced, cap):
+    best = (float("inf"), None)
+    for chosen in itertools.combinations(range(1, n), k - 1):
+        computed = {0, *chosen}
+        if not forced <= computed:
+            continue
+        total, prev, last, run_len, ok = 0.0, -1, 0, 0, True
+        for u in range(1, n):
+            if u in computed:
+                prev, last, run_len = last, u, 0
+                continue
+            run_len += 1
+            c = cost(prev, last, u)
+            if run_len > cap or c is None:
+                ok = False
+                break
+            total += c
+        if ok and total < best[0]:
+            best = (total, [1 if i in computed else 0 for i in range(n)])
+    return best
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_search_schedule_is_exact(order):
+    rng = random.Random(order)
+    n, cap = 9, 2
+    table0 = {(s, u): rng.random() for s in range(n) for u in range(s + 1, n)}
+    table1 = {(p, s, u): rng.random() for p in range(n) for s in range(p + 1, n) for u in range(s + 1, n)}
+
+    def cost(prev, last, u):
+        return table1[(prev, last, u)] if order and prev >= 0 else table0[(last, u)]
+
+    for k, forced in [(4, {8}), (5, {1, 8}), (6, {8})]:
+        schedule, value = search_schedule(cost, n, k, forced=forced, max_consecutive_reuse=cap)
+        expected, _ = _brute_force(cost, n, k, forced | {0}, cap)
+        assert value == pytest.approx(expected)
+        assert sum(schedule) == k and schedule[0] == 1 and all(schedule[f] for f in forced)
+    with pytest.raises(ValueError, match=r"no schedule with 3 computed steps of 9 meets the guardrails"):
+        search_schedule(cost, n, 3, forced={8}, max_consecutive_reuse=cap)  # 0, 3, 6, 8 is the sparsest
+
+
+def test_plan_budget_counts_block_evaluations():
+    assert plan_budget(20, 6, 0.5, always_blocks=0, selective_blocks=1, selective_share=0.0) == (10, 0)
+    # head + tail blocks run on every step: fewer full steps fit
+    assert plan_budget(20, 6, 0.5, always_blocks=1, selective_blocks=1, selective_share=0.0) == (8, 0)
+    k, m = plan_budget(20, 6, 0.5, always_blocks=0, selective_blocks=1, selective_share=0.25)
+    assert (k, m) == (7, 13) and k * 6 + m * 1 <= 0.5 * 20 * 6
+
+
+# --- calibrate end to end ------------------------------------------------------------------------------
+def _prompts():
+    return [dict(prompt_embeds=embeds(10 + i), negative_prompt_embeds=embeds(20 + i), height=16, width=16,
+                 num_frames=5, guidance_scale=4.0) for i in range(2)]
+
+
+def test_calibrate_writes_a_schedule_that_fixed_and_procache_load(tmp_path):
+    pipe = tiny_wan_pipeline()
+    path = tmp_path / "schedule.json"
+    data = calibrate(pipe, _prompts(), num_steps=10, budget=0.5, out=path, model_id="tiny-wan",
+                     warmup_steps=1, final_steps=1, max_consecutive_reuse=3, selective_share=0.25)
+    assert api.get_handle(pipe) is None  # calibrate removed what it attached
+    loaded = load_schedule(path)
+    assert loaded["schedule"] == data["schedule"] and loaded["model"] == "tiny-wan" and loaded["num_steps"] == 10
+    schedule = data["schedule"]
+    assert schedule[0] == 1 and schedule[-1] == 1 and 2 in schedule
+    assert data["forecast_order"] in (0, 1)
+    assert set(data["errors"]["expected_cost_by_order"]) == {"0", "1"}
+    assert data["compute_fraction"] <= 0.5 + 1e-9
+    run_len = 0
+    for v in schedule:  # the cap on consecutive non-computed steps
+        run_len = 0 if v == 1 else run_len + 1
+        assert run_len <= 3
+
+    handle = api.apply(pipe)
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "procache", schedule_file=str(path),
+                        warmup_steps=1, final_steps=1, max_consecutive_reuse=3)
+    pipe(**_prompts()[0], num_inference_steps=10, output_type="latent")
+    decisions = [r["decision"] for r in att.stats() if r["branch"] == "cond"]
+    assert decisions == [{1: "compute", 0: "reuse", 2: "selective"}[v] for v in schedule]
+    assert att.summary()["compute_fraction"] == pytest.approx(data["compute_fraction"])
+    assert att.controller.scheduler.order == data["forecast_order"]
+    att.remove()
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", schedule_file=str(path), warmup_steps=1)
+    pipe(**_prompts()[0], num_inference_steps=10, output_type="latent")
+    assert [r["decision"] for r in att.stats() if r["branch"] == "cond"] == ["reuse" if v == 0 else "compute" for v in schedule]
+    att.remove()
+    handle.remove()
+
+
+def test_calibrate_argument_errors():
+    pipe = tiny_wan_pipeline()
+    with pytest.raises(ValueError, match="calibrate needs at least one prompt"):
+        calibrate(pipe, [], num_steps=8, budget=0.5)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1.5"):
+        calibrate(pipe, _prompts(), num_steps=8, budget=1.5)
+    with pytest.raises(ValueError, match="forecast_order must be 0, 1 or 'auto', got 2"):
+        calibrate(pipe, _prompts(), num_steps=8, budget=0.5, forecast_order=2)
+
+
+def test_schedule_files_are_validated_and_resampled(tmp_path):
+    good = {"format": "dit-accel-cache-schedule", "version": 1, "num_steps": 4, "schedule": [1, 0, 2, 1]}
+    save_schedule(good, tmp_path / "ok.json")
+    assert load_schedule(tmp_path / "ok.json")["schedule"] == [1, 0, 2, 1]
+    for bad, message in [
+        (dict(good, format="other"), "'format' must be 'dit-accel-cache-schedule'"),
+        (dict(good, version=9), "unsupported version 9"),
+        (dict(good, schedule=[1, 3, 0, 1]), "'schedule' must be a non-empty list of 0/1/2"),
+        (dict(good, num_steps=5), r"'num_steps' 5 != len\(schedule\) 4"),
+    ]:
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            load_schedule(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_schedule(tmp_path / "broken.json")
+    assert resample_schedule([1, 0, 0, 1], 7) == [1, 0, 0, 0, 0, 1, 1]
+    assert resample_schedule([1, 0, 1, 0, 1], 3) == [1, 1, 1]
+    assert resample_schedule([1, 0, 0, 1], 4) == [1, 0, 0, 1]
+    assert resample_schedule([1, 2, 0, 1], 7)[0] == 1 and resample_schedule([1, 2, 0, 1], 7)[-1] == 1
+
+
+# --- command line and benchmark --------------------------------------------------------------------------
+def test_calibrate_command_line(tmp_path, monkeypatch, capsys):
+    bench = _load_benchmark()
+    import dit_accel.caching.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "_load_pipeline", lambda model, device, dtype: bench.tiny_testbed_pipeline())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "s.json"
+    args = parser.parse_args(["--steps", "6", "--budget", "0.6", "--out", str(out), "--num-prompts", "1",
+                              "--height", "16", "--width", "16", "--frames", "2", "--warmup-steps", "1"])
+    assert run(args) == 0
+    assert "compute_fraction" in capsys.readouterr().out
+    data = load_schedule(out)
+    assert data["model"] == "testbed" and data["num_steps"] == 6 and data["prompts"] == captions_for_testbed(1)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        run(args)
+
+
+def test_captions_for_testbed_follow_the_grammar():
+    from dit_accel.testbed.captions import parse_caption
+
+    prompts = captions_for_testbed(16, offset=100)
+    assert len(set(prompts)) == 16
+    for p in prompts:
+        parse_caption(p)  # raises on captions outside the grammar
+
+
+def test_benchmark_tiny_path(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "cc.json"
+    report = bench.main(["--tiny", "--num-prompts", "1", "--calib-prompts", "1", "--steps", "6", "--fractions", "0.5",
+                         "--methods", "fixed", "taylor", "procache_dp", "diffusers_fbc", "--tune-iterations", "2",
+                         "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    rows = {r["method"]: r for r in saved["results"]}
+    assert set(rows) == {"fixed", "taylor", "procache_dp", "diffusers_fbc"}
+    for name in ("fixed", "taylor", "procache_dp"):
+        assert rows[name]["measured_fraction"] == pytest.approx(0.5)  # 3 of 6 steps, counted from block runs
+    for row in rows.values():
+        assert 0.0 < row["ssim_mean"] <= 1.0 and row["psnr_mean"] > 0
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
+    assert {"device", "versions", "date", "settings"} <= set(saved)
