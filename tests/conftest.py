@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,12 +287,6 @@ EXPECTED_GRID = {
     "sd3": (1, 12, 10),
 }
 """Latent token grid (F', H', W') each case's inputs imply."""
-
-
-@pytest.fixture(params=sorted(TINY_CASES))
-def tiny_case(request) -> TinyCase:
-    """Every tiny family case in turn."""
-    return TINY_CASES[request.param]
 
 
 def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
