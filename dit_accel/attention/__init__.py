@@ -1,6 +1,6 @@
 """Attention for dit-accel: methods (planning), the dense backend, the routing and the diffusers backend."""
 
 from dit_accel.attention.dense import dense_attention, dense_backend_name
-from dit_accel.attention.methods import AttentionMethod, available_methods, get_method, register_method
+from dit_accel.attention.methods import AttentionMethod, SparsePlan, available_methods, get_method, register_method
 
-__all__ = ["AttentionMethod", "available_methods", "dense_attention", "dense_backend_name", "get_method", "register_method"]
+__all__ = ["AttentionMethod", "SparsePlan", "available_methods", "dense_attention", "dense_backend_name", "get_method", "register_method"]

@@ -1,8 +1,11 @@
 """Attention methods: how each self-attention call chooses the key blocks every query block sees.
 
-A method implements ``plan(q, k, ctx) -> BlockMask | None``: ``q`` and ``k`` are ``(B, H, S, D)``,
-``ctx`` is the call's :class:`dit_accel.context.AttentionCall` (layout, step, branch per batch row,
-and ``ctx.state(branch)`` for state that must survive between steps). ``None`` means "run dense".
+A method implements ``plan(q, k, ctx) -> BlockMask | SparsePlan | None``: ``q`` and ``k`` are
+``(B, H, S, D)``, ``ctx`` is the call's :class:`dit_accel.context.AttentionCall` (layout, step,
+branch per batch row, and ``ctx.state(branch)`` for state that must survive between steps).
+``None`` means "run dense". A :class:`SparsePlan` adds a token permutation (the kernel then runs on
+the permuted tokens and the output is permuted back). A method that sets ``needs_tile_stats`` gets
+the kernel's per-tile statistics back through ``observe(ctx, tile_stats)`` after the call.
 Methods are configuration only: one instance is shared by every layer, so any per-layer or
 per-branch state goes through ``ctx.state(...)``, never onto ``self``.
 
@@ -12,6 +15,7 @@ Methods are registered by name with :func:`register_method`; :func:`get_method` 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -25,11 +29,28 @@ DEFAULT_MIN_SEQ_LEN = 1024
 """Below this many tokens a self-attention call runs dense: block sparsity cannot pay off."""
 
 
+@dataclass(frozen=True)
+class SparsePlan:
+    """A block mask over a permuted token order.
+
+    ``perm`` maps permuted positions to original ones: token ``i`` of the permuted sequence is token
+    ``perm[i]`` of the original. Shape ``(S,)`` (same order for every batch row and head) or
+    ``(B, H, S)``; ``None`` means no permutation. ``mask`` is expressed in the permuted order.
+    """
+
+    mask: "BlockMask"
+    """Block mask over the (permuted) sequence."""
+    perm: torch.Tensor | None = None
+    """int64 permutation of the sequence positions, or ``None``."""
+
+
 class AttentionMethod:
     """Base class of attention methods (configuration plus a ``plan`` function)."""
 
     name: ClassVar[str] = ""
     """Registry name, e.g. ``"full"``."""
+    needs_tile_stats: ClassVar[bool] = False
+    """When True the kernel also returns per-tile statistics, passed to :meth:`observe`."""
 
     def __init__(self, *, min_seq_len: int = DEFAULT_MIN_SEQ_LEN) -> None:
         """``min_seq_len``: self-attention calls shorter than this run dense without planning."""
@@ -37,9 +58,13 @@ class AttentionMethod:
             raise ValueError(f"min_seq_len must be an int >= 0, got {min_seq_len!r}")
         self.min_seq_len = min_seq_len
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | None":
-        """Return the block mask for this call, or ``None`` to run dense attention."""
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
+        """Return the block mask (or a permuted :class:`SparsePlan`) for this call, or ``None`` to run dense."""
         raise NotImplementedError
+
+    def observe(self, ctx: "AttentionCall", tile_stats: torch.Tensor) -> None:
+        """Receive the kernel's ``(B, H, Q_BLOCKS, KV_BLOCKS)`` tile statistics of the call just run
+        (in the planned, possibly permuted, order); only called when ``needs_tile_stats`` is True."""
 
     def config(self) -> dict[str, Any]:
         """The method's options as a plain dict (recorded in run logs)."""

@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 
 from dit_accel.attention.dense import dense_attention, dense_backend_name
-from dit_accel.attention.methods import AttentionMethod
-from dit_accel.context import TextPosition, TransformerContext, timed
+from dit_accel.attention.methods import AttentionMethod, SparsePlan
+from dit_accel.context import AttentionCall, TextPosition, TransformerContext, timed
 
 SPARSE_BACKEND = "block_sparse"
 """Name recorded in statistics for calls that ran on the block-sparse kernel."""
@@ -60,6 +60,47 @@ def block_mask_density_tensor(mask) -> torch.Tensor:
     n_q = -(-q_len // bq)
     n_k = -(-kv_len // bk)
     return total / float(kv_blocks.shape[0] * kv_blocks.shape[1] * n_q * n_k)
+
+
+def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    if perm.dim() == 1:
+        return x.index_select(2, perm)
+    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(perm, dim=-1)
+
+
+def _run_sparse(
+    method: AttentionMethod,
+    call: AttentionCall,
+    plan: SparsePlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    from dit_accel.kernels import block_sparse_attention
+
+    perm = plan.perm
+    if perm is not None:
+        if perm.shape[-1] != q.shape[-2] or perm.dim() not in (1, 3):
+            raise ValueError(
+                f"method {method.name!r} returned a permutation of shape {tuple(perm.shape)}; "
+                f"expected ({q.shape[-2]},) or (B, H, {q.shape[-2]})"
+            )
+        perm = perm.to(device=q.device, dtype=torch.long)
+        q, k, v = _permute(q, perm), _permute(k, perm), _permute(v, perm)
+    if method.needs_tile_stats:
+        result = block_sparse_attention(q, k, v, plan.mask, scale=scale, tile_stats=True)
+        out = result.out
+        method.observe(call, result.tile_stats)
+    else:
+        out = block_sparse_attention(q, k, v, plan.mask, scale=scale)
+    if perm is not None:
+        out = _permute(out, _inverse(perm))
+    return out
 
 
 def attend(
@@ -113,21 +154,21 @@ def attend(
         reason = "head_dim"
 
     layout = ctx.layout(seq_len, text_tokens, text_position)
-    mask = None
+    plan: SparsePlan | None = None
     plan_ms = 0.0
     if reason is None:
         call = ctx.attention_call(binding.layer, binding.module_name, layout)
         start = timed()
-        mask = binding.method.plan(q, k, call)
+        result = binding.method.plan(q, k, call)
         plan_ms = timed() - start
-        if mask is None:
+        if result is None:
             reason = "method"
+        else:
+            plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
 
-    if mask is not None:
-        from dit_accel.kernels import block_sparse_attention
-
-        out = block_sparse_attention(q, k, v, mask, scale=scale)
-        density: torch.Tensor | float = block_mask_density_tensor(mask)
+    if plan is not None:
+        out = _run_sparse(binding.method, call, plan, q, k, v, scale)
+        density: torch.Tensor | float = block_mask_density_tensor(plan.mask)
         backend = SPARSE_BACKEND
     else:
         out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
