@@ -5,8 +5,10 @@ block evaluations, default 50 % and 35 %), every method is tuned to that fractio
 same prompts and seeds; its videos are compared with the dense videos of the same seeds.
 
 Methods:
-    ours:      fixed (uniform schedule), taylor (same schedule, order-1 forecast), probe (threshold tuned),
-               procache (DP schedule from ``calibrate`` + selective deep block), procache_dp (DP schedule only)
+    ours:      fixed (uniform schedule), taylor (same schedule, order-1 forecast of the span residual),
+               taylor_out (same, forecasting the output projection), probe (threshold tuned),
+               procache (DP schedule from ``calibrate`` + selective deep block), procache_dp (DP schedule
+               only), procache_out (DP schedule searched for and applied to the output projection)
     diffusers: FirstBlockCacheConfig (threshold tuned), TaylorSeerCacheConfig (lite mode, interval tuned),
                MagCacheConfig (ratios calibrated on one prompt, threshold tuned)
     cache-dit: DBCache F1B0 (threshold tuned), when ``cache_dit`` is importable (benchmark-only dependency)
@@ -49,7 +51,7 @@ import dit_accel.api as api  # noqa: E402
 from dit_accel.caching import install_cache  # noqa: E402
 from dit_accel.caching.calibrate import calibrate, captions_for_testbed  # noqa: E402
 
-OURS = ("fixed", "taylor", "probe", "procache", "procache_dp")
+OURS = ("fixed", "taylor", "taylor_out", "probe", "procache", "procache_dp", "procache_out")
 DIFFUSERS = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_magcache")
 CACHE_DIT = ("cachedit_dbcache",)
 ALL_METHODS = OURS + DIFFUSERS + CACHE_DIT
@@ -170,12 +172,14 @@ class Method:
 
 
 def uniform_schedule(steps: int, fraction: float, warmup: int, final: int) -> list[int]:
-    """Evenly spaced computed steps, ``round(fraction * steps)`` in all, warm-up and final steps included."""
+    """``round(fraction * steps)`` computed steps: the warm-up and final steps, the others evenly spaced
+    between the last warm-up step and the first final step (or the end), so the reuse gaps are equal."""
     k = max(1, round(fraction * steps))
-    forced = set(range(warmup)) | set(range(steps - final, steps))
-    free = [i for i in range(steps) if i not in forced]
-    extra = max(0, k - len(forced))
-    chosen = {free[min(len(free) - 1, int((j + 0.5) * len(free) / extra))] for j in range(extra)} if extra and free else set()
+    forced = set(range(warmup)) | set(range(steps - final, steps)) | {0}
+    r = max(0, k - len(forced))
+    start = max(warmup, 1) - 1
+    end = steps - final if final else steps
+    chosen = {start + int((j + 1) * (end - start) / (r + 1) + 0.5) for j in range(r)}
     return [1 if (i in forced or i in chosen) else 0 for i in range(steps)]
 
 
@@ -202,8 +206,12 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
         "taylor": _ours("taylor", big_cap, lambda p: dict(schedule=p, order=1)),
         "procache": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=1)),
         "procache_dp": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=1)),
+        "taylor_out": _ours("taylor", big_cap, lambda p: dict(schedule=p, order=1, target="output")),
+        "procache_out": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=0, target="output")),
     }
-    probe = _ours("probe", guard, lambda p: dict(threshold=p, head_blocks=1))
+    # Threshold-driven methods get no cap on consecutive reuse: their threshold alone is tuned to the
+    # target fraction (with a cap, a 1-block probe on a 6-block model cannot go below ~40 % compute).
+    probe = _ours("probe", big_cap, lambda p: dict(threshold=p, head_blocks=1))
     probe.search = "bisect"
     methods["probe"] = probe
     methods["procache_dp"].name = "procache_dp"
@@ -230,7 +238,7 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
     ratios_box: dict[str, list[float]] = {}
 
     def mag_config(threshold):
-        return MagCacheConfig(threshold=threshold, max_skip_steps=guard["max_consecutive_reuse"],
+        return MagCacheConfig(threshold=threshold, max_skip_steps=s.steps,
                               retention_ratio=guard["warmup_steps"] / s.steps, num_inference_steps=s.steps,
                               mag_ratios=ratios_box["ratios"])
 
@@ -257,7 +265,7 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
             )
             config = cache_dit.DBCacheConfig(
                 Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                max_warmup_steps=guard["warmup_steps"], max_continuous_cached_steps=guard["max_consecutive_reuse"],
+                max_warmup_steps=guard["warmup_steps"], max_continuous_cached_steps=-1,
                 num_inference_steps=s.steps,
             )
             with contextlib.redirect_stdout(io.StringIO()):
@@ -382,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--warmup-steps", type=int, default=None, help="default 2; tiny 1")
     p.add_argument("--max-consecutive-reuse", type=int, default=3)
+    p.add_argument("--final-steps", type=int, default=0,
+                   help="last steps always computed by our schedulers (default 0, as the peers: none forces them)")
     p.add_argument("--tune-iterations", type=int, default=None, help="bisection steps (default 8; tiny 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -403,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_calib = args.calib_prompts or (1 if tiny else 4)
     iterations = args.tune_iterations or (3 if tiny else 8)
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if tiny else 2)
-    guard = dict(warmup_steps=warmup, final_steps=1, max_consecutive_reuse=args.max_consecutive_reuse)
+    guard = dict(warmup_steps=warmup, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse)
     out_path = args.out or ROOT / "benchmarks" / "results" / ("caching_compare_tiny.json" if tiny else "caching_compare.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -426,15 +436,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense_latency = statistics.median(dense_times[1:] if len(dense_times) > 2 else dense_times)
 
     schedule_dir = out_path.parent / (out_path.stem + "_schedules")
-    calib_cache: dict[tuple[float, float], str] = {}
+    calib_cache: dict[tuple[float, float, str], str] = {}
 
-    def calib(fraction: float, share: float) -> str:
-        key = (fraction, share)
+    def calib(fraction: float, share: float, target: str = "span") -> str:
+        key = (fraction, share, target)
         if key not in calib_cache:
             schedule_dir.mkdir(parents=True, exist_ok=True)
-            path = schedule_dir / f"procache_f{fraction:.2f}_s{share:.2f}.json"
-            calibrate(pipe, calib_prompts, num_steps=steps, budget=fraction, out=path, model_id="testbed-tiny" if tiny else "testbed",
-                      selective_blocks=1, selective_share=share,
+            path = schedule_dir / f"procache_f{fraction:.2f}_s{share:.2f}_{target}.json"
+            # The same number of computed steps as the uniform schedules (round, not floor).
+            budget = max(1, round(fraction * steps)) / steps
+            calibrate(pipe, calib_prompts, num_steps=steps, budget=budget, out=path, model_id="testbed-tiny" if tiny else "testbed",
+                      selective_blocks=1, selective_share=share, target=target,
                       call_kwargs=dict(num_frames=s.frames, height=s.height, width=s.width, guidance_scale=s.guidance), **guard)
             calib_cache[key] = str(path)
         return calib_cache[key]
@@ -447,8 +459,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results.append({"method": name, "target_fraction": fraction, "skipped": "not importable"})
                 continue
             method = methods[name]
-            if name in ("fixed", "taylor"):
-                param, tuned = uniform_schedule(steps, fraction, warmup, 1), None
+            if name in ("fixed", "taylor", "taylor_out"):
+                param, tuned = uniform_schedule(steps, fraction, warmup, args.final_steps), None
+            elif name == "procache_out":
+                param, tuned = calib(fraction, 0.0, "output"), None
             elif name == "procache":
                 param, tuned = calib(fraction, 0.25), None
             elif name == "procache_dp":
@@ -475,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ssim_mean": statistics.fmean(ssims), "latency_s_median": latency,
                 "speedup_vs_dense": dense_latency / latency if latency > 0 else None,
                 "psnr_per_prompt": psnrs,
+                "off_target": abs(counter.fraction - fraction) > 0.03,
             }
             results.append(row)
             print(f"[{fraction:.2f}] {name:22s} fraction {row['measured_fraction']:.3f}  PSNR {row['psnr_mean']:6.2f}  "

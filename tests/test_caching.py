@@ -116,6 +116,7 @@ def test_cache_off_and_removed_equal_dense_bitwise(pipe, dense, handle):
         ("procache", dict(schedule=[1] * STEPS, selective_blocks=1)),
         ("probe", dict(threshold=0.0)),
         ("fixed", dict(schedule=[1] * STEPS, head_blocks=1, tail_blocks=1)),
+        ("taylor", dict(interval=1, target="output")),
     ],
 )
 def test_schedule_computing_every_step_equals_dense(pipe, dense, handle, name, options):
@@ -214,6 +215,24 @@ def test_memory_at_most_two_stream_tensors_per_branch(pipe, handle):
         for branch in ("cond", "uncond"):
             assert 0 < summary["peak_branch_bytes"][branch] <= limit * summary["stream_bytes"][branch], (name, summary)
         assert summary["peak_cached_bytes"] <= sum(summary["peak_branch_bytes"].values())
+
+
+def test_output_target_reuses_the_projection_and_skips_every_block(bare_transformer):
+    """target="output": reused calls enter no block and return the last computed call's output (order 0)."""
+    transformer, handle = bare_transformer
+    counts, hooks = _count_block_runs(transformer)
+    outs, stats = _cached_cond_outputs(transformer, handle, make_cache_config(
+        "fixed", schedule=[1, 0, 0, 1, 0, 1], warmup_steps=1, final_steps=0, target="output"), embeds(2), "sequential")
+    for h in hooks:
+        h.remove()
+    cond = [r for r in stats if r["branch"] == "cond"]
+    assert [r["decision"] for r in cond] == ["compute", "reuse", "reuse", "compute", "reuse", "compute"]
+    assert counts == [2 * 3] * NUM_LAYERS  # 3 computed steps x 2 branches, nothing on reused steps
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0]) and torch.equal(outs[4], outs[3])
+    assert not torch.equal(outs[3], outs[0])
+    # the cache holds the projection output (16 channels x 2x2 patch = 64 per token), not the stream
+    state = next(iter(stats))  # any record
+    assert state["cached_bytes"] <= 20 * 64 * 4
 
 
 # --- branches and transformers never mix ------------------------------------------------------------
@@ -404,6 +423,10 @@ def test_bad_configs_raise_clear_errors(pipe):
         make_cache_config("procache", budget=0)
     with pytest.raises(ValueError, match=r"threshold must be >= 0.0, got -1"):
         make_cache_config("probe", threshold=-1)
+    with pytest.raises(ValueError, match="target must be 'span' or 'output', got 'blocks'"):
+        make_cache_config("fixed", target="blocks")
+    with pytest.raises(ValueError, match="target='output' skips every block after the head; tail_blocks must be 0, got 1"):
+        make_cache_config("fixed", target="output", tail_blocks=1)
     with pytest.raises(ValueError, match="head_blocks must be an int >= 1, got 0"):
         make_cache_config("probe", head_blocks=0)
     with pytest.raises(FileNotFoundError, match="schedule file not found"):

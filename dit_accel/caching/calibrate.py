@@ -236,6 +236,7 @@ def calibrate(
     selective_blocks: int = 1,
     selective_share: float = 0.0,
     forecast_order: int | str = "auto",
+    target: str = "span",
     token_stride: int = 1,
     seed: int = 0,
     call_kwargs: dict[str, Any] | None = None,
@@ -257,6 +258,8 @@ def calibrate(
         forecast_order: 0 searches for plain reuse, 1 for a linear (Taylor order-1) forecast from the
             last two computed steps, ``"auto"`` searches both and keeps the one with the smaller expected
             error; recorded in the file, where ``procache`` picks it up.
+        target: ``"span"`` measures the span residual, ``"output"`` the output projection's result
+            (the quantity a scheduler with that ``target`` reuses); no selective steps for ``"output"``.
         token_stride: measure every ``token_stride``-th token only (memory).
         seed: base seed; prompt ``i`` uses ``seed + i``.
         call_kwargs: extra pipeline arguments (size, guidance, ...).
@@ -276,9 +279,11 @@ def calibrate(
     if forecast_order not in (0, 1, "auto") or isinstance(forecast_order, bool):
         raise ValueError(f"forecast_order must be 0, 1 or 'auto', got {forecast_order!r}")
     measure_order = 0 if forecast_order == 0 else 1
+    if target == "output":
+        selective_share = 0.0
     guard = FixedCacheConfig(
         warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
-        head_blocks=head_blocks, tail_blocks=tail_blocks, interval=1,
+        head_blocks=head_blocks, tail_blocks=tail_blocks, interval=1, target=target,
     )
     handle = api.get_handle(pipe)
     created_handle = handle is None
@@ -368,6 +373,7 @@ def calibrate(
         "num_blocks": num_blocks,
         "schedule": schedule,
         "forecast_order": chosen_order,
+        "target": target,
         "selective_blocks": selective_blocks if m else 0,
         "compute_fraction": evals / (num_steps * num_blocks),
         "guardrails": {
@@ -436,6 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
     parser.add_argument("--forecast-order", default="auto", choices=("0", "1", "auto"),
                         help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
+    parser.add_argument("--target", default="span", choices=("span", "output"), help="what reused steps take from the cache")
     parser.add_argument("--token-stride", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -476,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         pipe, prompts, num_steps=args.steps, budget=args.budget, out=args.out, model_id=args.model,
         warmup_steps=args.warmup_steps, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
         head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, selective_blocks=args.selective_blocks,
-        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
+        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), target=args.target, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
     )
     print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
     return 0

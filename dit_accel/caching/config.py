@@ -56,8 +56,18 @@ class CacheConfig:
     """How a reused step fills the span: 0 adds the cached residual as is; 1 or 2 adds a Taylor forecast
     from divided differences of the residuals of the last computed steps (each order keeps one more
     stream-size tensor per branch)."""
+    target: str = "span"
+    """What a reused step takes from the cache. ``"span"``: the span residual, added to the fresh span
+    input (the head, tail, final norm and output projection run). ``"output"``: every block after the
+    head is skipped and the output projection's result (``proj_out``) is reused or forecast, as in
+    diffusers' TaylorSeer lite mode; needs ``tail_blocks = 0``; its cache has the model output's size
+    (latent channels), far smaller than the stream."""
 
     def __post_init__(self) -> None:
+        if self.target not in ("span", "output"):
+            raise ValueError(f"target must be 'span' or 'output', got {self.target!r}")
+        if self.target == "output" and self.tail_blocks:
+            raise ValueError(f"target='output' skips every block after the head; tail_blocks must be 0, got {self.tail_blocks}")
         if self.order is not None and (isinstance(self.order, bool) or self.order not in (0, 1, 2)):
             raise ValueError(f"order must be 0, 1 or 2, got {self.order!r}")
         _check_int("warmup_steps", self.warmup_steps, 0)
@@ -186,6 +196,8 @@ class ProCacheConfig(CacheConfig):
         super().__post_init__()
         _check_float("budget", self.budget, 0.0, 1.0, low_open=True)
         _check_int("selective_blocks", self.selective_blocks, 0)
+        if self.target == "output" and self.selective_blocks:
+            raise ValueError("target='output' has no selective steps; set selective_blocks=0")
         if self.schedule is not None:
             _check_schedule("schedule", self.schedule, (0, 1, 2))
             self.schedule = list(self.schedule)

@@ -37,7 +37,15 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from dit_accel.caching.config import CacheConfig
-from dit_accel.caching.schedulers import BranchState, CacheScheduler, Decision, StepInfo, Streams, build_scheduler
+from dit_accel.caching.schedulers import (
+    OUTPUT_SLOT,
+    BranchState,
+    CacheScheduler,
+    Decision,
+    StepInfo,
+    Streams,
+    build_scheduler,
+)
 from dit_accel.context import TransformerContext
 
 logger = logging.getLogger("dit_accel")
@@ -224,7 +232,9 @@ class CacheController:
         if slot is None:
             return True
         n = len(range(hidden.shape[0])[rows]) if isinstance(rows, slice) else int(rows.numel())
-        return slot[0].shape[0] == n and slot[0].shape[1:] == hidden.shape[1:] and slot[0].device == hidden.device
+        # The output slot has the output's channels; rows and tokens must still match.
+        same = slot[0].shape[1:-1] == hidden.shape[1:-1] if self.scheduler.output_target else slot[0].shape[1:] == hidden.shape[1:]
+        return slot[0].shape[0] == n and same and slot[0].device == hidden.device
 
     def _publish(self) -> None:
         plan = self.plan
@@ -264,7 +274,7 @@ class CacheController:
             self._note_stream_bytes(plan, hidden, encoder)
         skipped = plan.decision in (Decision.REUSE, Decision.SELECTIVE) and sched.span_start <= index < plan.reuse_end
         if skipped:
-            if index == sched.span_start:
+            if index == sched.span_start and not sched.output_target:
                 residual = self._merged_forecast(plan, plan.reuse_end, hidden)
                 hidden = hidden + residual[0]
                 if encoder is not None and residual[1] is not None:
@@ -279,8 +289,25 @@ class CacheController:
                 plan.in0 = None
             if (index + 1) in sched.slot_ends and plan.span_in is not None and index >= sched.span_start:
                 self._refresh(plan, index + 1, out_hidden, out_encoder)
-        if index == len(self.blocks) - 1:
+        if index == len(self.blocks) - 1 and not sched.output_target:
             self.end_call()
+        return output
+
+    def run_output(self, hook: "CacheOutputHook", args: tuple, kwargs: dict) -> Any:
+        """The output projection (``target="output"``): forecast it on reused steps, else run and store it."""
+        plan = self.plan
+        if plan is None:  # called outside a transformer call with blocks (should not happen)
+            return hook.fn_ref.original_forward(*args, **kwargs)
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        if plan.decision is Decision.REUSE:
+            output = self._merged_forecast(plan, OUTPUT_SLOT, hidden)[0]
+        else:
+            output = hook.fn_ref.original_forward(*args, **kwargs)
+            detached = output.detach()
+            for branch, rows in plan.groups:
+                part = detached if len(plan.groups) == 1 else detached[rows]
+                self.scheduler.store(self._state(branch), OUTPUT_SLOT, (part, None), plan.info.step)
+        self.end_call()
         return output
 
     def _note_stream_bytes(self, plan: _CallPlan, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
@@ -430,6 +457,18 @@ class CacheBlockHook(ModelHook):
         return module
 
 
+class CacheOutputHook(ModelHook):
+    """Hook on the output projection for ``target="output"``: returns the forecast on reused steps."""
+
+    def __init__(self, controller: CacheController) -> None:
+        super().__init__()
+        self.controller = controller
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        """Run or forecast the projection for the current plan."""
+        return self.controller.run_output(self, args, kwargs)
+
+
 class CacheAttachment:
     """The cache installed on one transformer: its controller and how to remove it exactly."""
 
@@ -529,14 +568,22 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
         if registry is not None and registry.get_hook(CACHE_HOOK_NAME) is not None:
             raise ValueError(f"a dit-accel cache is already installed on {ref.name}; remove it first")
     scheduler = controller.scheduler
+    output_module = None
+    if scheduler.output_target:
+        output_module = getattr(transformer, "proj_out", None)
+        if not isinstance(output_module, torch.nn.Module):
+            raise ValueError(f"target='output' needs an output projection `proj_out`; {type(transformer).__name__} has none")
     attachment = CacheAttachment(transformer, controller)
     try:
-        for index, ref in enumerate(blocks):
-            created = not hasattr(ref.module, "_diffusers_hook")
-            had_forward = "forward" in ref.module.__dict__
-            registry = HookRegistry.check_if_exists_or_initialize(ref.module)
-            registry.register_hook(CacheBlockHook(controller, index, ref), CACHE_HOOK_NAME)
-            attachment._installed.append((ref.module, created, had_forward))
+        hooked = [(ref.module, CacheBlockHook(controller, index, ref)) for index, ref in enumerate(blocks)]
+        if output_module is not None:
+            hooked.append((output_module, CacheOutputHook(controller)))
+        for module, hook in hooked:
+            created = not hasattr(module, "_diffusers_hook")
+            had_forward = "forward" in module.__dict__
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(hook, CACHE_HOOK_NAME)
+            attachment._installed.append((module, created, had_forward))
     except Exception:
         attachment.remove()
         raise

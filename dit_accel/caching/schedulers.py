@@ -17,6 +17,7 @@ input) is cached per slot end. Schedulers are registered by name with :func:`reg
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +33,11 @@ from dit_accel.caching.config import (
     TaylorCacheConfig,
 )
 from dit_accel.caching.schedule_file import load_schedule, resample_schedule
+
+OUTPUT_SLOT = -1
+"""Slot key of the cached output-projection result (``target="output"``); block slots are ends >= 1."""
+
+logger = logging.getLogger("dit_accel")
 
 Streams = tuple[torch.Tensor, "torch.Tensor | None"]
 """A residual (or activation) of the hidden stream and, for joint-attention blocks, the text stream."""
@@ -65,7 +71,7 @@ class BranchState:
     """Cached tensors and counters of one (transformer, guidance branch), reset per pipeline call."""
 
     slots: dict[int, Streams] = field(default_factory=dict)
-    """Cached span residual per slot end (block index, exclusive)."""
+    """Cached span residual per slot end (block index, exclusive), or the output (``OUTPUT_SLOT``)."""
     derivatives: dict[int, list[Streams]] = field(default_factory=dict)
     """Taylor finite differences per slot end: ``[d1]`` or ``[d1, d2]`` (step-index units)."""
     slot_steps: dict[int, int] = field(default_factory=dict)
@@ -142,13 +148,21 @@ class CacheScheduler:
         return 0
 
     @property
+    def output_target(self) -> bool:
+        """True when reused steps forecast the output projection instead of a span residual."""
+        return self.config.target == "output"
+
+    @property
     def slot_ends(self) -> tuple[int, ...]:
-        """Ends (exclusive) of the spans whose residuals are cached, ascending."""
+        """Ends (exclusive) of the spans whose residuals are cached, ascending (``(OUTPUT_SLOT,)`` for
+        ``target="output"``)."""
+        if self.output_target:
+            return (OUTPUT_SLOT,)
         return (self.num_blocks - self.config.tail_blocks,)
 
     def reuse_end(self, decision: Decision) -> int:
-        """End (exclusive) of the skipped span for a REUSE or SELECTIVE decision."""
-        return self.slot_ends[-1]
+        """End (exclusive) of the skipped blocks for a REUSE or SELECTIVE decision."""
+        return self.num_blocks if self.output_target else self.slot_ends[-1]
 
     # --- decisions -------------------------------------------------------------------------------
     def num_steps(self, info: StepInfo) -> int | None:
@@ -434,6 +448,9 @@ class ProCacheScheduler(CacheScheduler):
             self.schedule = list(data["schedule"])
             if config.order is None:
                 self._order = int(data.get("forecast_order", 0))
+            if data.get("target", "span") != config.target:
+                logger.warning("schedule file %s was searched for target=%r, used with target=%r",
+                               config.schedule_file, data.get("target", "span"), config.target)
         elif config.schedule is not None:
             self.schedule = list(config.schedule)
         self._patterns: dict[int, list[int]] = {}
@@ -451,12 +468,16 @@ class ProCacheScheduler(CacheScheduler):
     @property
     def slot_ends(self) -> tuple[int, ...]:
         """Front span (if selective blocks) and whole span."""
+        if self.output_target:
+            return (OUTPUT_SLOT,)
         whole = self.num_blocks - self.config.tail_blocks
         deep: int = self.config.selective_blocks  # type: ignore[attr-defined]
         return (whole - deep, whole) if deep else (whole,)
 
     def reuse_end(self, decision: Decision) -> int:
         """Selective steps skip only the front span."""
+        if self.output_target:
+            return self.num_blocks
         return self.slot_ends[0] if decision is Decision.SELECTIVE else self.slot_ends[-1]
 
     def pattern(self, num_steps: int | None) -> list[int] | None:
