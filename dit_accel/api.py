@@ -264,6 +264,7 @@ def _detach(attachment: _Attachment) -> None:
             if not attachment.had_forward_attr:
                 transformer.__dict__.pop("forward", None)
     transformer.__dict__.pop(_ATTACHMENT_ATTR, None)
+    attachment.context.close()
     if attachment in attachment.handle._attachments:
         attachment.handle._attachments.remove(attachment)
 

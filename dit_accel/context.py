@@ -44,8 +44,6 @@ TextPosition = Literal["none", "first", "last"]
 Branch = str
 """A guidance branch label: ``"cond"``, ``"uncond"`` or ``"extra"``."""
 
-BRANCHES: tuple[str, ...] = ("cond", "uncond", "extra")
-
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -213,6 +211,11 @@ class TransformerContext:
     def reset_state(self) -> None:
         """Forget all method state (called at every new pipeline call)."""
         self._store.clear()
+
+    def close(self) -> None:
+        """Stop listening to the clock (the transformer was detached)."""
+        if self.reset_state in self.clock._on_new_call:
+            self.clock._on_new_call.remove(self.reset_state)
 
     # --- statistics ---------------------------------------------------------------------------
     def record(self, entry: dict[str, Any]) -> None:
