@@ -393,6 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-steps", type=int, default=0,
                    help="last steps always computed by our schedulers (default 0, as the peers: none forces them)")
     p.add_argument("--tune-iterations", type=int, default=None, help="bisection steps (default 8; tiny 3)")
+    p.add_argument("--refine", type=int, default=None, help="procache candidates evaluated by real runs (default 16; tiny 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_eval = args.num_prompts or (2 if tiny else 16)
     n_calib = args.calib_prompts or (1 if tiny else 4)
     iterations = args.tune_iterations or (3 if tiny else 8)
+    refine = args.refine if args.refine is not None else (2 if tiny else 16)
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if tiny else 2)
     guard = dict(warmup_steps=warmup, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse)
     out_path = args.out or ROOT / "benchmarks" / "results" / ("caching_compare_tiny.json" if tiny else "caching_compare.json")
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The same number of computed steps as the uniform schedules (round, not floor).
             budget = max(1, round(fraction * steps)) / steps
             calibrate(pipe, calib_prompts, num_steps=steps, budget=budget, out=path, model_id="testbed-tiny" if tiny else "testbed",
-                      selective_blocks=1, selective_share=share, target=target,
+                      selective_blocks=1, selective_share=share, target=target, refine=refine,
                       call_kwargs=dict(num_frames=s.frames, height=s.height, width=s.width, guidance_scale=s.guidance), **guard)
             calib_cache[key] = str(path)
         return calib_cache[key]

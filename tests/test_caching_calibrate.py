@@ -99,7 +99,7 @@ def test_calibrate_writes_a_schedule_that_fixed_and_procache_load(tmp_path):
     pipe = tiny_wan_pipeline()
     path = tmp_path / "schedule.json"
     data = calibrate(pipe, _prompts(), num_steps=10, budget=0.5, out=path, model_id="tiny-wan",
-                     warmup_steps=1, final_steps=1, max_consecutive_reuse=3, selective_share=0.25)
+                     warmup_steps=1, final_steps=1, max_consecutive_reuse=3, selective_share=0.25, refine=3)
     assert api.get_handle(pipe) is None  # calibrate removed what it attached
     loaded = load_schedule(path)
     assert loaded["schedule"] == data["schedule"] and loaded["model"] == "tiny-wan" and loaded["num_steps"] == 10
@@ -108,6 +108,10 @@ def test_calibrate_writes_a_schedule_that_fixed_and_procache_load(tmp_path):
     assert data["forecast_order"] in (0, 1)
     assert set(data["errors"]["expected_cost_by_order"]) == {"0", "1"}
     assert data["compute_fraction"] <= 0.5 + 1e-9
+    measured = data["errors"]["measured"]
+    assert {m["source"] for m in measured} >= {"dp_order0", "dp_order1"} and 2 <= len(measured) <= 5
+    best = min(measured, key=lambda m: m["relative_mse"])
+    assert best["schedule"] == schedule and best["order"] == data["forecast_order"]
     run_len = 0
     for v in schedule:  # the cap on consecutive non-computed steps
         run_len = 0 if v == 1 else run_len + 1

@@ -14,7 +14,10 @@
    ``max_consecutive_reuse`` reused steps in a row) -- exact, not greedy. A share of the budget can
    instead buy *selective* steps (ProCache): the reused steps with the largest cost recompute their
    last ``selective_blocks`` blocks.
-3. *Write* a schedule file (``dit_accel.caching.schedule_file``) that ``fixed`` and ``procache`` load.
+3. *Refine* (optional, ``refine > 0``): ProCache's proxy evaluation -- the DP's schedules and
+   hill-climbing moves of single computed steps are run for real on the calibration prompts and the
+   one whose final output is closest to dense is kept; every measured candidate is recorded.
+4. *Write* a schedule file (``dit_accel.caching.schedule_file``) that ``fixed`` and ``procache`` load.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,6 +224,60 @@ def _sigma_steps(pipe: Any, num_steps: int) -> list[float]:
     return [abs(s[i] - s[i + 1]) for i in range(num_steps)]
 
 
+def _sample_of(result: Any) -> torch.Tensor:
+    """The generated tensor of a pipeline result (latents with ``output_type="latent"``)."""
+    if isinstance(result, tuple):
+        return result[0]
+    for attr in ("frames", "images", "videos"):
+        value = getattr(result, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot find the output tensor in {type(result).__name__}; pass output_type='latent'")
+
+
+def _with_selective(schedule: list[int], cost: CostFn, m: int) -> tuple[list[int], dict[int, float]]:
+    """Mark the ``m`` reused steps with the largest expected cost as selective (2)."""
+    out = list(schedule)
+    reuse_cost: dict[int, float] = {}
+    prev, last = -1, 0
+    for t, v in enumerate(out):
+        if v:
+            prev, last = (last if t else -1), t
+        else:
+            reuse_cost[t] = cost(prev, last, t) or 0.0
+    for t in sorted(reuse_cost, key=lambda u: -reuse_cost[u])[:m]:
+        out[t] = 2
+    return out, reuse_cost
+
+
+def _valid(schedule: list[int], forced: set[int], cap: int) -> bool:
+    if not schedule[0] or any(not schedule[f] for f in forced):
+        return False
+    run_len = 0
+    for v in schedule:
+        run_len = 0 if v == 1 else run_len + 1
+        if run_len > cap:
+            return False
+    return True
+
+
+def _mutations(schedule: list[int], forced: set[int], cap: int, rng: random.Random, count: int) -> list[list[int]]:
+    """Up to ``count`` distinct valid schedules with one computed step moved by 1 or 2 steps."""
+    base = [1 if v == 1 else 0 for v in schedule]
+    movable = [t for t, v in enumerate(base) if v and t not in forced and t != 0]
+    moves = [(t, d) for t in movable for d in (-2, -1, 1, 2) if 0 < t + d < len(base) and not base[t + d]]
+    rng.shuffle(moves)
+    out: list[list[int]] = []
+    for t, d in moves:
+        cand = list(base)
+        cand[t], cand[t + d] = 0, 1
+        if _valid(cand, forced, cap) and cand not in out:
+            out.append(cand)
+        if len(out) >= count:
+            break
+    return out
+
+
 def calibrate(
     pipe: Any,
     prompts: Sequence[str | dict[str, Any]],
@@ -237,6 +295,7 @@ def calibrate(
     selective_share: float = 0.0,
     forecast_order: int | str = "auto",
     target: str = "span",
+    refine: int = 0,
     token_stride: int = 1,
     seed: int = 0,
     call_kwargs: dict[str, Any] | None = None,
@@ -256,10 +315,14 @@ def calibrate(
         selective_blocks: deep blocks a selective step recomputes (``procache``).
         selective_share: share of the budget spent on selective steps instead of full ones (0..1).
         forecast_order: 0 searches for plain reuse, 1 for a linear (Taylor order-1) forecast from the
-            last two computed steps, ``"auto"`` searches both and keeps the one with the smaller expected
-            error; recorded in the file, where ``procache`` picks it up.
+            last two computed steps, ``"auto"`` searches both and keeps the better; recorded in the
+            file, where ``procache`` picks it up.
         target: ``"span"`` measures the span residual, ``"output"`` the output projection's result
             (the quantity a scheduler with that ``target`` reuses); no selective steps for ``"output"``.
+        refine: after the DP, evaluate up to this many more candidate schedules by real cached runs
+            on the calibration prompts (hill climbing: move one computed step by 1-2 steps) and keep
+            the one whose final output is closest to dense (ProCache's proxy evaluation); 0 skips it.
+            Every evaluated candidate's measured error is recorded in the file.
         token_stride: measure every ``token_stride``-th token only (memory).
         seed: base seed; prompt ``i`` uses ``seed + i``.
         call_kwargs: extra pipeline arguments (size, guidance, ...).
@@ -267,6 +330,8 @@ def calibrate(
     Returns the schedule file's content (see :mod:`dit_accel.caching.schedule_file`).
     """
     from dit_accel import api
+    from dit_accel.caching.config import ProCacheConfig
+    from dit_accel.caching.hooks import install_cache
 
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
@@ -278,6 +343,8 @@ def calibrate(
         raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
     if forecast_order not in (0, 1, "auto") or isinstance(forecast_order, bool):
         raise ValueError(f"forecast_order must be 0, 1 or 'auto', got {forecast_order!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
     measure_order = 0 if forecast_order == 0 else 1
     if target == "output":
         selective_share = 0.0
@@ -285,84 +352,128 @@ def calibrate(
         warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
         head_blocks=head_blocks, tail_blocks=tail_blocks, interval=1, target=target,
     )
+
+    def call(i: int, prompt: str | dict[str, Any]) -> torch.Tensor:
+        kwargs = dict(call_kwargs or {})
+        kwargs.update(prompt if isinstance(prompt, dict) else {"prompt": prompt})
+        kwargs.setdefault("output_type", "latent")
+        result = pipe(num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i), **kwargs)
+        return _sample_of(result).detach().float()
+
     handle = api.get_handle(pipe)
     created_handle = handle is None
     if created_handle:
         handle = api.apply(pipe)
-    sink = _Measurements()
-    attachments = []
-    num_blocks = 0
     try:
-        for name, context in handle.contexts.items():
-            transformer = getattr(pipe, name) if hasattr(pipe, name) else pipe
-            blocks = find_blocks(transformer)
-            num_blocks = len(blocks)
-            recorder = _ReuseErrorRecorder(guard, len(blocks), max_consecutive_reuse + 1, measure_order, token_stride, sink)
-            attachments.append(install_controller(transformer, CacheController(name, context, recorder, blocks)))
-        for i, prompt in enumerate(prompts):
-            kwargs = dict(call_kwargs or {})
-            kwargs.update(prompt if isinstance(prompt, dict) else {"prompt": prompt})
-            kwargs.setdefault("output_type", "latent")
-            pipe(num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i), **kwargs)
-        dts = _sigma_steps(pipe, num_steps)
+        # 1. Measure on dense runs.
+        sink = _Measurements()
+        attachments = []
+        num_blocks = 0
+        try:
+            for name, context in handle.contexts.items():
+                transformer = getattr(pipe, name) if hasattr(pipe, name) else pipe
+                blocks = find_blocks(transformer)
+                num_blocks = len(blocks)
+                recorder = _ReuseErrorRecorder(guard, len(blocks), max_consecutive_reuse + 1, measure_order, token_stride, sink)
+                attachments.append(install_controller(transformer, CacheController(name, context, recorder, blocks)))
+            dense = [call(i, p) for i, p in enumerate(prompts)]
+            dts = _sigma_steps(pipe, num_steps)
+        finally:
+            for a in attachments:
+                a.remove()
+        if sorted(sink.scale) != list(range(num_steps)):
+            raise RuntimeError(f"calibration saw steps {sorted(sink.scale)}, expected 0..{num_steps - 1}")
+        scale = [_mean(sink.scale[t]) for t in range(num_steps)]
+        norm = max(_mean(scale), 1e-12)
+        err = {key: dts[key[-1]] * _mean(values) / norm for key, values in sink.err.items()}
+
+        def cost_fn(order: int) -> CostFn:
+            def cost(prev: int, last: int, u: int) -> float | None:
+                if order and prev >= 0:
+                    return err.get((prev, last, u))
+                return err.get((last, u))
+
+            return cost
+
+        # 2. Exact search of the computed steps under the budget and the guardrails.
+        forced = set(range(min(warmup_steps, num_steps))) | set(range(max(0, num_steps - final_steps), num_steps))
+        k_budget, _ = plan_budget(
+            num_steps, num_blocks, budget, always_blocks=head_blocks + tail_blocks,
+            selective_blocks=selective_blocks, selective_share=selective_share,
+        )
+        k = max(k_budget, len(forced | {0}))
+        orders = (0, 1) if forecast_order == "auto" else (int(forecast_order),)
+        while True:  # the guardrails may need more computed steps than the budget buys
+            try:
+                found = [
+                    search_schedule(cost_fn(o), num_steps, k, forced=forced, max_consecutive_reuse=max_consecutive_reuse) + (o,)
+                    for o in orders
+                ]
+                break
+            except ValueError:
+                if k >= num_steps:
+                    raise
+                k += 1
+        if k > k_budget:
+            logger.warning("calibrate: the guardrails need %d computed steps, more than the budget's %d", k, k_budget)
+        always = head_blocks + tail_blocks
+        room = budget * num_steps * num_blocks - k * num_blocks - (num_steps - k) * always
+        m = 0
+        if selective_share > 0 and selective_blocks:
+            m = max(0, min(num_steps - k, int(math.floor(room / selective_blocks + 1e-9))))
+        expected_by_order = {o: c for _, c, o in found}
+        schedule01, expected, chosen_order = min(found, key=lambda f: f[1])
+
+        # 3. Optional proxy evaluation of candidates by real cached runs (ProCache's CASS step).
+        measured: list[dict[str, Any]] = []
+
+        def evaluate(candidate01: list[int], order: int, source: str) -> float:
+            full, _ = _with_selective(candidate01, cost_fn(order), m)
+            config = ProCacheConfig(
+                schedule=full, order=order, selective_blocks=selective_blocks if m else 0, target=target,
+                warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
+                head_blocks=head_blocks, tail_blocks=tail_blocks,
+            )
+            atts = [install_cache(getattr(pipe, n) if hasattr(pipe, n) else pipe, ctx, config) for n, ctx in handle.contexts.items()]
+            try:
+                errors = []
+                for i, p in enumerate(prompts):
+                    sample = call(i, p)
+                    errors.append(float(((sample - dense[i]) ** 2).mean() / (dense[i] ** 2).mean().clamp_min(1e-12)))
+            finally:
+                for a in atts:
+                    a.remove()
+            value = _mean(errors)
+            measured.append({"schedule": full, "order": order, "source": source, "relative_mse": value})
+            return value
+
+        if refine > 0:
+            rng = random.Random(seed)
+            scores = {(tuple(s01), o): evaluate(s01, o, f"dp_order{o}") for s01, _, o in found}
+            (best01, best_order), best_score = min(scores.items(), key=lambda kv: kv[1])
+            best01 = list(best01)
+            budget_left = refine
+            while budget_left > 0:
+                improved = False
+                for cand in _mutations(best01, forced, max_consecutive_reuse, rng, min(budget_left, 4)):
+                    if (tuple(cand), best_order) in scores:
+                        continue
+                    budget_left -= 1
+                    score = evaluate(cand, best_order, "mutation")
+                    scores[(tuple(cand), best_order)] = score
+                    if score < best_score:
+                        best01, best_score, improved = cand, score, True
+                        break
+                    if budget_left <= 0:
+                        break
+                if not improved:
+                    break
+            schedule01, chosen_order = best01, best_order
     finally:
-        for a in attachments:
-            a.remove()
         if created_handle:
             handle.remove()
 
-    if sorted(sink.scale) != list(range(num_steps)):
-        raise RuntimeError(f"calibration saw steps {sorted(sink.scale)}, expected 0..{num_steps - 1}")
-    scale = [_mean(sink.scale[t]) for t in range(num_steps)]
-    norm = max(_mean(scale), 1e-12)
-    err = {key: dts[key[-1]] * _mean(values) / norm for key, values in sink.err.items()}
-
-    def cost_fn(order: int) -> CostFn:
-        def cost(prev: int, last: int, u: int) -> float | None:
-            if order and prev >= 0:
-                return err.get((prev, last, u))
-            return err.get((last, u))
-
-        return cost
-
-    forced = set(range(min(warmup_steps, num_steps))) | set(range(max(0, num_steps - final_steps), num_steps))
-    k_budget, _ = plan_budget(
-        num_steps, num_blocks, budget, always_blocks=head_blocks + tail_blocks,
-        selective_blocks=selective_blocks, selective_share=selective_share,
-    )
-    k = max(k_budget, len(forced | {0}))
-    orders = (0, 1) if forecast_order == "auto" else (int(forecast_order),)
-    while True:  # the guardrails may need more computed steps than the budget buys
-        try:
-            found = [
-                search_schedule(cost_fn(o), num_steps, k, forced=forced, max_consecutive_reuse=max_consecutive_reuse) + (o,)
-                for o in orders
-            ]
-            break
-        except ValueError:
-            if k >= num_steps:
-                raise
-            k += 1
-    if k > k_budget:
-        logger.warning("calibrate: the guardrails need %d computed steps, more than the budget's %d", k, k_budget)
-    expected_by_order = {o: c for _, c, o in found}
-    schedule, expected, chosen_order = min(found, key=lambda f: f[1])
-    cost = cost_fn(chosen_order)
-    always = head_blocks + tail_blocks
-    room = budget * num_steps * num_blocks - k * num_blocks - (num_steps - k) * always
-    m = 0
-    if selective_share > 0 and selective_blocks:
-        m = max(0, min(num_steps - k, int(math.floor(room / selective_blocks + 1e-9))))
-    reuse_cost: dict[int, float] = {}
-    prev, last = -1, 0
-    for t in range(num_steps):
-        if schedule[t]:
-            prev, last = last if t else -1, t
-        else:
-            reuse_cost[t] = cost(prev, last, t) or 0.0
-    for t in sorted(reuse_cost, key=lambda u: -reuse_cost[u])[:m]:
-        schedule[t] = 2
-    always = head_blocks + tail_blocks
+    schedule, reuse_cost = _with_selective(schedule01, cost_fn(chosen_order), m)
     evals = sum(num_blocks if v == 1 else always + (selective_blocks if v == 2 else 0) for v in schedule)
     data = {
         "format": SCHEDULE_FORMAT,
@@ -387,9 +498,11 @@ def calibrate(
             "step_change": [err.get((t - 1, t)) if t > 0 else None for t in range(num_steps)],
             "residual_scale": scale,
             "reuse_cost_pairs": {f"{key[0]}->{key[1]}": v for key, v in err.items() if len(key) == 2},
-            "metric": "dt_t * mean|R_t - forecast| / mean_t mean|R_t| (span residual; forecast = R_s (order 0) "
+            "metric": "dt_t * mean|R_t - forecast| / mean_t mean|R_t| (cached quantity; forecast = R_s (order 0) "
                       "or the linear extrapolation from the last two computed steps (order 1); averaged over "
                       "prompts, branches and transformers)",
+            "measured": measured,
+            "measured_metric": "mean over calibration prompts of |out - dense|^2 / |dense|^2 (final latents)",
         },
         "prompts": [p if isinstance(p, str) else "<kwargs>" for p in prompts],
         "seed": seed,
@@ -443,6 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forecast-order", default="auto", choices=("0", "1", "auto"),
                         help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
     parser.add_argument("--target", default="span", choices=("span", "output"), help="what reused steps take from the cache")
+    parser.add_argument("--refine", type=int, default=0, help="candidate schedules evaluated by real runs after the DP")
     parser.add_argument("--token-stride", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -483,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
         pipe, prompts, num_steps=args.steps, budget=args.budget, out=args.out, model_id=args.model,
         warmup_steps=args.warmup_steps, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
         head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, selective_blocks=args.selective_blocks,
-        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), target=args.target, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
+        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), target=args.target, refine=args.refine, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
     )
     print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
     return 0
