@@ -447,3 +447,31 @@ def test_bad_configs_raise_clear_errors(pipe):
 def _context_for(pipe):
     handle = api.get_handle(pipe) or api.apply(pipe)
     return handle.contexts["transformer"]
+
+
+# --- other families ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["wan", "flux", "hunyuan_video", "cogvideox", "ltx_video", "pixart", "sd3"])
+def test_every_family_caches_exactly_on_computed_steps(family):
+    """Block metadata from diffusers drives the hooks: joint-stream blocks (FLUX, HunyuanVideo, SD3,
+    CogVideoX) cache both streams; computed steps equal dense, reused ones differ but stay finite."""
+    from conftest import TINY_CASES
+
+    case = TINY_CASES[family]
+    model, inputs = case.build(), case.inputs()
+    t0 = inputs["timestep"].float()
+
+    def run(k):
+        kwargs = dict(inputs, timestep=(t0 * (1.0 - 0.15 * k)).to(inputs["timestep"].dtype))
+        with torch.no_grad():
+            return model(**kwargs, return_dict=False)[0]
+
+    dense = [run(k) for k in range(4)]
+    handle = api.apply(model)
+    att = install_cache(model, handle.contexts["transformer"], "fixed", schedule=[1, 1, 0, 1], warmup_steps=1, final_steps=0)
+    cached = [run(k) for k in range(4)]
+    att.remove()
+    api.remove(model)
+    assert [r["decision"] for r in att.stats()] == ["compute", "compute", "reuse", "compute"]
+    for k in (0, 1, 3):
+        assert torch.equal(cached[k], dense[k])
+    assert torch.isfinite(cached[2]).all() and not torch.equal(cached[2], dense[2])

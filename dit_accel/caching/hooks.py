@@ -6,7 +6,9 @@ each hook then either runs its block, or returns at once without entering the bl
 own forward, its attention and MLP are not called):
 
 * the first block of a skipped span returns ``input + cached (or forecast) residual``;
-* the other blocks of the span return their input unchanged.
+* the other blocks of the span return their input unchanged;
+* with ``target="output"`` no residual is added: every block after the head returns its input and
+  a :class:`CacheOutputHook` on ``proj_out`` returns the cached (or forecast) projection instead.
 
 Guidance branches: the transformer's :class:`~dit_accel.context.TransformerContext` (filled by the
 context hook before any block runs) labels every batch row ``cond``/``uncond``/``extra``. State is
@@ -16,8 +18,10 @@ call takes one decision for all its rows (computing if any branch needs it).
 Contract with attention methods (temporal-skip state): before the blocks of a call run, the
 controller writes, for every branch of the call, ``context.state(CACHE_STATE_LAYER, branch)``::
 
-    {"step": i, "decision": "compute"|"reuse"|"selective"|"probe", "computed_blocks": (lo, hi) ranges,
-     "last_computed_step": j, "cached_steps": [steps reused since j]}
+    {"step": i, "decision": "compute"|"reuse"|"selective"|"probe",
+     "computed_blocks": ((lo, hi), ...),   # block index ranges that run in this call
+     "last_computed_step": j,              # last step whose blocks all ran (None before the first)
+     "cached_steps": [...]}                # every earlier step of this generation that skipped the span
 
 (``"probe"`` is replaced by the final decision once the probe blocks ran, before the span.) A method
 sees its layer's attention called only on steps where that layer's block ran; it should compare the
