@@ -13,6 +13,7 @@ registry if we created it) and restores the pipeline's class.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -38,8 +39,10 @@ _HANDLE_ATTR = "_dit_accel_handle"
 
 
 def available_caches() -> list[str]:
-    """Names of the feature-cache schedulers ``apply(cache=...)`` accepts (none yet)."""
-    return []
+    """Names of the feature-cache schedulers ``apply(cache=...)`` accepts (``dit_accel.caching``)."""
+    from dit_accel.caching import available_schedulers
+
+    return available_schedulers()
 
 
 @dataclass
@@ -55,6 +58,8 @@ class _Attachment:
     created_registry: bool
     had_forward_attr: bool
     handle: "AccelHandle"
+    cache: Any | None = None
+    """The ``dit_accel.caching.CacheAttachment`` on this transformer, if a cache was applied."""
 
 
 class AccelHandle:
@@ -75,13 +80,14 @@ class AccelHandle:
         target: Any,
         method: AttentionMethod | None,
         preset: Any | None,
-        cache: str | None,
+        cache: Any | None,
         clock: StepClock,
     ) -> None:
         self.target = target
         self.method = method
         self.preset = preset
         self.cache = cache
+        """The feature-cache config (``dit_accel.caching.CacheConfig``) or ``None``."""
         self.clock = clock
         self._attachments: list[_Attachment] = []
         self._pipeline_class: type | None = None
@@ -141,9 +147,25 @@ class AccelHandle:
             a.context.stats_enabled = enabled
 
     def reset_stats(self) -> None:
-        """Drop all statistics records."""
+        """Drop all statistics records (attention and cache)."""
         for a in self._attachments:
             a.context.reset_stats()
+            if a.cache is not None:
+                a.cache.reset_stats()
+
+    def cache_stats(self) -> list[dict[str, Any]]:
+        """Feature-cache records of all transformers (keys: see ``dit_accel.caching.install_cache``)."""
+        out: list[dict[str, Any]] = []
+        for a in self._attachments:
+            if a.cache is not None:
+                out.extend(a.cache.stats())
+        return out
+
+    def cache_summary(self) -> dict[str, Any] | None:
+        """Per-transformer cache totals (compute fraction, reused calls, peak cached bytes); ``None`` without a cache."""
+        if self.cache is None:
+            return None
+        return {a.name: a.cache.summary() for a in self._attachments if a.cache is not None}
 
     def begin_call(self) -> None:
         """Start a new generation by hand (step 0, fresh method state); the pipeline wrapper does this itself."""
@@ -157,7 +179,8 @@ class AccelHandle:
             "preset": getattr(self.preset, "tag", None),
             "attention": None if self.method is None else self.method.name,
             "attention_config": None if self.method is None else self.method.config(),
-            "cache": self.cache,
+            "cache": None if self.cache is None else self.cache.scheduler,
+            "cache_config": None if self.cache is None else dataclasses.asdict(self.cache),
             "families": self.families,
             "dense_backend": dense_backend_name(),
         }
@@ -255,6 +278,9 @@ def _attach(name: str, transformer: torch.nn.Module, family: Family, handle: Acc
 
 def _detach(attachment: _Attachment) -> None:
     transformer = attachment.transformer
+    if attachment.cache is not None:
+        attachment.cache.remove()
+        attachment.cache = None
     transformer.set_attn_processor(dict(attachment.saved_processors))
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
@@ -287,11 +313,13 @@ def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[
     return processors
 
 
-def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, str | None]:
+def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, Any | None]:
+    """Preset, attention method and cache config after applying the overrides (raises on bad values)."""
     resolved_preset = None
     attention_name = attention
     attention_config: dict[str, Any] = {}
     cache_name = cache
+    cache_config: dict[str, Any] = {}
     if preset is not None:
         from dit_accel.presets import get_preset
 
@@ -305,31 +333,31 @@ def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMet
             attention_config = dict(resolved_preset.attention_config)
         if cache is None:
             cache_name = resolved_preset.cache
+            cache_config = dict(resolved_preset.cache_config)
+        elif isinstance(cache, str) and cache == resolved_preset.cache:
+            cache_config = dict(resolved_preset.cache_config)
     method = None if attention_name is None else get_method(attention_name, **attention_config)
+    cache_cfg = None
     if cache_name is not None:
-        if not isinstance(cache_name, str):
-            raise TypeError(
-                f"cache must be a str or None, got {type(cache_name).__name__}: {cache_name!r}; "
-                f"available caches: {available_caches()}"
-            )
-        raise ValueError(
-            f"unknown cache scheduler {cache_name!r}; available caches: {available_caches()} "
-            "(feature caching is not implemented yet)"
-        )
-    return resolved_preset, method, cache_name
+        from dit_accel.caching import make_cache_config
+
+        cache_cfg = make_cache_config(cache_name, **cache_config)
+    return resolved_preset, method, cache_cfg
 
 
 # --- public functions -------------------------------------------------------------------------------
-def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | AttentionMethod | None = None, cache: str | None = None) -> AccelHandle:
+def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | AttentionMethod | None = None, cache: Any | None = None) -> AccelHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
 
     ``preset`` names a preset (``dit_accel.presets``); ``attention`` (a method name or an
-    :class:`AttentionMethod`) and ``cache`` override the preset's. With no preset and no attention the
+    :class:`AttentionMethod`) and ``cache`` (a scheduler name from :func:`available_caches` or a
+    ``dit_accel.caching.CacheConfig``) override the preset's; a name equal to the preset's keeps the
+    preset's options. With no preset and no attention the
     stock processors stay and only the context (steps, branches, layout) is recorded. Applying again
     first removes the previous application. Raises ``TypeError``/``ValueError`` naming the bad value
     and the allowed ones; nothing is changed when it raises.
     """
-    resolved_preset, method, cache_name = _resolve(preset, attention, cache)
+    resolved_preset, method, cache_config = _resolve(preset, attention, cache)
     target = pipe_or_transformer
     if _is_pipeline(target):
         transformers = _pipeline_transformers(target)
@@ -351,12 +379,17 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
         pipeline_bound=is_pipe,
         num_steps_fn=(lambda: _pipeline_num_steps(target)) if is_pipe else None,
     )
-    handle = AccelHandle(target, method, resolved_preset, cache_name, clock)
+    handle = AccelHandle(target, method, resolved_preset, cache_config, clock)
     try:
         for name, tr, family in families:
             attachment = _attach(name, tr, family, handle)
             if method is not None:
                 tr.set_attn_processor(_build_processors(attachment, method))
+            if cache_config is not None:
+                from dit_accel.caching import install_cache
+
+                # after the context hook, so steps and branches are known before block 0 runs
+                attachment.cache = install_cache(tr, attachment.context, cache_config)
         if is_pipe:
             handle._pipeline_class = type(target)
             target.__dict__[_HANDLE_ATTR] = handle

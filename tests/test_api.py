@@ -48,8 +48,11 @@ def test_presets_and_cache_arguments(wan):
     model, inputs = wan
     with pytest.raises(ValueError, match=r"unknown preset 'warp'; valid presets: \['dense'"):
         dit_accel.apply(model, preset="warp")
-    with pytest.raises(ValueError, match=r"unknown cache scheduler 'teacache'; available caches: \[\]"):
+    with pytest.raises(ValueError, match=r"unknown cache scheduler 'teacache'; available schedulers: \['fixed'"):
         dit_accel.apply(model, cache="teacache")
+    with pytest.raises(TypeError, match=r"cache must be a scheduler name or a CacheConfig, got int"):
+        dit_accel.apply(model, cache=3)
+    assert dit_accel.get_handle(model) is None and not hasattr(model, "_diffusers_hook")
     with pytest.raises(TypeError, match="preset must be a str"):
         dit_accel.apply(model, preset=1)
     handle = dit_accel.apply(model, preset="dense")
@@ -181,3 +184,16 @@ def test_non_stock_processor_is_refused_not_replaced(wan):
         dit_accel.apply(model, attention="dense")
     assert model.blocks[1].attn1.processor is custom
     assert dit_accel.get_handle(model) is None and not hasattr(model, "_diffusers_hook")
+
+
+def test_cache_argument_installs_and_removes_the_scheduler(wan):
+    model, inputs = wan
+    reference = run_model(model, inputs)
+    handle = dit_accel.apply(model, attention="dense", cache="fixed")
+    assert handle.summary()["cache"] == "fixed" and handle.summary()["cache_config"]["interval"] == 2
+    assert any(hasattr(b, "_diffusers_hook") for b in model.blocks)
+    assert (run_model(model, inputs) - reference).abs().max().item() <= 1e-5  # warm-up step: computed in full
+    assert handle.cache_stats() and set(handle.cache_summary()) == {"transformer"}
+    dit_accel.remove(model)
+    assert not any(hasattr(b, "_diffusers_hook") for b in model.blocks) and not hasattr(model, "_diffusers_hook")
+    assert torch.equal(run_model(model, inputs), reference)
