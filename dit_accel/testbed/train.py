@@ -64,10 +64,10 @@ def fast_attention(device: torch.device) -> Iterator[None]:
 
 
 def lr_at(step: int, elapsed_s: float, *, base_lr: float, warmup_steps: int, total_s: float,
-          decay_from: float = 0.6, final_ratio: float = 0.1) -> float:
-    """Linear warm-up over `warmup_steps`, constant, then cosine from `decay_from * total_s` to
-    `final_ratio * base_lr` at `total_s` (time-based, so the schedule survives resumes)."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+          decay_from: float = 0.6, final_ratio: float = 0.1, warmup_start: int = 0) -> float:
+    """Linear warm-up over `warmup_steps` from step `warmup_start`, constant, then cosine from
+    `decay_from * total_s` to `final_ratio * base_lr` at `total_s` (time-based, so it survives resumes)."""
+    warm = min(1.0, (step - warmup_start + 1) / max(1, warmup_steps))
     start = decay_from * total_s
     if elapsed_s <= start or total_s <= start:
         return base_lr * warm
@@ -347,13 +347,13 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
     rng = random.Random(seed)
     data_gen = torch.Generator().manual_seed(seed)
     state = state or DiTState()
-    warmup = cfg.warmup_steps
+    warmup, warmup_start = cfg.warmup_steps, 0
     if resume_full and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, pipe, ema, opt, rng, data_gen)
         print(f"resumed full state from {checkpoint} at step {state.step}", flush=True)
     elif state.step > 0:
         # Weights-only resume (no optimizer state travelled): a short re-warm-up protects Adam's moments.
-        warmup = state.step + 100
+        warmup, warmup_start = 100, state.step
         rng.seed(seed + state.step)
         data_gen.manual_seed(seed + state.step)
         print(f"weights-only resume at step {state.step}: fresh AdamW, re-warm-up 100 steps", flush=True)
@@ -374,7 +374,8 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
         latents = encode_videos(pipe.vae, batch.video, device)
         sigmas = sample_sigmas(batch_size, cfg.shift, device, noise_gen)
         noise = torch.randn(latents.shape, generator=noise_gen, device=device)
-        lr = lr_at(state.step, elapsed, base_lr=cfg.lr, warmup_steps=warmup, total_s=cfg.total_seconds)
+        lr = lr_at(state.step, elapsed, base_lr=cfg.lr, warmup_steps=warmup, total_s=cfg.total_seconds,
+                   warmup_start=warmup_start)
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device), fast_attention(device):
