@@ -20,6 +20,10 @@ the evaluation prompts.
 
     python benchmarks/caching_compare.py                      # GPU, testbed weights, 16 prompts
     python benchmarks/caching_compare.py --tiny --out /tmp/x.json   # CPU smoke run, random tiny testbed
+    # the full comparison takes longer than one 10-minute GPU call: split it by methods, e.g.
+    python benchmarks/caching_compare.py --methods fixed taylor taylor_out probe
+    python benchmarks/caching_compare.py --append --methods procache procache_dp procache_out
+    python benchmarks/caching_compare.py --append --methods diffusers_fbc diffusers_taylorseer diffusers_magcache cachedit_dbcache
 
 Writes a JSON (device, versions, date, per-method results) and an SVG plot of PSNR vs compute.
 """
@@ -398,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/caching_compare[_tiny].json)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --out: rows of the same (method, fraction) are replaced, others kept "
+                        "(to split the full comparison over several GPU calls)")
     return p.parse_args(argv)
 
 
@@ -497,6 +504,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{fraction:.2f}] {name:22s} fraction {row['measured_fraction']:.3f}  PSNR {row['psnr_mean']:6.2f}  "
                   f"SSIM {row['ssim_mean']:.4f}  speedup {row['speedup_vs_dense']:.2f}x", flush=True)
     counter.remove()
+    if args.append and out_path.exists():
+        previous = json.loads(out_path.read_text())
+        if previous.get("settings", {}).get("steps") != steps or previous.get("settings", {}).get("tiny") != tiny:
+            raise ValueError(f"{out_path} was written with other settings; cannot --append")
+        done = {(r["method"], r["target_fraction"]) for r in results}
+        results = [r for r in previous["results"] if (r["method"], r["target_fraction"]) not in done] + results
 
     import diffusers
 
