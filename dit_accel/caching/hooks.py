@@ -132,12 +132,6 @@ def _pack(ref: BlockRef, hidden: torch.Tensor, encoder: torch.Tensor | None) -> 
     return tuple(out)
 
 
-def _rows_of(t: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
-    if t is None:
-        return None
-    return t[rows]
-
-
 def _row_groups(branches: tuple[str, ...]) -> list[tuple[str, Rows]]:
     """Rows of each branch, in order of first appearance: a slice when contiguous, else an index tensor."""
     order: list[str] = []
