@@ -1,0 +1,174 @@
+"""TestbedPipeline: save/load round trip, determinism, input validation, training pieces, shipped weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dit_accel.testbed import WEIGHTS_DIR, captions, load_testbed_pipeline
+from dit_accel.testbed import autoencoder as ae_module
+from dit_accel.testbed import pipeline as pipeline_module
+from dit_accel.testbed import text_encoder as te_module
+from dit_accel.testbed.model import transformer_config
+
+# Imported as modules: pytest would try to collect classes named Test* imported by name.
+Pipe = pipeline_module.TestbedPipeline
+
+CAPTION = "a small red circle moving left and a blue star bouncing on a striped background"
+
+
+def tiny_pipeline() -> "Pipe":
+    torch.manual_seed(0)
+    pipe = pipeline_module.build_pipeline(
+        captions.VOCAB,
+        transformer_config=transformer_config(num_layers=2, num_heads=2, head_dim=24, text_dim=32, in_channels=4),
+        autoencoder_config={"z_dim": 4, "block_channels": (8, 16, 16), "norm_groups": 4},
+        text_encoder_config={"width": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 1},
+    )
+    # The training init zeroes the output and timestep projections (an untrained model predicts 0);
+    # give them weights so the tests see the text and timestep reach the output.
+    with torch.no_grad():
+        for lin in (pipe.transformer.proj_out, pipe.transformer.condition_embedder.time_proj):
+            lin.weight.normal_(std=0.05)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe() -> "Pipe":
+    p = tiny_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def run(pipe: "Pipe", seed: int, **kwargs):
+    args = {"num_frames": 3, "height": 32, "width": 32, "num_inference_steps": 3,
+            "generator": torch.Generator().manual_seed(seed)}
+    args.update(kwargs)
+    return pipe(CAPTION, **args).frames
+
+
+def test_output_types_and_ranges(pipe: "Pipe") -> None:
+    frames = run(pipe, 0)
+    assert isinstance(frames, np.ndarray) and frames.shape == (1, 3, 32, 32, 3)
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
+    pt = run(pipe, 0, output_type="pt")
+    assert tuple(pt.shape) == (1, 3, 3, 32, 32)
+    np.testing.assert_allclose(pt.permute(0, 1, 3, 4, 2).numpy(), frames, atol=1e-6)
+    lat = run(pipe, 0, output_type="latent")
+    assert tuple(lat.shape) == (1, 4, 3, 8, 8)
+
+
+def test_deterministic_for_a_seed(pipe: "Pipe") -> None:
+    a, b, c = run(pipe, 7), run(pipe, 7), run(pipe, 8)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+
+
+def test_guidance_uses_uncond_branch(pipe: "Pipe") -> None:
+    with_cfg = run(pipe, 3, guidance_scale=5.0, output_type="latent")
+    no_cfg = run(pipe, 3, guidance_scale=1.0, output_type="latent")
+    assert (with_cfg - no_cfg).abs().max() > 1e-6
+
+
+def test_save_and_load_round_trip(pipe: "Pipe", tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path, max_shard_size="15MB")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == ["dit_accel.testbed.autoencoder", "TestbedAutoencoder"]
+    assert index["text_encoder"] == ["dit_accel.testbed.text_encoder", "TestbedTextEncoder"]
+    loaded = load_testbed_pipeline("cpu", folder=tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(pipe, 5), run(loaded, 5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 36}, "height must be a positive multiple of 8"),
+        ({"width": 0}, "width must be a positive multiple of 8"),
+        ({"num_frames": 0}, "num_frames must be an int"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive int"),
+        ({"output_type": "pil"}, "output_type must be one of"),
+    ],
+)
+def test_bad_arguments_are_rejected(pipe: "Pipe", kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run(pipe, 0, **kwargs)
+
+
+def test_unknown_word_is_rejected(pipe: "Pipe") -> None:
+    with pytest.raises(ValueError, match="unknown word 'purple'.*vocabulary"):
+        pipe("a purple circle moving left on a plain background", num_frames=2, height=32, width=32,
+             num_inference_steps=1)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        pipe(["a red circle moving left on a plain background", 3], num_frames=2, height=32, width=32)
+
+
+def test_text_encoder_padding_and_unknown_checkpoint_words() -> None:
+    te = te_module.TestbedTextEncoder(vocab=("<pad>", "a", "red"), max_length=6, width=16, num_heads=2, ffn_dim=32, num_layers=1)
+    ids = torch.tensor([[1, 2, 0, 0]])
+    out = te(ids, ids > 0)
+    assert out.shape == (1, 7, 16)
+    assert out[0, :3].abs().sum() > 0 and out[0, 3:].abs().sum() == 0  # begin + 2 words, then zeros
+    empty = te(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.isfinite(empty).all() and empty[0, 1:].abs().sum() == 0
+    source = ("<pad>", "red", "blue", "a")
+    np.testing.assert_array_equal(te.remap_ids(torch.tensor([[3, 1]]), source).numpy(), [[1, 2]])
+    with pytest.raises(ValueError, match=r"words \['blue'\] are not in this text encoder's vocabulary"):
+        te.remap_ids(torch.tensor([[2]]), source)
+
+
+def test_autoencoder_shapes_and_normalisation() -> None:
+    ae = ae_module.TestbedAutoencoder(z_dim=4, block_channels=(8, 16, 16), norm_groups=4, latents_mean=[1.0, 2.0, 3.0, 4.0],
+                            latents_std=[2.0, 2.0, 0.5, 1.0])
+    video = torch.rand(2, 3, 3, 16, 24) * 2 - 1
+    z = ae.encode(video)
+    assert z.shape == (2, 4, 3, 4, 6)
+    assert ae.decode(z).sample.shape == video.shape
+    torch.testing.assert_close(ae.denormalize(ae.normalize(z)), z)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ae.encode(torch.zeros(1, 3, 1, 10, 16))
+
+
+def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
+    from dit_accel.testbed.train import DiTTrainConfig, export_pipeline, flow_matching_loss, train_dit
+
+    p = tiny_pipeline()
+    cfg = DiTTrainConfig(seconds=60, total_seconds=60, max_steps=2, buckets=((32, 2, 2),),
+                         curriculum=((1.01, (1.0,)),), validation_size=(32, 2), log_every=1)
+    before = [t.detach().clone() for t in p.transformer.parameters()]
+    state, ema = train_dit(p, cfg, torch.device("cpu"), checkpoint=tmp_path / "ckpt.pt",
+                           log_path=tmp_path / "log.jsonl")
+    assert state.step == 2 and (tmp_path / "ckpt.pt").is_file()
+    assert any((a - b).abs().max() > 0 for a, b in zip(before, p.transformer.parameters()))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "dit"] == [1, 2]
+    state2, _ = train_dit(p, cfg, torch.device("cpu"), checkpoint=tmp_path / "ckpt.pt", resume_full=True)
+    assert state2.step == 4  # resumed at step 2
+    export_pipeline(p, ema, tmp_path / "export", info={"dit": {"step": state2.step}})
+    loaded = load_testbed_pipeline("cpu", folder=tmp_path / "export")
+    assert loaded.transformer.dtype == torch.float32
+    # The export holds the EMA weights (stored fp16), not the live ones.
+    ema_first = ema.shadow[0]
+    torch.testing.assert_close(next(loaded.transformer.parameters()), ema_first.half().float())
+    # Loss is finite and differentiable at a tiny size.
+    lat = torch.randn(1, 4, 2, 8, 8)
+    loss = flow_matching_loss(loaded, lat, [CAPTION], torch.tensor([0.5]), torch.randn_like(lat))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").is_file(), reason="shipped weights not committed yet")
+def test_shipped_weights_load_offline_and_generate_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shipped = load_testbed_pipeline()
+    shipped.set_progress_bar_config(disable=True)
+    total = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert total <= 40e6
+    kwargs = {"num_frames": 2, "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}
+    a = shipped(CAPTION, generator=torch.Generator().manual_seed(1), **kwargs).frames
+    b = shipped(CAPTION, generator=torch.Generator().manual_seed(1), **kwargs).frames
+    assert a.shape == (1, 2, 64, 64, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
