@@ -201,7 +201,9 @@ def test_benchmark_tiny_path(tmp_path):
                          "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
-    rows = {r["method"]: r for r in saved["results"]}
+    full = [r for r in saved["results"] if r["target_fraction"] == 1.0]
+    assert [r["method"] for r in full] == ["fixed"] and full[0]["psnr_mean"] == 100.0  # hooks computing all = dense
+    rows = {r["method"]: r for r in saved["results"] if r["target_fraction"] == 0.5}
     assert set(rows) == {"fixed", "taylor", "procache_dp", "diffusers_fbc"}
     for name in ("fixed", "taylor", "procache_dp"):
         assert rows[name]["measured_fraction"] == pytest.approx(0.5)  # 3 of 6 steps, counted from block runs
