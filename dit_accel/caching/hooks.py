@@ -349,8 +349,14 @@ class CacheController:
             part = probe if len(plan.groups) == 1 else probe[rows]
             changes.append(self.scheduler.observe_probe(self._state(branch), part))
         known = [c for c in changes if c is not None]
-        # One host sync for all branches of the call.
-        values = torch.stack([c.reshape(()) for c in known]).tolist() if known else []
+        values: list[float] = []
+        if known:
+            parts = torch.stack(known)  # (branches, 2): numerator and denominator of the relative L1
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                # Context parallelism: each rank holds a token shard; sum so that every rank takes the same decision.
+                torch.distributed.all_reduce(parts)
+            # One host sync for all branches of the call.
+            values = [n / max(d, 1e-12) for n, d in parts.tolist()]
         it = iter(values)
         change_by_branch = {b: (next(it) if c is not None else None) for (b, _), c in zip(plan.groups, changes)}
         plan.changes = change_by_branch

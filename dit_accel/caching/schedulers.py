@@ -192,7 +192,8 @@ class CacheScheduler:
         raise NotImplementedError(f"{self.name} has no probe")
 
     def observe_probe(self, state: BranchState, probe: torch.Tensor) -> torch.Tensor | None:
-        """Record this step's probe; return the relative L1 change vs the previous one (0-d tensor)."""
+        """Record this step's probe; return ``[mean|p - p_prev|, mean|p_prev|]`` (the relative L1 change
+        is their ratio; kept apart so that ranks of a context-parallel run can sum them first)."""
         return None
 
     # --- residuals -----------------------------------------------------------------------------
@@ -382,8 +383,8 @@ class ProbeScheduler(CacheScheduler):
         if prev is None or prev.shape != probe.shape:
             return None
         num = (probe.float() - prev.float()).abs().mean()
-        den = prev.float().abs().mean().clamp_min(1e-12)
-        return num / den
+        den = prev.float().abs().mean()
+        return torch.stack([num, den])
 
     def decide_after_probe(self, state: BranchState, change: float) -> Decision:
         """Reuse while the accumulated change stays under the threshold."""
