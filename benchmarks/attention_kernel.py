@@ -257,7 +257,7 @@ def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], de
                     if alt_path:
                         # The other load path (TMA vs pointer), same config otherwise: the default is a choice.
                         view = check_inputs(q, k, v, mask, None)
-                        tma_default = bst.kernel_config(128 if D != 64 else 64, 2, 128, 128)[3]
+                        tma_default = bst.kernel_config(128 if D != 64 else 64, 2, 128, 128, S)[3]
                         rec("ours-tma" if not tma_default else "ours-ptr", time_ms(
                             lambda: bst.block_sparse_attention_triton(q, k, v, view, use_tma=not tma_default),
                             target_ms), d, dens)
@@ -277,37 +277,45 @@ def run_full(log: list, heads: list[int], tokens: list[int], dims: list[int], de
 
 
 def plot(results: list, path: Path) -> None:
+    """Time relative to cuDNN dense, per (D, H) panel: ours (solid) and FlexAttention (dashed) at each
+    density, dense peers dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results if "backend" in r]
-    combos = sorted({(r["D"], r["H"]) for r in rows})
-    fig, axes = plt.subplots(1, len(combos), figsize=(5.5 * len(combos), 4.5), squeeze=False)
+    combos = sorted({(r["D"], r["H"]) for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(combos), figsize=(5.0 * len(combos), 4.6), squeeze=False)
+    colors = {1.0: "tab:blue", 0.5: "tab:orange", 0.25: "tab:green", 0.1: "tab:red"}
     for ax, (D, H) in zip(axes[0], combos):
         sub = [r for r in rows if r["D"] == D and r["H"] == H]
-        tokens = sorted({r["S"] for r in sub})
-        series = {}
+        cudnn = {r["S"]: r["ms"] for r in sub if r["backend"] == "cudnn"}
+        series: dict = {}
         for r in sub:
-            name = r["backend"] if r["backend"] not in ("ours", "ours+stats", "flex") \
-                else f"{r['backend']} d={r['nominal_density']:g}"
-            if r["backend"] in ("ours+stats", "ours-tma", "ours-ptr"):
-                continue
-            series.setdefault(name, {})[r["S"]] = r["ms"]
-        for name, pts in sorted(series.items()):
-            xs = [s for s in tokens if s in pts]
-            style = "-" if name.startswith("ours") else ("--" if name.startswith("flex") else ":")
-            ax.plot(xs, [pts[s] for s in xs], style, marker="o", label=name)
+            if r["S"] in cudnn:
+                series.setdefault((r["backend"], r.get("nominal_density", 1.0)), {})[r["S"]] = r["ms"] / cudnn[r["S"]]
+        for (name, dens), pts in sorted(series.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            xs = sorted(pts)
+            ys = [pts[x] for x in xs]
+            if name in ("ours", "flex"):
+                ax.plot(xs, ys, "-" if name == "ours" else "--", marker="o" if name == "ours" else "x",
+                        color=colors.get(dens, "k"), label=f"{name} d={dens:g}")
+            elif name in ("fa2", "sage", "xformers"):
+                ax.plot(xs, ys, ":", marker=".", color={"fa2": "gray", "sage": "purple"}.get(name, "k"), label=name)
+        ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted(cudnn))
+        ax.set_xticklabels([f"{s:,}" for s in sorted(cudnn)], fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel("tokens")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"B=1 H={H} D={D} bf16")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="upper left")
+        ax.set_ylabel("time / cuDNN dense time")
+        ax.set_title(f"B=1 H={H} D={D} bf16 ({path.stem})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -325,7 +333,12 @@ def main() -> None:
     p.add_argument("--alt-path", action="store_true", help="also time the non-default load path (TMA/pointer)")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="attention_kernel")
+    p.add_argument("--plot-only", default="", help="redraw the plot of an existing results JSON and exit")
     a = p.parse_args()
+    if a.plot_only:
+        src = Path(a.plot_only)
+        plot(json.loads(src.read_text())["full"], src.with_suffix(".png"))
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
