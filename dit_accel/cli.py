@@ -23,9 +23,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("dit_accel")
 
-TESTBED_MODEL = "testbed"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
+from dit_accel.loading import DEVICES, DTYPES, TESTBED_MODEL
 
 
 class CLIError(Exception):
@@ -111,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     sub.add_parser("presets", help="list the shipped speed presets")
+
+    from dit_accel.caching import calibrate as calibrate_cmd
+
+    cal = sub.add_parser("calibrate", help="search a feature-cache schedule for a model, step count and budget")
+    calibrate_cmd.add_arguments(cal)
     return parser
 
 
@@ -143,40 +146,6 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         log=ns.log if ns.log is not None else output.with_suffix(".jsonl"),
         overwrite=ns.overwrite,
     )
-
-
-def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
-    """Turn the ``auto`` choices into a torch device and dtype (bf16 on CUDA, fp32 on CPU)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return torch.device(device), getattr(torch, dtype)
-
-
-def load_pipeline(model: str, device: Any, dtype: Any) -> Any:
-    """Load ``model``: the shipped testbed, a local diffusers folder, or a hub id (real ``from_pretrained``)."""
-    if model == TESTBED_MODEL:
-        from dit_accel.testbed import load_testbed_pipeline
-
-        return load_testbed_pipeline(device=device, dtype=dtype)
-    from diffusers import DiffusionPipeline
-
-    path = Path(model)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise CLIError(f"--model {model!r} is a folder without model_index.json: not a diffusers pipeline folder")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except OSError as err:
-        raise CLIError(
-            f"could not load --model {model!r}: {err}. Use 'testbed', a local diffusers folder, or a hub id "
-            "whose weights are in the local cache (this tool never needs network access for 'testbed')."
-        ) from err
-    return pipe.to(device)
 
 
 def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any) -> dict[str, Any]:
@@ -282,9 +251,14 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
 
     import dit_accel
 
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, device, dtype)
+    from dit_accel.loading import load_pipeline, resolve_device_dtype
+
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        t0 = time.perf_counter()
+        pipe = load_pipeline(args.model, device, dtype)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
     load_s = time.perf_counter() - t0
 
     try:
@@ -354,6 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p = get_preset(name)
                 print(f"{p.tag:<16} attention={p.attention} cache={p.cache}  {p.description}")
             return 0
+        if ns.command == "calibrate":
+            from dit_accel.caching import calibrate as calibrate_cmd
+
+            try:
+                return calibrate_cmd.run(ns)
+            except ValueError as err:
+                raise CLIError(str(err)) from err
         if ns.command == "generate":
             args = _to_generate_args(ns)
             record = run_generate(args)

@@ -168,9 +168,9 @@ def test_schedule_files_are_validated_and_resampled(tmp_path):
 # --- command line and benchmark --------------------------------------------------------------------------
 def test_calibrate_command_line(tmp_path, monkeypatch, capsys):
     bench = _load_benchmark()
-    import dit_accel.caching.calibrate as calibrate_module
+    import dit_accel.loading
 
-    monkeypatch.setattr(calibrate_module, "_load_pipeline", lambda model, device, dtype: bench.tiny_testbed_pipeline())
+    monkeypatch.setattr(dit_accel.loading, "load_pipeline", lambda model, device, dtype: bench.tiny_testbed_pipeline())
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "s.json"
@@ -182,6 +182,11 @@ def test_calibrate_command_line(tmp_path, monkeypatch, capsys):
     assert data["model"] == "testbed" and data["num_steps"] == 6 and data["prompts"] == captions_for_testbed(1)
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         run(args)
+    # The same through the dit-accel command line: a clean one-line error, exit code 2.
+    from dit_accel import cli
+
+    assert cli.main(["calibrate", "--steps", "6", "--budget", "0.6", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
 def test_captions_for_testbed_follow_the_grammar():

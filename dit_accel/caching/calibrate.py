@@ -561,22 +561,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-def _load_pipeline(model: str, device: str, dtype: str) -> Any:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    if model == "testbed":
-        from dit_accel.testbed import load_testbed_pipeline
-
-        return load_testbed_pipeline(device=device, dtype=torch_dtype)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``dit-accel calibrate``; returns the exit code."""
     if args.out.exists() and not args.overwrite:
@@ -588,7 +572,9 @@ def run(args: argparse.Namespace) -> int:
         if args.model != "testbed":
             raise ValueError("give calibration prompts with --prompt or --prompts-file")
         prompts = captions_for_testbed(args.num_prompts)
-    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    from dit_accel.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     call_kwargs: dict[str, Any] = {}
     for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames), ("guidance_scale", args.guidance)):
         if value is not None:
