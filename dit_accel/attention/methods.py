@@ -158,3 +158,7 @@ class FullMethod(AttentionMethod):
 
         # B = H = 1 broadcasts over the batch and the heads.
         return dense_block_mask(1, 1, q.shape[-2], k.shape[-2], device=q.device)
+
+
+# The sparse methods register themselves on import; imported last because they import this module.
+from dit_accel.attention import combo, draft, oracle, permuted, temporal_skip, window  # noqa: E402,F401

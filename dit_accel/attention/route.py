@@ -156,6 +156,7 @@ def attend(
     layout = ctx.layout(seq_len, text_tokens, text_position)
     plan: SparsePlan | None = None
     plan_ms = 0.0
+    call: AttentionCall | None = None
     if reason is None:
         call = ctx.attention_call(binding.layer, binding.module_name, layout)
         start = timed()
@@ -176,22 +177,24 @@ def attend(
         backend = dense_backend_name(q.device)
 
     branches = ctx.branches
-    ctx.record(
-        {
-            "transformer": ctx.name,
-            "call": ctx.clock.call_index,
-            "step": ctx.clock.step,
-            "num_steps": ctx.clock.num_steps,
-            "layer": binding.layer,
-            "module": binding.module_name,
-            "branch": branches[0] if len(set(branches)) == 1 else ",".join(branches),
-            "method": binding.method.name,
-            "density": density,
-            "plan_ms": plan_ms,
-            "backend": backend,
-            "dense_reason": reason,
-            "seq_len": seq_len,
-            "text_tokens": layout.text_tokens,
-        }
-    )
+    record = {
+        "transformer": ctx.name,
+        "call": ctx.clock.call_index,
+        "step": ctx.clock.step,
+        "num_steps": ctx.clock.num_steps,
+        "layer": binding.layer,
+        "module": binding.module_name,
+        "branch": branches[0] if len(set(branches)) == 1 else ",".join(branches),
+        "method": binding.method.name,
+        "density": density,
+        "plan_ms": plan_ms,
+        "backend": backend,
+        "dense_reason": reason,
+        "seq_len": seq_len,
+        "text_tokens": layout.text_tokens,
+    }
+    if call is not None:
+        # Keys a method added for this call (sparse_base.add_call_stats): refresh, skipped tiles, ...
+        record.update(getattr(call, "extra_stats", {}))
+    ctx.record(record)
     return out

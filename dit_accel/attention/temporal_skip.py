@@ -1,0 +1,189 @@
+"""``temporal_skip``: temporally-coherent tile skipping. Tiles the kernel found negligible at one
+denoising step stay skipped at the next ones, until a refresh.
+
+Per (transformer, layer, guidance branch), in the context's state store:
+
+* a **refresh** call runs the draft plan (and, in ``combo``, recomputes the token order); its selection
+  becomes the *base* mask and the skip list is emptied;
+* after every computed call the kernel's tile statistics come back through :meth:`observe`: a computed
+  tile whose statistic (log upper bound of its largest attention probability; its share of any row's
+  mass is at most ``128 * exp(stat)``) is below ``skip_threshold`` joins the skip list;
+* the calls in between run ``base & ~skip`` (plus the protected tiles: diagonal, text, blocks pooling
+  cannot represent), with no planning beyond that;
+* a refresh happens every ``refresh_period`` *computed* calls of the layer, and at once for the query
+  blocks whose draft estimate drifted (``drift_check``: the estimated mass outside the current mask
+  exceeds ``1 - top_p + drift_tolerance``; those rows take the fresh selection and forget their skips,
+  decided on the device without a host synchronisation).
+
+Coherence with feature caching: a step on which the cache skips this layer's block never calls the
+attention, so it neither advances the refresh counter nor touches the skip list; the counter counts
+computed calls only (``ts_calls``) and ``ts_last_step`` records the last step the layer ran. State is
+cleared at every new pipeline call (new generation) and is kept apart per guidance branch. When one
+call batches several branches (CogVideoX, PixArt, SD3, LTX) they refresh together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dit_accel.attention.draft import DraftConfig, PlannedMethod
+from dit_accel.attention.methods import SparsePlan, register_method
+from dit_accel.attention.sparse_base import (
+    BLOCK,
+    add_call_stats,
+    blocks_touching,
+    branch_rows,
+    check_range,
+    stats_enabled,
+    text_token_mask,
+)
+from dit_accel.kernels import block_mask_from_bool
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from dit_accel.context import AttentionCall
+
+
+@dataclass(frozen=True)
+class TemporalSkipConfig(DraftConfig):
+    """Options of ``temporal_skip`` (the draft options set the plan made on refresh calls)."""
+
+    skip_threshold: float | None = None
+    """Natural-log tile statistic below which a computed tile is skipped at the following calls, in
+    [-inf, 0]; ``-inf`` never skips (``None``: from ``quality``)."""
+    refresh_period: int | None = None
+    """Computed calls of a layer between two full re-plans, >= 1 (``None``: from ``quality``)."""
+    drift_check: bool = True
+    """On calls between refreshes, re-estimate the draft map and re-plan the query blocks that drifted."""
+    drift_tolerance: float | None = None
+    """Extra estimated mass outside the mask, beyond ``1 - top_p``, that triggers a row re-plan, in
+    [0, 1] (``None``: from ``quality``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("skip_threshold", self.skip_threshold, -math.inf, 0.0)
+        check_range("refresh_period", self.refresh_period, 1, 10**6, integer=True)
+        if not isinstance(self.drift_check, bool):
+            raise ValueError(f"drift_check must be a bool, got {self.drift_check!r}")
+        check_range("drift_tolerance", self.drift_tolerance, 0.0, 1.0)
+
+
+def _rows_of(states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor], key: str, batch: int
+             ) -> torch.Tensor:
+    """A per-branch state tensor re-assembled over the call's batch rows."""
+    if len(groups) == 1:
+        return states[next(iter(groups))][key]
+    first = states[next(iter(groups))][key]
+    out = first.new_empty((batch, *first.shape[1:]))
+    for branch, rows in groups.items():
+        out[rows.to(out.device)] = states[branch][key]
+    return out
+
+
+class TemporalSkipMixin:
+    """The plan/observe steps of temporal skipping (shared by ``temporal_skip`` and ``combo``)."""
+
+    needs_tile_stats = True
+
+    def _refresh_due(self, state: dict[str, Any], rows: int, heads: int, nb: int) -> bool:
+        base = state.get("ts_base")
+        if base is None or tuple(base.shape) != (rows, heads, nb, nb):
+            return True
+        return state["ts_calls"] >= self.cfg.resolved("refresh_period")
+
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
+        cfg = self.cfg
+        B, H, S, _ = q.shape
+        nb = -(-S // BLOCK)
+        text = text_token_mask(ctx.layout, S, q.device)
+        text_blocks = blocks_touching(text) if text is not None else None
+        groups = branch_rows(ctx, B)
+        states = {b: ctx.state(b) for b in groups}
+        refresh = any(self._refresh_due(states[b], len(r), H, nb) for b, r in groups.items())
+        drift_rows: torch.Tensor | None = None
+        if refresh:
+            perm = self.order(q, k, ctx)
+            est = self.estimate(q, k, perm, text_blocks)
+            self.record_estimate(ctx, est)
+            keep = est.keep
+            for b, rows in groups.items():
+                r = rows.to(q.device)
+                st = states[b]
+                st["ts_base"] = est.keep.index_select(0, r)
+                st["ts_protect"] = est.protect.index_select(0, r)
+                st["ts_skip"] = torch.zeros_like(st["ts_base"])
+                st["ts_perm"] = perm if perm is None or perm.dim() == 1 else perm.index_select(0, r)
+                st["ts_calls"] = 0
+                st["ts_refreshes"] = st.get("ts_refreshes", 0) + 1
+        else:
+            perms = [states[b]["ts_perm"] for b in groups]
+            if perms[0] is None or perms[0].dim() == 1:
+                perm = perms[0]
+            else:
+                perm = _rows_of(states, groups, "ts_perm", B)
+            base = _rows_of(states, groups, "ts_base", B)
+            skip = _rows_of(states, groups, "ts_skip", B)
+            protect = _rows_of(states, groups, "ts_protect", B)
+            keep = (base & ~skip) | protect
+            if cfg.drift_check:
+                est = self.estimate(q, k, perm, text_blocks)
+                outside = (est.probs * (~keep)).sum(-1)
+                limit = 1.0 - cfg.resolved("top_p") + cfg.resolved("drift_tolerance")
+                drift_rows = outside > limit
+                d = drift_rows.unsqueeze(-1)
+                base = torch.where(d, est.keep, base)
+                skip = skip & ~d
+                protect = torch.where(d, est.protect, protect)
+                keep = (base & ~skip) | protect
+                for b, rows in groups.items():
+                    r = rows.to(q.device)
+                    states[b].update(ts_base=base.index_select(0, r), ts_skip=skip.index_select(0, r),
+                                     ts_protect=protect.index_select(0, r))
+            if stats_enabled(ctx):
+                values = [(base & skip & ~protect).sum()]
+                if drift_rows is not None:
+                    values.append(drift_rows.sum())
+                values = torch.stack(values).tolist()
+                add_call_stats(ctx, order=self.order_name, skipped_tiles=int(values[0]),
+                               drift_rows=int(values[1]) if drift_rows is not None else 0)
+        for b in groups:
+            st = states[b]
+            st["ts_calls"] += 1
+            st["ts_last_step"] = ctx.step
+            st["ts_calls_total"] = st.get("ts_calls_total", 0) + 1
+        add_call_stats(ctx, refresh=refresh)
+        mask = block_mask_from_bool(keep, S, S)
+        return mask if perm is None else SparsePlan(mask, perm)
+
+    def observe(self, ctx: "AttentionCall", tile_stats: torch.Tensor) -> None:
+        """Add the computed tiles whose statistic is below ``skip_threshold`` to each branch's skip list."""
+        threshold = self.cfg.resolved("skip_threshold")
+        if threshold == -math.inf:
+            return
+        groups = branch_rows(ctx, tile_stats.shape[0])
+        new_total: list[torch.Tensor] = []
+        for b, rows in groups.items():
+            st = ctx.state(b)
+            if "ts_skip" not in st:
+                continue
+            stats = tile_stats.index_select(0, rows.to(tile_stats.device))
+            if stats.shape[1] != st["ts_skip"].shape[1]:
+                stats = stats.expand(-1, st["ts_skip"].shape[1], -1, -1)
+            new = torch.isfinite(stats) & (stats < threshold) & ~st["ts_protect"]
+            st["ts_skip"] = st["ts_skip"] | new
+            new_total.append(new.sum())
+        if new_total and stats_enabled(ctx):
+            add_call_stats(ctx, newly_skipped=int(torch.stack(new_total).sum()))
+
+
+@register_method
+class TemporalSkipMethod(TemporalSkipMixin, PlannedMethod):
+    """Draft plan on refresh calls, kernel-statistics skip list in between (see the module docstring)."""
+
+    name = "temporal_skip"
+    config_class = TemporalSkipConfig
