@@ -1,0 +1,286 @@
+"""Quality of the sparse attention methods on the trained testbed, against dense with the same seeds.
+
+    python benchmarks/sparse_quality.py --out benchmarks/results                      # GPU, evaluation size
+    python benchmarks/sparse_quality.py --tiny --out /tmp                             # CPU smoke test (random tiny model)
+    python benchmarks/sparse_quality.py --device cpu --side 128 --frames 8 --prompts 4 --steps 10 \
+        --name sparse_quality_cpu                                                     # reduced CPU-size measurement
+
+For every held-out prompt (``dit_accel.testbed.data``, split ``heldout``) the dense video is generated once;
+then each method at each setting of its knob (:data:`SWEEPS`) generates the same prompts with the same
+seeds. Reported per (method, setting):
+
+* ``density``: mean fraction of 128x128 tiles computed over ALL self-attention calls (dense warm-up
+  steps, the dense first layer and the dense last step count 1.0), from the run's statistics records;
+* ``psnr`` (dB, per video over all frames, averaged) and ``ssim`` (per frame, averaged) vs dense
+  (torchmetrics, data range 1);
+* ``accuracy``: prompt-attribute accuracy of the shipped classifier (``classifier.attribute_accuracy``,
+  ``mean`` of shape/color/motion/background), and the dense videos' accuracy as reference;
+* planning time per generation and the temporal-skip counters (refresh share, skipped tiles).
+
+The safety valves are the same for every method (``--warmup`` fraction of dense steps, first layer
+dense, last step dense), so points compare at equal dense overhead. Targets reported: at equal density
+(linear interpolation on the yardstick's curve) within 1.5 dB of ``oracle`` and >= 3 dB above
+``window``; ``combo`` at >= 30 dB at the lowest density it reaches. Writes ``<name>.json`` (+ ``.png``
+PSNR-vs-density plot when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dit_accel  # noqa: E402
+from dit_accel.testbed import WEIGHTS_DIR, data, load_testbed_pipeline  # noqa: E402
+from dit_accel.testbed.classifier import AttributeClassifier, ClassifierConfig, attribute_accuracy, load_classifier  # noqa: E402
+
+QUALITIES = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
+
+SWEEPS: dict[str, list[dict]] = {
+    "draft": [{"quality": x} for x in QUALITIES],
+    "permuted": [{"quality": x, "order": "tile"} for x in QUALITIES],
+    "permuted_kmeans": [{"quality": x, "order": "kmeans"} for x in (0.8, 0.4, 0.0)],
+    "temporal_skip": [{"quality": x} for x in QUALITIES],
+    "combo": [{"quality": x} for x in QUALITIES],
+    "oracle": [{"top_p": p} for p in (0.99, 0.97, 0.95, 0.9, 0.8, 0.7)],
+    "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 2), (1, 4), (1, 8), (2, 8), (3, 12), (4, 16))],
+}
+"""Settings of each method's knob (the draft family: ``quality``; oracle: ``top_p``; window: radii).
+``permuted_kmeans`` is ``permuted`` with the k-means order."""
+
+TINY_SWEEPS: dict[str, list[dict]] = {k: v[:: max(1, len(v) // 2)][:2] for k, v in SWEEPS.items()}
+"""Two settings per method for the ``--tiny`` smoke test."""
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and date for the record."""
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def tiny_setup(device: torch.device):
+    """A random-weight tiny testbed pipeline and classifier (smoke test: numbers carry no meaning)."""
+    from dit_accel.testbed import captions
+    from dit_accel.testbed import pipeline as pipeline_module
+    from dit_accel.testbed.model import transformer_config
+
+    torch.manual_seed(0)
+    pipe = pipeline_module.build_pipeline(
+        captions.VOCAB,
+        transformer_config=transformer_config(num_layers=3, num_heads=2, head_dim=64, text_dim=32, in_channels=4),
+        autoencoder_config={"z_dim": 4, "block_channels": (8, 16, 16), "norm_groups": 4},
+        text_encoder_config={"width": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 1},
+    )
+    with torch.no_grad():
+        for lin in (pipe.transformer.proj_out, pipe.transformer.condition_embedder.time_proj):
+            lin.weight.normal_(std=0.05)
+    clf = AttributeClassifier(ClassifierConfig(width=8, feature_dim=32)).eval()
+    return pipe.to(device), clf.to(device)
+
+
+def generate(pipe, captions: list[str], *, frames: int, side: int, steps: int, guidance: float, seed: int,
+             batch: int) -> tuple[torch.Tensor, float]:
+    """Videos ``(B, T, 3, H, W)`` in [0, 1] on CPU (one seed per prompt: ``seed + index``) and seconds."""
+    device = pipe._execution_device
+    out = []
+    start = time.perf_counter()
+    for i in range(0, len(captions), batch):
+        chunk = captions[i : i + batch]
+        gens = [torch.Generator(device=device).manual_seed(seed + i + j) for j in range(len(chunk))]
+        video = pipe(chunk, num_frames=frames, height=side, width=side, num_inference_steps=steps,
+                     guidance_scale=guidance, generator=gens, output_type="pt").frames
+        out.append(video.float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out), time.perf_counter() - start
+
+
+def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """PSNR (per video, averaged) and SSIM (per frame, averaged) of ``video`` vs ``reference``, both (B, T, 3, H, W) in [0, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    psnr = [float(peak_signal_noise_ratio(v, r, data_range=1.0)) for v, r in zip(video, reference)]
+    ssim = float(structural_similarity_index_measure(video.flatten(0, 1), reference.flatten(0, 1), data_range=1.0))
+    return {"psnr": sum(psnr) / len(psnr), "psnr_min": min(psnr), "ssim": ssim}
+
+
+def accuracy(clf, video: torch.Tensor, labels: dict) -> dict[str, float]:
+    """Attribute accuracy of (B, T, 3, H, W) [0, 1] videos (classifier input: (B, 3, T, H, W) in [-1, 1])."""
+    acc = attribute_accuracy(clf, video.permute(0, 2, 1, 3, 4) * 2 - 1, labels)
+    return {k: round(float(v), 4) for k, v in acc.items()}
+
+
+def run_stats(handle) -> dict:
+    """Density over all self-attention calls and the methods' own counters, from the statistics records."""
+    rows = handle.stats()
+    summary = handle.stats_summary()
+    sparse = [r for r in rows if r["dense_reason"] is None]
+    out = {"density": summary["mean_density"], "attention_calls": len(rows), "sparse_calls": len(sparse),
+           "sparse_call_density": (sum(r["density"] for r in sparse) / len(sparse)) if sparse else None,
+           "plan_ms_total": summary["plan_ms_total"]}
+    refresh = [r["refresh"] for r in sparse if "refresh" in r]
+    if refresh:
+        out["refresh_share"] = sum(refresh) / len(refresh)
+        out["skipped_tiles"] = sum(r.get("skipped_tiles", 0) for r in sparse)
+        out["drift_rows"] = sum(r.get("drift_rows", 0) for r in sparse)
+    dense_rows = [r.get("dense_rows") for r in sparse if r.get("dense_rows") is not None]
+    if dense_rows:
+        out["similarity_dense_rows_per_call"] = sum(dense_rows) / len(dense_rows)
+    return out
+
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of ``curve`` (density, psnr) at density ``x``; ``None`` outside its range."""
+    pts = sorted(p for p in curve if p[1] is not None)
+    if not pts or x < pts[0][0] - 1e-9 or x > pts[-1][0] + 1e-9:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1] if abs(x - pts[-1][0]) < 1e-9 else pts[0][1]
+
+
+def compare(results: list[dict]) -> dict:
+    """Deltas to the yardsticks at equal density and the combo's lowest density at >= 30 dB."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        psnr = min(r["psnr"], 100.0)  # identical videos give inf
+        curves.setdefault(r["method"], []).append((r["density"], psnr))
+    out: dict = {"vs_oracle_db": {}, "vs_window_db": {}}
+    for r in results:
+        if r["method"] in ("oracle", "window"):
+            continue
+        key = f"{r['method']} {json.dumps(r['options'], sort_keys=True)}"
+        psnr = min(r["psnr"], 100.0)
+        for yard, name in (("oracle", "vs_oracle_db"), ("window", "vs_window_db")):
+            ref = interpolate(curves.get(yard, []), r["density"])
+            out[name][key] = None if ref is None else round(psnr - ref, 2)
+    combo_ok = [r for r in results if r["method"] == "combo" and r["psnr"] >= 30.0]
+    best = min(combo_ok, key=lambda r: r["density"]) if combo_ok else None
+    out["combo_lowest_density_at_30db"] = None if best is None else {
+        "density": best["density"], "psnr": best["psnr"], "options": best["options"]}
+    out["targets"] = {"vs_oracle": "within 1.5 dB (delta >= -1.5)", "vs_window": ">= +3 dB",
+                      "combo": ">= 30 dB at the lowest density"}
+    return out
+
+
+def plot(results: list[dict], path: Path) -> str | None:
+    """PSNR vs density per method; returns why no plot was written, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in sorted({r["method"] for r in results}):
+        pts = sorted((r["density"], min(r["psnr"], 60.0)) for r in results if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                linestyle="--" if method in ("oracle", "window") else "-")
+    ax.axhline(30.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("mean density over all self-attention calls")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="random tiny model, 2 prompts, 2 settings per method")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--side", type=int, default=256, help="height = width in pixels (evaluation size 256)")
+    parser.add_argument("--frames", type=int, default=16, help="frames (evaluation size 16)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=0.15, help="dense warm-up fraction of steps, for every method")
+    parser.add_argument("--methods", default=",".join(SWEEPS), help=f"comma list of {list(SWEEPS)}")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    parser.add_argument("--name", default=None, help="basename of the outputs (default sparse_quality[_tiny])")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in SWEEPS]
+    if bad:
+        parser.error(f"unknown method(s) {bad}; allowed: {list(SWEEPS)}")
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.prompts, args.side, args.frames, args.steps = 2, 128, 4, 4
+        pipe, clf = tiny_setup(device)
+        sweeps = TINY_SWEEPS
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe = load_testbed_pipeline(device, dtype, folder=args.weights)
+        clf = load_classifier(args.weights / "classifier", device)
+        sweeps = SWEEPS
+    pipe.set_progress_bar_config(disable=True)
+    name = args.name or ("sparse_quality_tiny" if args.tiny else "sparse_quality")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokens = args.frames * (args.side // 8) ** 2
+    report: dict = {
+        "env": environment(device),
+        "label": ("SMOKE TEST: random-weight tiny model; numbers carry no meaning" if args.tiny else
+                  f"testbed at {args.side}x{args.side} px x {args.frames} frames ({tokens} tokens)"),
+        "setup": {"prompts": args.prompts, "side": args.side, "frames": args.frames, "tokens": tokens,
+                  "steps": args.steps, "guidance": args.guidance, "dense_warmup": args.warmup,
+                  "dense_first_layers": 1, "dense_last_step": True, "seed": args.seed,
+                  "weights": None if args.tiny else str(args.weights)},
+        "results": [],
+    }
+
+    real = data.make_batch(args.prompts, args.frames, args.side, args.side, seed=args.seed, split="heldout", device="cpu")
+    captions, labels = real.captions, {k: v.to(device) for k, v in real.labels.items()}
+    common = dict(frames=args.frames, side=args.side, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                  batch=args.batch)
+    dense, seconds = generate(pipe, captions, **common)
+    report["dense"] = {"accuracy": accuracy(clf, dense, labels), "seconds": round(seconds, 2)}
+    report["captions"] = captions
+    print("dense", report["dense"], flush=True)
+
+    out_json = args.out / f"{name}.json"
+    for label in methods:
+        method_name = "permuted" if label == "permuted_kmeans" else label
+        for options in sweeps[label]:
+            opts = dict(options, dense_warmup=args.warmup, dense_first_layers=1, dense_last_step=True, min_seq_len=0)
+            handle = dit_accel.apply(pipe, attention=dit_accel.get_method(method_name, **opts))
+            try:
+                video, seconds = generate(pipe, captions, **common)
+                stats = run_stats(handle)
+            finally:
+                dit_accel.remove(pipe)
+            row = {"method": label, "options": options, **stats, **video_metrics(video, dense),
+                   "accuracy": accuracy(clf, video, labels), "seconds": round(seconds, 2)}
+            report["results"].append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            report["comparison"] = compare(report["results"])
+            out_json.write_text(json.dumps(report, indent=1))  # partial results survive a time limit
+    report["comparison"] = compare(report["results"])
+    report["plot"] = plot(report["results"], args.out / f"{name}.png") or f"{name}.png"
+    out_json.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["comparison"], indent=1), flush=True)
+    print(f"wrote {out_json}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Speed of the sparse methods at real video attention shapes: planning + permutation cost against the
+sparse attention call, and the attention speed-up against dense cuDNN SDPA in the same run.
+
+    python benchmarks/sparse_speed.py --out benchmarks/results                 # GPU: Wan2.1 1.3B 480p + 14B 720p
+    python benchmarks/sparse_speed.py --tiny --out /tmp                        # CPU smoke test, tiny shape
+    python benchmarks/sparse_speed.py --device cpu --skip-attention --shapes wan2.1-1.3b-480p   # CPU: plan + gather only
+
+Inputs: random q/k/v shaped like real video attention, smooth 3D fields over the latent grid plus
+noise (so the draft map finds structure), bf16 on the GPU (float32 on CPU), B=1.
+
+Per shape:
+* dense: cuDNN SDPA (the best dense kernel on Hopper; on CPU the default SDPA);
+* fixed densities (0.5, 0.3, 0.2, 0.1; random key blocks per query block, diagonal kept): our kernel
+  time and the speed-up vs dense;
+* each method (draft, permuted tile / k-means, temporal_skip and combo on a refresh call and on a reuse
+  call, window): ``plan_ms`` (host + device, synchronised), ``perm_ms`` (gather of q, k, v and the
+  inverse gather of the output), ``attn_ms`` (kernel, with tile statistics when the method uses them),
+  the density, ``overhead = (plan + perm) / attn`` (target <= 5 %) and ``speedup = dense / (plan + perm + attn)``.
+
+Timing: wall clock around a synchronised call, median of ``--reps`` after one warm-up call (planning
+has host work, so CUDA events alone would hide it). JSON records device, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_accel.attention.draft import permute_tokens  # noqa: E402
+from dit_accel.attention.methods import SparsePlan, get_method  # noqa: E402
+from dit_accel.context import StepClock, TransformerContext  # noqa: E402
+from dit_accel.kernels import block_mask_density, block_mask_from_bool, block_sparse_attention  # noqa: E402
+
+SHAPES = {
+    "wan2.1-1.3b-480p": {"heads": 12, "grid": (21, 30, 52), "head_dim": 128},  # 32,760 tokens
+    "wan2.1-14b-720p": {"heads": 40, "grid": (21, 45, 80), "head_dim": 128},  # 75,600 tokens
+    "tiny": {"heads": 2, "grid": (4, 16, 16), "head_dim": 64},  # 1,024 tokens (CPU smoke test)
+}
+"""Attention shapes (B=1): heads, latent grid (F', H', W') after patching, head dim."""
+
+VALVES_OFF = {"dense_warmup": 0.0, "dense_first_layers": 0, "dense_last_step": False, "min_seq_len": 0}
+
+METHODS: list[tuple[str, str, dict]] = [
+    ("draft/balanced", "draft", {"quality": "balanced"}),
+    ("draft/fast", "draft", {"quality": "fast"}),
+    ("permuted-tile/balanced", "permuted", {"quality": "balanced", "order": "tile"}),
+    ("permuted-kmeans/balanced", "permuted", {"quality": "balanced", "order": "kmeans"}),
+    ("temporal_skip/balanced", "temporal_skip", {"quality": "balanced"}),
+    ("combo/balanced", "combo", {"quality": "balanced"}),
+    ("combo/fast", "combo", {"quality": "fast"}),
+    ("combo-nodrift/fast", "combo", {"quality": "fast", "drift_check": False}),
+    ("window/f2s8", "window", {"frame_radius": 2, "space_radius": 8}),
+]
+"""(label, method, options) timed per shape; stateful methods are timed on a refresh and a reuse call."""
+
+FIXED_DENSITIES = (0.5, 0.3, 0.2, 0.1)
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and date for the record."""
+    import diffusers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "diffusers": diffusers.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` synchronised calls, after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def video_qkv(grid, heads: int, dim: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """q, k, v ``(1, H, S, D)``: smooth random fields over the grid plus noise (k and q correlated)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    F_, H_, W_ = grid
+    out = []
+    for i in range(3):
+        coarse = torch.randn(1, heads * dim, max(1, F_ // 3), max(1, H_ // 6), max(1, W_ // 6), generator=g).to(device)
+        field = torch.nn.functional.interpolate(coarse, size=grid, mode="trilinear", align_corners=False)
+        x = field.view(heads, dim, -1).transpose(1, 2)
+        x = x + 0.5 * torch.randn(x.shape, generator=g).to(device)
+        out.append((2.0 * x if i < 2 else x).unsqueeze(0).to(dtype).contiguous())
+        del coarse, field
+    return out
+
+
+def hand_call(grid, seq_len: int, step: int, ctx: TransformerContext | None = None):
+    """A context (created when ``ctx`` is None) and the ``AttentionCall`` of layer 1 at ``step``."""
+    if ctx is None:
+        ctx = TransformerContext(torch.nn.Linear(1, 1), "wan", "transformer", StepClock(num_steps_fn=lambda: 50), "sequential")
+        ctx.grid = tuple(grid)
+        ctx.stats_enabled = False  # no statistics host syncs inside the timed plans
+    ctx.clock.observe(float(1000 - step))
+    ctx.branches = ("cond",)
+    return ctx, ctx.attention_call(1, "blocks.1.attn1", ctx.layout(seq_len, 0, "none"))
+
+
+def dense_fn(q, k, v, device: torch.device):
+    """Dense attention on the best backend (cuDNN on CUDA)."""
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def run():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+    return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def random_mask(nb: int, density: float, device: torch.device, seed: int = 0):
+    """Random key blocks per query block at ``density`` (diagonal kept), B = H = 1."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(nb, nb, generator=g) < density
+    keep |= torch.eye(nb, dtype=torch.bool)
+    return keep.view(1, 1, nb, nb).to(device)
+
+
+def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtype, reps: int, skip_attention: bool,
+                log: list) -> None:
+    """All rows of one shape, appended to ``log``."""
+    grid, heads, dim = shape["grid"], shape["heads"], shape["head_dim"]
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = video_qkv(grid, heads, dim, device, dtype)
+    base = {"shape": label, "tokens": S, "heads": heads, "head_dim": dim, "grid": list(grid), "dtype": str(dtype)}
+    dense_ms = None
+    if not skip_attention:
+        dense_ms = time_ms(dense_fn(q, k, v, device), device, reps)
+        log.append(dict(base, row="dense", backend="cudnn" if device.type == "cuda" else "cpu_sdpa", ms=dense_ms))
+        print(log[-1], flush=True)
+        nb = -(-S // 128)
+        for d in FIXED_DENSITIES:
+            mask = block_mask_from_bool(random_mask(nb, d, device), S, S)
+            ms = time_ms(lambda: block_sparse_attention(q, k, v, mask), device, reps)
+            log.append(dict(base, row="fixed_density", nominal_density=d, density=block_mask_density(mask), ms=ms,
+                            speedup_vs_dense=dense_ms / ms))
+            print(log[-1], flush=True)
+    for mlabel, name, options in METHODS:
+        method = get_method(name, **dict(VALVES_OFF, **options))
+        stateful = method.needs_tile_stats
+        phases = ["refresh", "reuse"] if stateful else ["plan"]
+        ctx, _ = hand_call(grid, S, 0)
+        for phase in phases:
+            step = [1]
+
+            def plan_once():
+                if phase == "refresh" or not stateful:
+                    ctx.reset_state()  # every timed call is a fresh plan (k-means warm start kept separately below)
+                step[0] += 1
+                _, call = hand_call(grid, S, step[0], ctx)
+                return method.plan(q, k, call)
+
+            if phase == "reuse":
+                _, call = hand_call(grid, S, 1, ctx)
+                ctx.reset_state()
+                first = method.plan(q, k, call)
+                plan0 = first if isinstance(first, SparsePlan) else SparsePlan(first)
+                qp, kp, vp = (permute_tokens(t, plan0.perm) for t in (q, k, v))
+                if not skip_attention:
+                    stats = block_sparse_attention(qp, kp, vp, plan0.mask, tile_stats=True).tile_stats
+                    method.observe(call, stats)
+                del qp, kp, vp
+                # stay between refreshes while timing
+                for st in ctx._store.values():
+                    st["ts_calls"] = -10**6
+            if name == "permuted" and options.get("order") == "kmeans":
+                # steady state: warm-started centroids (not reset between timed calls)
+                def plan_once():  # noqa: F811
+                    step[0] += 1
+                    _, call = hand_call(grid, S, step[0], ctx)
+                    return method.plan(q, k, call)
+            plan_ms = time_ms(plan_once, device, reps)
+            result = plan_once()
+            plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
+            perm = plan.perm
+            row = dict(base, row="method", label=mlabel, method=name, options=options, phase=phase,
+                       density=block_mask_density(plan.mask), plan_ms=plan_ms,
+                       perm_kind=None if perm is None else ("shared" if perm.dim() == 1 else "per_head"))
+
+            def permute_all():
+                outs = [permute_tokens(t, perm) for t in (q, k, v)]
+                return permute_tokens(outs[2], torch.argsort(perm, dim=-1)) if perm.dim() > 1 else outs[2].index_select(
+                    2, inverse)
+
+            if perm is not None:
+                inverse = torch.argsort(perm) if perm.dim() == 1 else None
+                row["perm_ms"] = time_ms(permute_all, device, reps)
+            else:
+                row["perm_ms"] = 0.0
+            if not skip_attention:
+                qp, kp, vp = (permute_tokens(t, perm) for t in (q, k, v))
+                attn_ms = time_ms(lambda: block_sparse_attention(qp, kp, vp, plan.mask, tile_stats=stateful), device, reps)
+                del qp, kp, vp
+                total = plan_ms + row["perm_ms"] + attn_ms
+                row.update(attn_ms=attn_ms, overhead=(plan_ms + row["perm_ms"]) / attn_ms,
+                           speedup_vs_dense=dense_ms / total, attn_speedup_vs_dense=dense_ms / attn_ms)
+            log.append(row)
+            print({k_: v_ for k_, v_ in row.items() if k_ not in ("grid", "options")}, flush=True)
+    del q, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default="wan2.1-1.3b-480p,wan2.1-14b-720p", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape only (CPU smoke test)")
+    parser.add_argument("--skip-attention", action="store_true", help="time planning and permutation only")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable timings on a shared machine)")
+    parser.add_argument("--name", default=None, help="basename of the JSON (default sparse_speed[_tiny|_cpu])")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        parser.error(f"unknown shape(s) {bad}; allowed: {sorted(SHAPES)}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = args.name or ("sparse_speed_tiny" if args.tiny else "sparse_speed" if device.type == "cuda" else "sparse_speed_cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"env": environment(device), "timing": "wall clock around synchronised calls, median", "reps": args.reps,
+               "skip_attention": args.skip_attention, "rows": []}
+    with torch.no_grad():
+        for s in shapes:
+            bench_shape(s, SHAPES[s], device, dtype, args.reps, args.skip_attention, results["rows"])
+            (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / (name + '.json')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
