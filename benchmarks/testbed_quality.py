@@ -210,6 +210,7 @@ def main() -> None:
     if "cpu_time" in sections:
         results["cpu_time"] = cpu_time(args.weights, args.threads)
         print(results["cpu_time"], flush=True)
+        save(results, args)
     gpu_sections = [s for s in sections if s != "cpu_time"]
     if gpu_sections:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -224,28 +225,37 @@ def main() -> None:
             grid_png(gen, args.out / "testbed_samples.png")
             results["grid_captions"] = caps[:8]
             print("eval", json.dumps(r), flush=True)
+            save(results, args)
         if "large" in sections:
-            r, gen, caps = section_accuracy(pipe, clf, n=16, frames=32, side=256, guidance=args.guidance, seed=2000,
+            r, gen, caps = section_accuracy(pipe, clf, n=min(16, args.samples), frames=32, side=256, guidance=args.guidance, seed=2000,
                                             with_references=True, **common)
             results["large"] = r
             grid_png(gen, args.out / "testbed_samples_32f.png", n_videos=4, n_frames=16)
             results["large_grid_captions"] = caps[:4]
             print("large", json.dumps(r), flush=True)
+            save(results, args)
         if "cpu_size" in sections:
             r, gen, _ = section_accuracy(pipe, clf, n=args.samples, frames=8, side=128, guidance=args.guidance,
                                          seed=3000, with_references=True, batch=64, steps=args.steps)
             results["cpu_size"] = r
             print("cpu_size", json.dumps(r), flush=True)
+            save(results, args)
         if "guidance" in sections:
             results["guidance"] = {}
             for g in [float(x) for x in args.sweep.split(",")]:
-                r, _, _ = section_accuracy(pipe, clf, n=64, frames=8, side=128, guidance=g, seed=4000,
+                r, _, _ = section_accuracy(pipe, clf, n=args.samples, frames=8, side=128, guidance=g, seed=4000,
                                            with_references=False, batch=64, steps=args.steps)
                 results["guidance"][str(g)] = r["generated"]
                 print("guidance", g, r["generated"], flush=True)
+                save(results, args)
+    save(results, args)
+    print(f"wrote {args.out / (args.name + '.json')}", flush=True)
+
+
+def save(results: dict, args: argparse.Namespace) -> None:
+    """Write the JSON and the markdown report (called after every section, so a cut-short run keeps its rows)."""
     (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     write_report(results, args.out / f"{args.name}.md")
-    print(f"wrote {args.out / (args.name + '.json')}", flush=True)
 
 
 if __name__ == "__main__":
