@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.15, help="dense warm-up fraction of steps, for every method")
     parser.add_argument("--methods", default=",".join(SWEEPS), help=f"comma list of {list(SWEEPS)}")
+    parser.add_argument("--per-method", type=int, default=0, help="evenly spaced subset of N settings per method (0: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
@@ -234,6 +235,9 @@ def main() -> None:
         pipe = load_testbed_pipeline(device, dtype, folder=args.weights)
         clf = load_classifier(args.weights / "classifier", device)
         sweeps = SWEEPS
+    if args.per_method > 0:
+        sweeps = {k: [v[round(i * (len(v) - 1) / max(1, args.per_method - 1))] for i in range(min(args.per_method, len(v)))]
+                  for k, v in sweeps.items()}
     pipe.set_progress_bar_config(disable=True)
     name = args.name or ("sparse_quality_tiny" if args.tiny else "sparse_quality")
     args.out.mkdir(parents=True, exist_ok=True)
