@@ -151,7 +151,8 @@ def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path)
 
     t = time.perf_counter()
     if "max_seconds" in inspect.signature(classifier.train_classifier).parameters:
-        model, clog = classifier.train_classifier(steps=10**7, batch_size=16, device=device, max_seconds=60 * minutes)
+        model, clog = classifier.train_classifier(steps=10**7, batch_size=16, device=device, max_seconds=60 * minutes,
+                                                  log_every=100)
         steps = clog[-1]["step"] if clog else None
     else:  # older signature: time a few steps, then pick the step count
         classifier.train_classifier(steps=3, batch_size=16, device=device, verbose=False)
@@ -169,7 +170,10 @@ def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path)
     with torch.no_grad():
         heldout = classifier.attribute_accuracy(model, real.video, real.labels, batch_size=16)
     log_line(log, {"stage": "classifier_heldout_real_256x16", **{k: round(v, 4) for k, v in heldout.items()}})
-    classifier.save_classifier(model.to("cpu"), out / "export" / "classifier")
+    if "dtype" in inspect.signature(classifier.save_classifier).parameters:
+        classifier.save_classifier(model.to("cpu"), out / "export" / "classifier", dtype=torch.float16)  # 40 MB cap
+    else:
+        classifier.save_classifier(model.to("cpu"), out / "export" / "classifier")
     info = read_training_info(out / "export")
     info["classifier"] = {"steps": steps, "seconds": round(seconds, 1), "last": clog[-1] if clog else None,
                           "heldout_real_256x16": heldout}
