@@ -116,8 +116,11 @@ def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict[str, flo
     return {"psnr": sum(psnr) / len(psnr), "psnr_min": min(psnr), "ssim": ssim}
 
 
-def accuracy(clf, video: torch.Tensor, labels: dict) -> dict[str, float]:
-    """Attribute accuracy of (B, T, 3, H, W) [0, 1] videos (classifier input: (B, 3, T, H, W) in [-1, 1])."""
+def accuracy(clf, video: torch.Tensor, labels: dict) -> dict[str, float] | None:
+    """Attribute accuracy of (B, T, 3, H, W) [0, 1] videos (classifier input: (B, 3, T, H, W) in [-1, 1]);
+    ``None`` without a classifier."""
+    if clf is None:
+        return None
     acc = attribute_accuracy(clf, video.permute(0, 2, 1, 3, 4) * 2 - 1, labels)
     return {k: round(float(v), 4) for k, v in acc.items()}
 
@@ -226,6 +229,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    classifier_error = None
     if args.tiny:
         args.prompts, args.side, args.frames, args.steps = 2, 128, 4, 4
         pipe, clf = tiny_setup(device)
@@ -233,7 +237,10 @@ def main() -> None:
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         pipe = load_testbed_pipeline(device, dtype, folder=args.weights)
-        clf = load_classifier(args.weights / "classifier", device)
+        try:
+            clf = load_classifier(args.weights / "classifier", device)
+        except (FileNotFoundError, TypeError, RuntimeError, ValueError) as exc:  # weights/code out of step
+            clf, classifier_error = None, f"{type(exc).__name__}: {exc}"
         sweeps = SWEEPS
     if args.per_method > 0:
         sweeps = {k: [v[round(i * (len(v) - 1) / max(1, args.per_method - 1))] for i in range(min(args.per_method, len(v)))]
@@ -252,6 +259,8 @@ def main() -> None:
                   "weights": None if args.tiny else str(args.weights)},
         "results": [],
     }
+    if classifier_error:
+        report["classifier_error"] = classifier_error  # accuracy columns are then None
 
     real = data.make_batch(args.prompts, args.frames, args.side, args.side, seed=args.seed, split="heldout", device="cpu")
     captions, labels = real.captions, {k: v.to(device) for k, v in real.labels.items()}

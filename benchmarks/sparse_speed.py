@@ -102,16 +102,18 @@ def time_ms(fn, device: torch.device, reps: int) -> float:
 
 
 def video_qkv(grid, heads: int, dim: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """q, k, v ``(1, H, S, D)``: smooth random fields over the grid plus noise (k and q correlated)."""
+    """q, k, v ``(1, H, S, D)`` views of ``(1, S, H, D)`` memory (diffusers' layout): smooth random fields over
+    the grid plus noise."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     F_, H_, W_ = grid
     out = []
     for i in range(3):
         coarse = torch.randn(1, heads * dim, max(1, F_ // 3), max(1, H_ // 6), max(1, W_ // 6), generator=g).to(device)
         field = torch.nn.functional.interpolate(coarse, size=grid, mode="trilinear", align_corners=False)
-        x = field.view(heads, dim, -1).transpose(1, 2)
+        x = field.view(heads, dim, -1).permute(2, 0, 1)  # (S, H, D)
         x = x + 0.5 * torch.randn(x.shape, generator=g).to(device)
-        out.append((2.0 * x if i < 2 else x).unsqueeze(0).to(dtype).contiguous())
+        # (B, S, H, D) memory viewed as (B, H, S, D): how diffusers' processors hand q, k, v over
+        out.append((2.0 * x if i < 2 else x).unsqueeze(0).to(dtype).contiguous().transpose(1, 2))
         del coarse, field
     return out
 

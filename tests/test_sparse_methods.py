@@ -10,7 +10,7 @@ import torch
 from sparse_helpers import FULL, call_at, generate, hand_context, mask_bool, smooth_qk, tiny_testbed
 
 import dit_accel
-from dit_accel.attention.draft import block_pool, draft_estimate, permute_tokens, top_p_keep
+from dit_accel.attention.draft import block_pool, draft_estimate, permute_tokens, pool_matrix, top_p_keep
 from dit_accel.attention.oracle import block_mass, mass_coverage
 from dit_accel.attention.permuted import kmeans
 from dit_accel.attention.sparse_base import QUALITY_LEVELS, quality_thresholds
@@ -150,6 +150,14 @@ def test_draft_pooling_selection_and_fallbacks():
     mean, sim, counts = block_pool(k)
     assert torch.allclose(mean[0, 0, 0], k[0, 0, :128].mean(0), atol=1e-5)
     assert counts.tolist() == [128.0] * 8 and (sim <= 1 + 1e-5).all()
+    # in a permuted order: the averaging-matrix GEMM equals the gather-and-sum, also with a ragged block
+    # and with q in diffusers' (B, S, H, D) memory layout
+    perm = visual_order((3, 10, 13))
+    x = torch.randn(1, 390, 2, 64).transpose(1, 2)
+    by_gather = block_pool(x, perm)
+    by_gemm = block_pool(x, perm, pool_matrix(perm))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(by_gather, by_gemm))
+    assert torch.allclose(by_gather[0][0, 1, -1], x[0, 1, perm[384:]].mean(0), atol=1e-5)
     est = draft_estimate(q, k, top_p=0.5, min_blocks_fraction=0.0, similarity_threshold=-1.0)
     assert torch.allclose(est.probs.sum(-1), torch.ones(1, 2, 8), atol=1e-5)
     assert est.keep.diagonal(dim1=-2, dim2=-1).all() and not est.keep.all()

@@ -21,6 +21,7 @@ selection, statistics); ``permuted``, ``temporal_skip`` and ``combo`` override i
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -55,29 +56,76 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
-def block_pool(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean of each block of ``block`` tokens and how well the mean represents the block.
+SIMILARITY_SAMPLE = 32
+"""Tokens per block (evenly strided) on which the self-similarity check runs; the mean uses every token."""
+
+
+def pool_matmul(pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``pool @ x`` for ``pool`` ``(NB, S)`` and ``x`` ``(B, H, S, D)`` -> ``(B, H, NB, D)``, reading ``x`` once.
+
+    Diffusers hands q and k over as ``(B, S, H, D)`` memory viewed as ``(B, H, S, D)``; then this is one
+    plain GEMM per batch row over ``(S, H*D)``, with no copy of ``x``.
+    """
+    B, H, S, D = x.shape
+    nb = pool.shape[0]
+    pool = pool.to(x.dtype)
+    bshd = x.transpose(1, 2)
+    if bshd.is_contiguous():
+        return (pool @ bshd.reshape(B, S, H * D)).view(B, nb, H, D).transpose(1, 2)
+    return torch.matmul(pool, x)
+
+
+def block_pool(
+    x: torch.Tensor, perm: torch.Tensor | None = None, pool: torch.Tensor | None = None, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean of each block of the planned token order and how well the mean represents the block.
 
     Args:
-        x: ``(B, H, S, D)``.
+        x: ``(B, H, S, D)`` in the model's token order.
+        perm: the planned order (``(S,)`` or ``(B, H, S)``; ``None``: the model's order).
+        pool: optional ``(NB, S)`` averaging matrix of a shared ``perm`` (:func:`pool_matrix`): the means
+            are then one GEMM over ``x`` instead of a gather plus a sum.
     Returns:
         ``(mean (B, H, NB, D) float32, similarity (B, H, NB) float32, counts (NB,) float32)``, where
-        ``similarity`` is the mean cosine similarity of the block's tokens to the block mean.
+        ``similarity`` is the mean cosine similarity to the block mean of :data:`SIMILARITY_SAMPLE`
+        evenly strided tokens of the block.
     """
     B, H, S, D = x.shape
     nb = -(-S // block)
-    xf = x.float()
-    pad = nb * block - S
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-    xb = xf.view(B, H, nb, block, D)
     counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = block - pad
-    mean = xb.sum(-2) / counts[:, None]
-    norms = xb.norm(dim=-1)  # padded tokens have norm 0 and contribute 0 below
-    cos = (xb @ mean.unsqueeze(-1)).squeeze(-1) / (norms * mean.norm(dim=-1, keepdim=True)).clamp_min(1e-12)
-    similarity = cos.sum(-1) / counts
+    counts[-1] = S - (nb - 1) * block
+    if pool is not None:
+        mean = pool_matmul(pool, x).float()
+    else:
+        xp = permute_tokens(x, perm)
+        full = (S // block) * block
+        sums = xp[:, :, :full].unflatten(2, (S // block, block)).sum(-2, dtype=torch.float32)
+        if full < S:
+            sums = torch.cat([sums, xp[:, :, full:].sum(-2, keepdim=True, dtype=torch.float32)], dim=2)
+        mean = sums / counts[:, None]
+    stride = max(1, block // SIMILARITY_SAMPLE)
+    pos = torch.arange(nb, device=x.device)[:, None] * block + torch.arange(0, block, stride, device=x.device)
+    valid = pos < S
+    pos = pos.clamp(max=S - 1).reshape(-1)
+    if perm is not None:
+        pos = perm[..., pos]
+    sample = permute_tokens(x, pos).float().unflatten(2, (nb, -1))  # (B, H, NB, sample, D)
+    dots = (sample @ mean.unsqueeze(-1)).squeeze(-1)
+    cos = dots / (sample.norm(dim=-1) * mean.norm(dim=-1, keepdim=True)).clamp_min(1e-12)
+    similarity = (cos * valid).sum(-1) / valid.sum(-1)
     return mean, similarity, counts
+
+
+def pool_matrix(perm: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """``(NB, S)`` float32 matrix averaging the tokens of each block of the order ``perm`` ``(S,)``:
+    row ``b`` holds ``1 / count_b`` at the original positions of block ``b``'s tokens."""
+    S = perm.shape[0]
+    nb = -(-S // block)
+    blocks = torch.arange(S, device=perm.device) // block
+    counts = torch.bincount(blocks, minlength=nb).float()
+    pool = torch.zeros(nb, S, device=perm.device)
+    pool[blocks, perm] = 1.0 / counts[blocks]
+    return pool
 
 
 def top_p_keep(probs: torch.Tensor, top_p: float, min_blocks: int) -> torch.Tensor:
@@ -92,6 +140,24 @@ def top_p_keep(probs: torch.Tensor, top_p: float, min_blocks: int) -> torch.Tens
     n_keep = n_keep.clamp(min=max(min_blocks, 1), max=kb)
     rank_keep = torch.arange(kb, device=probs.device) < n_keep
     return torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
+
+
+_POOL_CACHE: dict[int, tuple["weakref.ref[torch.Tensor]", torch.dtype, torch.Tensor]] = {}
+
+
+def cached_pool_matrix(perm: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`pool_matrix` of a shared ``(S,)`` order, cached per order tensor (the tile orders are cached
+    objects, so this is built once per grid and device); ``None`` for no or per-head orders."""
+    if perm is None or perm.dim() != 1:
+        return None
+    hit = _POOL_CACHE.get(id(perm))
+    if hit is not None and hit[0]() is perm and hit[1] == dtype:
+        return hit[2]
+    pool = pool_matrix(perm).to(dtype)
+    for key in [k for k, v in _POOL_CACHE.items() if v[0]() is None]:
+        del _POOL_CACHE[key]
+    _POOL_CACHE[id(perm)] = (weakref.ref(perm), dtype, pool)
+    return pool
 
 
 @dataclass
@@ -120,16 +186,19 @@ def draft_estimate(
     log_block_size: bool = True,
     scale: float | None = None,
     text_blocks: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
     block: int = BLOCK,
 ) -> DraftEstimate:
-    """Draft map and top-p selection for ``(B, H, S, D)`` q and k (already in the planned order).
+    """Draft map and top-p selection for ``(B, H, S, D)`` q and k in the model's order, blocks formed in
+    the planned order ``perm`` (``pool``: its averaging matrix, see :func:`block_pool`).
 
     ``text_blocks`` ``(NB,)`` bool marks blocks holding text tokens (their rows and columns are kept).
     """
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qp, q_sim, counts = block_pool(q, block)
-    kp, k_sim, _ = block_pool(k, block)
+    qp, q_sim, counts = block_pool(q, perm, pool, block)
+    kp, k_sim, _ = block_pool(k, perm, pool, block)
     logits = (qp @ kp.transpose(-1, -2)) * scale
     if log_block_size:
         logits = logits + counts.log()
@@ -217,8 +286,10 @@ class PlannedMethod(ConfiguredMethod):
         """The draft estimate of this call in the order ``perm``, with the configured thresholds."""
         cfg = self.cfg
         return draft_estimate(
-            permute_tokens(q, perm),
-            permute_tokens(k, perm),
+            q,
+            k,
+            perm=perm,
+            pool=cached_pool_matrix(perm, q.dtype),
             top_p=cfg.resolved("top_p"),
             min_blocks_fraction=cfg.resolved("min_blocks_fraction"),
             similarity_threshold=cfg.resolved("similarity_threshold"),
