@@ -370,6 +370,12 @@ def summarize(recorder: AttentionStructureRecorder) -> dict[str, Any]:
             "block_share_per_layer": {m: blk[:, :, i].nanmean(dim=1).tolist() for i, m in enumerate(masses)},
             "overlap_per_layer": overlap.nanmean(dim=1).tolist() if overlap.shape[1] else [float("nan")] * len(layers),
         }
+        middle = slice(len(layers) // 3, max(len(layers) // 3 + 1, (2 * len(layers) + 2) // 3))
+        out[order]["middle_layers"] = {
+            "layers": layers[middle],
+            "row_share": {m: row[middle, :, i].nanmean().item() for i, m in enumerate(masses)},
+            "overlap": overlap[middle].nanmean().item() if overlap.shape[1] else float("nan"),
+        }
     return out
 
 
@@ -463,6 +469,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
         cells += [f"{summary['tile']['row_share_per_layer'][m][li]:.3f}" for m in masses]
         cells += [f"{summary[o]['overlap_per_layer'][li]:.3f}" for o in ORDERS]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    for order in ORDERS:
+        mid = summary[order]["middle_layers"]
+        shares = ", ".join(f"{float(m) * 100:g}%: {mid['row_share'][m]:.3f}" for m in masses)
+        lines.append(
+            f"\nMiddle layers {mid['layers'][0]}-{mid['layers'][-1]}, {order} order: share of blocks {shares}; "
+            f"step-to-step overlap {mid['overlap']:.3f}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -504,13 +517,18 @@ def main(argv: list[str] | None = None) -> None:
         block_size=args.block_size,
     )
     import diffusers
-    import triton  # noqa: F401  (version recorded only)
 
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # recorded only
+        triton_version = None
     summary["environment"] = {
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
         "dtype": dtype_name,
         "torch": torch.__version__,
-        "triton": getattr(triton, "__version__", None),
+        "triton": triton_version,
         "diffusers": diffusers.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
