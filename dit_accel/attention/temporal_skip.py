@@ -11,9 +11,10 @@ Per (transformer, layer, guidance branch), in the context's state store:
 * the calls in between run ``base & ~skip`` (plus the protected tiles: diagonal, text, blocks pooling
   cannot represent), with no planning beyond that;
 * a refresh happens every ``refresh_period`` *computed* calls of the layer, and at once for the query
-  blocks whose draft estimate drifted (``drift_check``: the estimated mass outside the current mask
+  blocks whose draft estimate drifted (``drift_check``: the estimated mass outside the refresh plan
   exceeds ``1 - top_p + drift_tolerance``; those rows take the fresh selection and forget their skips,
-  decided on the device without a host synchronisation).
+  decided on the device without a host synchronisation). The drift check costs one draft estimate
+  per call; without it the calls between refreshes plan nothing.
 
 Coherence with feature caching: a step on which the cache skips this layer's block never calls the
 attention, so it neither advances the refresh counter nor touches the skip list; the counter counts
@@ -132,7 +133,9 @@ class TemporalSkipMixin:
             keep = (base & ~skip) | protect
             if cfg.drift_check:
                 est = self.estimate(q, k, perm, text_blocks)
-                outside = (est.probs * (~keep)).sum(-1)
+                # Drift is measured against the refresh plan, not against the skips: skipped tiles were
+                # judged by the kernel's exact statistics, the draft map would only second-guess them.
+                outside = (est.probs * ~(base | protect)).sum(-1)
                 limit = 1.0 - cfg.resolved("top_p") + cfg.resolved("drift_tolerance")
                 drift_rows = outside > limit
                 d = drift_rows.unsqueeze(-1)
