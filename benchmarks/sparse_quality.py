@@ -15,7 +15,9 @@ seeds. Reported per (method, setting):
   (torchmetrics, data range 1);
 * ``accuracy``: prompt-attribute accuracy of the shipped classifier (``classifier.attribute_accuracy``,
   ``mean`` of shape/color/motion/background), and the dense videos' accuracy as reference;
-* planning time per generation and the temporal-skip counters (refresh share, skipped tiles).
+* planning time per generation and the temporal-skip counters (refresh share, skipped tiles);
+* with ``--probe``: quantiles of the blocks' self-similarity per layer (q and k, raster and tile order),
+  to calibrate ``similarity_threshold``.
 
 The safety valves are the same for every method (``--warmup`` fraction of dense steps, first layer
 dense, last step dense), so points compare at equal dense overhead. Targets reported: at equal density
@@ -144,6 +146,49 @@ def run_stats(handle) -> dict:
     return out
 
 
+class SimilarityProbe(dit_accel.AttentionMethod):
+    """Runs dense and records, per self-attention call, quantiles of the blocks' self-similarity (the
+    draft's fallback test) for q and k in raster and tile order: what ``similarity_threshold`` should be."""
+
+    name = "sparse_quality_probe"
+    QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+    def __init__(self) -> None:
+        super().__init__(min_seq_len=0)
+        self.rows: list[dict] = []
+
+    def plan(self, q, k, ctx):
+        """Record the similarity quantiles, then decline (dense)."""
+        from dit_accel.attention.draft import block_pool, cached_pool_matrix
+        from dit_accel.attention.tiling import sequence_order
+
+        qs = torch.tensor(self.QUANTILES, device=q.device)
+        row = {"step": ctx.step, "layer": ctx.layer}
+        for order in ("raster", "tile"):
+            perm = sequence_order(ctx.layout, q.shape[2], q.device) if order == "tile" else None
+            for name, x in (("q", q), ("k", k)):
+                sim = block_pool(x, perm, cached_pool_matrix(perm, x.dtype))[1]
+                row[f"{name}_{order}"] = [round(v, 3) for v in torch.quantile(sim.flatten().float(), qs).tolist()]
+        self.rows.append(row)
+        return None
+
+
+def probe_similarity(pipe, captions: list[str], common: dict) -> dict:
+    """Similarity quantiles per layer, averaged over steps, from one dense generation of the first prompt."""
+    probe = SimilarityProbe()
+    dit_accel.apply(pipe, attention=probe)
+    try:
+        generate(pipe, captions[:1], **common)
+    finally:
+        dit_accel.remove(pipe)
+    out: dict = {"quantiles": list(SimilarityProbe.QUANTILES), "per_layer": {}}
+    for layer in sorted({r["layer"] for r in probe.rows}):
+        rows = [r for r in probe.rows if r["layer"] == layer]
+        out["per_layer"][layer] = {key: [round(sum(r[key][i] for r in rows) / len(rows), 3) for i in range(len(SimilarityProbe.QUANTILES))]
+                                   for key in ("q_raster", "k_raster", "q_tile", "k_tile")}
+    return out
+
+
 def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of ``curve`` (density, psnr) at density ``x``; ``None`` outside its range."""
     pts = sorted(p for p in curve if p[1] is not None)
@@ -216,6 +261,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.15, help="dense warm-up fraction of steps, for every method")
     parser.add_argument("--methods", default=",".join(SWEEPS), help=f"comma list of {list(SWEEPS)}")
+    parser.add_argument("--probe", action="store_true", help="first record block self-similarity quantiles per layer")
     parser.add_argument("--per-method", type=int, default=0, help="evenly spaced subset of N settings per method (0: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=5000)
@@ -272,6 +318,10 @@ def main() -> None:
     print("dense", report["dense"], flush=True)
 
     out_json = args.out / f"{name}.json"
+    if args.probe:
+        report["similarity_probe"] = probe_similarity(pipe, captions, common)
+        print("similarity", json.dumps(report["similarity_probe"]["per_layer"]), flush=True)
+        out_json.write_text(json.dumps(report, indent=1))
     for label in methods:
         method_name = "permuted" if label == "permuted_kmeans" else label
         for options in sweeps[label]:
