@@ -130,15 +130,22 @@ def hand_call(grid, seq_len: int, step: int, ctx: TransformerContext | None = No
 
 
 def dense_fn(q, k, v, device: torch.device):
-    """Dense attention on the best backend (cuDNN on CUDA)."""
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Dense attention on the best backend: ``(fn, backend name)``; cuDNN on CUDA, else flash, else default."""
+    if device.type != "cuda":
+        return (lambda: F.scaled_dot_product_attention(q, k, v)), "cpu_sdpa"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def run():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
-        return run
-    return lambda: F.scaled_dot_product_attention(q, k, v)
+        try:
+            run()
+            torch.cuda.synchronize(device)
+            return run, name
+        except RuntimeError as exc:
+            print(f"dense backend {name} failed: {exc}", flush=True)
+    return (lambda: F.scaled_dot_product_attention(q, k, v)), "sdpa_default"
 
 
 def random_mask(nb: int, density: float, device: torch.device, seed: int = 0):
@@ -158,8 +165,9 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
     base = {"shape": label, "tokens": S, "heads": heads, "head_dim": dim, "grid": list(grid), "dtype": str(dtype)}
     dense_ms = None
     if not skip_attention:
-        dense_ms = time_ms(dense_fn(q, k, v, device), device, reps)
-        log.append(dict(base, row="dense", backend="cudnn" if device.type == "cuda" else "cpu_sdpa", ms=dense_ms))
+        fn, backend = dense_fn(q, k, v, device)
+        dense_ms = time_ms(fn, device, reps)
+        log.append(dict(base, row="dense", backend=backend, ms=dense_ms))
         print(log[-1], flush=True)
         nb = -(-S // 128)
         for d in FIXED_DENSITIES:
