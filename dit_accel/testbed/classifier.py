@@ -42,6 +42,7 @@ __all__ = [
     "SINGLE_LABEL_HEADS",
     "head_targets",
     "classifier_loss",
+    "accuracy_from_logits",
     "attribute_accuracy",
     "train_classifier",
     "save_classifier",
@@ -105,7 +106,8 @@ PALETTE_SIGMA: float = 0.1
 """Width (RGB distance in [0, 1] units) of the soft colour masks; the closest palette colours are 0.36 apart."""
 
 TRACK_POINTS: int = 8
-"""Time points of the per-colour tracks (centroid x, y and area of each palette colour's mask)."""
+"""Time points of the per-colour tracks (centroid x, y and area of each palette colour's mask); five motion
+summaries per colour (presence, displacement x/y, path beyond the displacement, size change) come with them."""
 
 INPUT_CHANNELS: int = 3 + len(ATTRIBUTES["color"])
 """Trunk input: RGB and one soft mask per palette colour."""
@@ -135,7 +137,7 @@ class AttributeClassifier(nn.Module):
             _conv(3 * w, 4 * w, (1, 2, 2)),
             _conv(4 * w, 4 * w, 1),
         )
-        tracks = 3 * TRACK_POINTS * len(ATTRIBUTES["color"])
+        tracks = (3 * TRACK_POINTS + 5) * len(ATTRIBUTES["color"])
         self.project = nn.Sequential(
             nn.Linear(8 * w + tracks, self.config.feature_dim),
             nn.SiLU(),
@@ -178,8 +180,21 @@ class AttributeClassifier(nn.Module):
             present = area / (area + 1e-3)  # ~1 where the colour is in the frame, so absent colours read 0
             cx = (masks * xs).mean(dim=(3, 4)) / (area + 1e-6) * present
             cy = (masks * ys).mean(dim=(3, 4)) / (area + 1e-6) * present
-            track = torch.stack([cx, cy, 10.0 * area.sqrt()], dim=2)  # (B, C, 3, T)
-            track = F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1)
+            size = area.sqrt()
+            track = torch.stack([cx, cy, 10.0 * size], dim=2)  # (B, C, 3, T)
+            # Motion summaries per colour: displacement first->last quarter, path length beyond the displacement
+            # (bouncing), relative change of size (pulsing).
+            q = max(1, t // 4)
+            dx = cx[..., -q:].mean(-1) - cx[..., :q].mean(-1)
+            dy = cy[..., -q:].mean(-1) - cy[..., :q].mean(-1)
+            path = ((cx[..., 1:] - cx[..., :-1]).abs() + (cy[..., 1:] - cy[..., :-1]).abs()).sum(-1)
+            pulse = size.std(dim=-1) / (size.mean(dim=-1) + 1e-3) * present.mean(-1)
+            motion = torch.stack(
+                [present.mean(-1), 3.0 * dx, 3.0 * dy, 3.0 * (path - dx.abs() - dy.abs()), 5.0 * pulse], dim=-1
+            )
+            track = torch.cat(
+                [F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1), motion.flatten(1)], dim=1
+            )
             grid = torch.cat([video, 2.0 * masks - 1.0], dim=1)
         return grid, track
 
