@@ -16,6 +16,8 @@ seeds. Reported per (method, setting):
 * ``accuracy``: prompt-attribute accuracy of the shipped classifier (``classifier.attribute_accuracy``,
   ``mean`` of shape/color/motion/background), and the dense videos' accuracy as reference;
 * planning time per generation and the temporal-skip counters (refresh share, skipped tiles);
+* with ``--coverage``: a selector study on q/k captured from one dense generation: the share of the
+  true attention mass that oracle, draft and window keep at equal tile density, raster vs 3D-tile order;
 * with ``--probe``: quantiles of the blocks' self-similarity per layer (q and k, raster and tile order),
   to calibrate ``similarity_threshold``.
 
@@ -189,6 +191,81 @@ def probe_similarity(pipe, captions: list[str], common: dict) -> dict:
     return out
 
 
+class QKCapture(dit_accel.AttentionMethod):
+    """Runs dense and keeps q and k (first batch row, ``cond`` branch) of every self-attention layer at the
+    denoising steps ``steps``."""
+
+    name = "sparse_quality_capture"
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        super().__init__(min_seq_len=0)
+        self.steps = steps
+        self.store: list[tuple[int, int, torch.Tensor, torch.Tensor, object]] = []
+
+    def plan(self, q, k, ctx):
+        """Keep q and k, then decline (dense)."""
+        if ctx.step in self.steps and ctx.branches[0] == "cond":
+            self.store.append((ctx.step, ctx.layer, q[:1].detach().clone(), k[:1].detach().clone(), ctx.layout))
+        return None
+
+
+COVERAGE_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+COVERAGE_TOP_P = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+COVERAGE_WINDOWS = ((0, 0), (0, 2), (1, 2), (1, 4), (2, 4), (1, 8), (2, 8), (3, 12), (4, 16), (8, 24), (16, 32))
+
+
+def coverage_study(pipe, captions: list[str], common: dict) -> dict:
+    """Selector study on captured q/k of one dense generation: share of the TRUE attention mass each selector
+    keeps at equal tile density (oracle, draft and window; raster and 3D-tile order), averaged over layers and
+    steps. Density here counts the selector's tiles only (no safety valves): it isolates selection quality."""
+    from dit_accel.attention.draft import draft_estimate, permute_tokens, top_p_keep
+    from dit_accel.attention.oracle import block_mass
+    from dit_accel.attention.tiling import block_boxes, sequence_order, token_coords
+    from dit_accel.attention.window import window_keep
+
+    steps = common["steps"]
+    capture = QKCapture(tuple(sorted({max(1, steps // 10), steps // 4, steps // 2, (3 * steps) // 4, steps - 2})))
+    dit_accel.apply(pipe, attention=capture)
+    try:
+        generate(pipe, captions[:1], **dict(common, batch=1))
+    finally:
+        dit_accel.remove(pipe)
+
+    def curve(keeps, mass):
+        return [(float(kp.float().mean()), float((mass * kp).sum(-1).mean())) for kp in keeps]
+
+    curves: dict[str, list[list[tuple[float, float]]]] = {}
+    for step, layer, q, k, layout in capture.store:
+        if layer == 0:
+            continue
+        S = q.shape[2]
+        for order in ("raster", "tile"):
+            perm = sequence_order(layout, S, q.device) if order == "tile" else None
+            if order == "tile" and perm is None:
+                continue
+            mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
+            eye = torch.eye(mass.shape[-1], dtype=torch.bool, device=q.device)
+            curves.setdefault(f"oracle/{order}", []).append(curve([top_p_keep(mass, p, 1) | eye for p in COVERAGE_TOP_P], mass))
+            est = draft_estimate(q, k, perm=perm, top_p=1.0, min_blocks_fraction=0.0, similarity_threshold=-1.0)
+            curves.setdefault(f"draft/{order}", []).append(curve([top_p_keep(est.probs, p, 1) | eye for p in COVERAGE_TOP_P], mass))
+            coords = token_coords(layout, S, q.device)
+            if coords is not None:
+                if perm is not None:
+                    coords = coords.index_select(0, perm)
+                lo, hi = block_boxes(coords)
+                keeps = [window_keep(lo, hi, f, r, "none")[None, None] for f, r in COVERAGE_WINDOWS]
+                curves.setdefault(f"window/{order}", []).append(curve(keeps, mass))
+    table: dict = {}
+    for name, per_call in curves.items():
+        row = {}
+        for d in COVERAGE_DENSITIES:
+            vals = [v for v in (interpolate(c, d) for c in per_call) if v is not None]
+            row[str(d)] = round(sum(vals) / len(vals), 4) if vals else None
+        table[name] = row
+    return {"calls": len(capture.store), "steps": list(capture.steps), "coverage_at_density": table,
+            "note": "mean share of the true attention mass kept, interpolated at each tile density"}
+
+
 def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of ``curve`` (density, psnr) at density ``x``; ``None`` outside its range."""
     pts = sorted(p for p in curve if p[1] is not None)
@@ -261,6 +338,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.15, help="dense warm-up fraction of steps, for every method")
     parser.add_argument("--methods", default=",".join(SWEEPS), help=f"comma list of {list(SWEEPS)}")
+    parser.add_argument("--coverage", action="store_true", help="selector study: true-mass coverage at equal density")
     parser.add_argument("--probe", action="store_true", help="first record block self-similarity quantiles per layer")
     parser.add_argument("--per-method", type=int, default=0, help="evenly spaced subset of N settings per method (0: all)")
     parser.add_argument("--batch", type=int, default=8)
@@ -321,6 +399,10 @@ def main() -> None:
     if args.probe:
         report["similarity_probe"] = probe_similarity(pipe, captions, common)
         print("similarity", json.dumps(report["similarity_probe"]["per_layer"]), flush=True)
+        out_json.write_text(json.dumps(report, indent=1))
+    if args.coverage:
+        report["coverage_study"] = coverage_study(pipe, captions, common)
+        print("coverage", json.dumps(report["coverage_study"]["coverage_at_density"]), flush=True)
         out_json.write_text(json.dumps(report, indent=1))
     for label in methods:
         method_name = "permuted" if label == "permuted_kmeans" else label
