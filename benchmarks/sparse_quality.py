@@ -1,6 +1,7 @@
 """Quality of the sparse attention methods on the trained testbed, against dense with the same seeds.
 
     python benchmarks/sparse_quality.py --out benchmarks/results                      # GPU, evaluation size
+    python benchmarks/sparse_quality.py --append --methods draft,permuted --out benchmarks/results   # split over calls
     python benchmarks/sparse_quality.py --tiny --out /tmp                             # CPU smoke test (random tiny model)
     python benchmarks/sparse_quality.py --device cpu --side 128 --frames 8 --prompts 4 --steps 10 \
         --name sparse_quality_cpu                                                     # reduced CPU-size measurement
@@ -338,6 +339,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.15, help="dense warm-up fraction of steps, for every method")
     parser.add_argument("--methods", default=",".join(SWEEPS), help=f"comma list of {list(SWEEPS)}")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing <name>.json with the same setup and run only the missing settings")
     parser.add_argument("--coverage", action="store_true", help="selector study: true-mass coverage at equal density")
     parser.add_argument("--probe", action="store_true", help="first record block self-similarity quantiles per layer")
     parser.add_argument("--per-method", type=int, default=0, help="evenly spaced subset of N settings per method (0: all)")
@@ -396,6 +399,17 @@ def main() -> None:
     print("dense", report["dense"], flush=True)
 
     out_json = args.out / f"{name}.json"
+    done: set[str] = set()
+    if args.append and out_json.is_file():
+        previous = json.loads(out_json.read_text())
+        if previous.get("setup") == report["setup"]:
+            report["results"] = previous.get("results", [])
+            for key in ("coverage_study", "similarity_probe"):
+                if key in previous:
+                    report[key] = previous[key]
+            done = {f"{r['method']} {json.dumps(r['options'], sort_keys=True)}" for r in report["results"]}
+        else:
+            print(f"--append: {out_json} has another setup; starting over", flush=True)
     if args.probe:
         report["similarity_probe"] = probe_similarity(pipe, captions, common)
         print("similarity", json.dumps(report["similarity_probe"]["per_layer"]), flush=True)
@@ -407,6 +421,8 @@ def main() -> None:
     for label in methods:
         method_name = "permuted" if label == "permuted_kmeans" else label
         for options in sweeps[label]:
+            if f"{label} {json.dumps(options, sort_keys=True)}" in done:
+                continue
             opts = dict(options, dense_warmup=args.warmup, dense_first_layers=1, dense_last_step=True, min_seq_len=0)
             handle = dit_accel.apply(pipe, attention=dit_accel.get_method(method_name, **opts))
             try:
