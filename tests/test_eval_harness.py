@@ -106,6 +106,8 @@ def test_report_structure_and_reference(report: dict) -> None:
     assert "psnr" not in dense["metrics"] and dense["speed"]["speedup_vs_dense"] == pytest.approx(1.0)
     assert len(dense["per_step"]["step_seconds"]) == SIZE["num_inference_steps"]
     # our processors in dense mode reproduce the stock pipeline
+    # the handle's summaries cover every prompt: 2 prompts x 4 steps x 2 branches x 2 layers
+    assert report["configs"][1]["attention_summary"]["attention_calls"] == 2 * 4 * 2 * 2
     ours = report["configs"][1]["metrics"]
     assert ours["psnr"] > 60 and ours["ssim"] > 0.999 and ours["feature_distance"] < 1e-4
     assert ours["fid_vs_dense"] == pytest.approx(0.0, abs=1e-3)

@@ -116,10 +116,15 @@ def _feature_net(choice: str, weights: Path | None, device: Any) -> Any:
             raise ValueError("--feature-net inception needs --feature-weights pointing to the Inception weights file")
         return InceptionFeatures(weights).to(device)
     folder = weights or WEIGHTS_DIR / "classifier"
-    if choice == "auto" and not (folder / "classifier.safetensors").is_file():
-        print(f"dit-accel eval: note: no testbed classifier at {folder}; feature metrics skipped", file=sys.stderr)
+    try:
+        return load_testbed_features(folder, device=device)
+    except (FileNotFoundError, RuntimeError) as err:
+        if choice == "testbed":
+            raise ValueError(f"cannot load the testbed classifier from {folder}: {err}") from err
+        # auto: the report is still useful without feature metrics
+        print(f"dit-accel eval: note: no usable testbed classifier at {folder} ({str(err).splitlines()[0]}); "
+              "feature metrics skipped", file=sys.stderr)
         return None
-    return load_testbed_features(folder, device=device)
 
 
 def run(args: argparse.Namespace) -> int:

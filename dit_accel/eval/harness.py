@@ -187,8 +187,10 @@ def _generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings, handle:
             return out
 
         scheduler.step = timed_step
-    if handle is not None:
-        handle.reset_stats()
+    # Records accumulate on the handle over the configuration's generations (its summaries cover all
+    # of them); this generation's records are the new ones.
+    n_attn = len(handle.stats()) if handle is not None else 0
+    n_cache = len(handle.cache_stats()) if handle is not None else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     try:
@@ -204,8 +206,8 @@ def _generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings, handle:
     steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
     gen = _Generation(prompt, seed, _frames(output), seconds, steps)
     if handle is not None:
-        gen.attention_records = handle.stats()
-        gen.cache_records = handle.cache_stats()
+        gen.attention_records = handle.stats()[n_attn:]
+        gen.cache_records = handle.cache_stats()[n_cache:]
     return gen
 
 
@@ -428,6 +430,8 @@ def evaluate(
                 for _ in range(settings.warmup):
                     _generate(pipe, prompts[0], seeds[0], settings, handle)
                     bar.update()
+                if handle is not None:
+                    handle.reset_stats()  # summaries cover the timed generations only
                 gens: list[_Generation] = []
                 acc = _ConfigMetrics()
                 for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
