@@ -268,3 +268,31 @@ def test_extreme_settings_and_unknown_grids_give_finite_outputs(name):
             out = block_sparse_attention(permute_tokens(q, perm), permute_tokens(k, perm), permute_tokens(v, perm), mask)
             assert torch.isfinite(out).all()
     assert sequence_order(hand_context(grid=None).layout(390, 0, "none"), 390, "cpu") is None
+
+
+@pytest.mark.parametrize("name, options", [("permuted", {"order": "tile"}), ("permuted", {"order": "kmeans"}),
+                                           ("draft", {}), ("window", None)])
+def test_sparse_output_equals_token_masked_attention(name, options):
+    """The planned mask is applied in the planned order: permute, kernel, un-permute equals exact attention with
+    the token-level mask that the block mask implies in the model's order."""
+    q, k = smooth_qk()
+    v = torch.randn_like(q)
+    if options is None:
+        options = dict(frame_radius=0, space_radius=4)
+    else:
+        options = dict(options, top_p=0.7, min_blocks_fraction=0.0, similarity_threshold=-1.0)
+    method = dit_accel.get_method(name, dense_warmup=0.0, dense_first_layers=0, **options)
+    plan = method.plan(q, k, call_at(hand_context(), 1, 1024))
+    mask, perm = (plan.mask, plan.perm) if hasattr(plan, "perm") else (plan, None)
+    keep = mask_bool(mask).expand(1, 2, 8, 8)
+    assert not keep.all()
+    out = block_sparse_attention(permute_tokens(q, perm), permute_tokens(k, perm), permute_tokens(v, perm), mask)
+    if perm is not None:
+        out = permute_tokens(out, torch.argsort(perm, dim=-1))
+    order = torch.arange(1024).expand(1, 2, 1024) if perm is None else perm.expand(1, 2, 1024)
+    block_of = torch.argsort(order, dim=-1) // 128  # planned block of every original token
+    rows = torch.gather(keep, 2, block_of[..., None].expand(-1, -1, -1, 8))
+    token_mask = torch.gather(rows, 3, block_of[:, :, None, :].expand(-1, -1, 1024, -1))
+    logits = (q @ k.transpose(-1, -2)) / 8.0
+    expected = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), -1) @ v
+    assert (out - expected).abs().max().item() < 1e-4
