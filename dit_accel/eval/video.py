@@ -148,24 +148,22 @@ def block_matching_flow(prev: torch.Tensor, nxt: torch.Tensor, block: int = 8, r
     For every ``block x block`` block of ``prev``, the integer shift within ``+-radius`` px whose shifted
     ``nxt`` block has the smallest mean absolute difference (grey levels); ties keep the smaller shift.
     """
-    a, b = _gray(prev.double()), _gray(nxt.double())
+    a, b = _gray(prev.float()), _gray(nxt.float())
     h, w = a.shape
     hb, wb = h // block, w // block
     if hb == 0 or wb == 0:
         raise ValueError(f"frames of {h}x{w} px are smaller than one {block}x{block} block")
     padded = F.pad(b[None, None], (radius, radius, radius, radius), mode="replicate")[0, 0]
-    best = torch.full((hb, wb), float("inf"), dtype=torch.float64)
-    flow = torch.zeros(hb, wb, 2, dtype=torch.float64)
-    # Search shifts from the smallest magnitude outwards, so ties keep the smallest motion.
-    shifts = sorted(((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)), key=lambda s: (s[0] ** 2 + s[1] ** 2, s))
-    for dx, dy in shifts:
-        moved = padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
-        cost = F.avg_pool2d((moved - a).abs()[None, None, : hb * block, : wb * block], block)[0, 0]
-        better = cost < best - 1e-12
-        best = torch.where(better, cost, best)
-        flow[..., 0] = torch.where(better, float(dx), flow[..., 0])
-        flow[..., 1] = torch.where(better, float(dy), flow[..., 1])
-    return flow.float()
+    # Candidates ordered by shift magnitude, so argmin (first minimum) keeps the smallest motion on ties.
+    shifts = sorted(((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
+                    key=lambda s: (s[0] ** 2 + s[1] ** 2, s))
+    windows = padded.unfold(0, h, 1).unfold(1, w, 1)  # (2r+1, 2r+1, h, w): window [dy+r, dx+r]
+    moved = torch.stack([windows[radius + dy, radius + dx] for dx, dy in shifts])  # (S, h, w)
+    diff = (moved - a)[:, None, : hb * block, : wb * block].abs()
+    cost = F.avg_pool2d(diff, block)[:, 0]  # (S, hb, wb)
+    best = cost.argmin(dim=0)
+    table = torch.tensor(shifts, dtype=torch.float32)  # (S, 2) as (dx, dy)
+    return table[best]
 
 
 def _cv2():
