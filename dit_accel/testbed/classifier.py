@@ -113,13 +113,53 @@ INPUT_CHANNELS: int = 3 + len(ATTRIBUTES["color"])
 """Trunk input: RGB and one soft mask per palette colour."""
 
 
+BACKGROUND_FEATURES: int = 7
+"""Texture summaries of the background (pixels away from palette-coloured objects): mean absolute band-pass
+energy at four scales plus the large-scale variation (log), and the 2- and 4-fold orientation coherence of the
+fine gradients (stripes: both high; checks: 4-fold only; dots and clouds: neither)."""
+
+
+def _box_blur(x: torch.Tensor, k: int) -> torch.Tensor:
+    # Separable box filter, normalised at the borders (equal to a k x k box with count_include_pad=False).
+    x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, k // 2), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0), count_include_pad=False)
+
+
+def _background_features(rgb01: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, BACKGROUND_FEATURES) from frames (B, 3, T, h, w) in [0, 1] and palette masks (B, C, T, h, w)."""
+    b, _, t, h, w = rgb01.shape
+    lum = rgb01.mean(dim=1).reshape(b * t, 1, h, w)
+    near_object = F.max_pool2d(masks.amax(dim=1).reshape(b * t, 1, h, w), 7, stride=1, padding=3)
+    weight = (1.0 - near_object).clamp(0.0, 1.0)
+    wsum = weight.sum(dim=(2, 3)) + 1e-3
+    scale = min(h, w) / 128.0
+    levels = [lum] + [_box_blur(lum, max(3, 2 * round(k * scale / 2) + 1)) for k in (5, 11, 23, 47)]
+    feats = [((a - c).abs() * weight).sum(dim=(2, 3)) / wsum for a, c in zip(levels[:-1], levels[1:])]
+    coarse = levels[-1]
+    mean = (coarse * weight).sum(dim=(2, 3), keepdim=True) / wsum[..., None, None]
+    feats.append(((coarse - mean).abs() * weight).sum(dim=(2, 3)) / wsum)
+    energies = torch.cat(feats, dim=1).clamp_min(1e-5).log() / 3.0
+    g = levels[1]
+    gx = F.pad(g[..., 2:] - g[..., :-2], (1, 1)) / 2
+    gy = F.pad(g[..., 2:, :] - g[..., :-2, :], (0, 0, 1, 1)) / 2
+    mag2 = gx * gx + gy * gy
+    den = (mag2 * weight).sum(dim=(2, 3)) + 1e-9
+    # (gx + i gy)^2 and ^4 / |g|^2 via real arithmetic: double and quadruple the gradient angle.
+    c2, s2 = gx * gx - gy * gy, 2 * gx * gy
+    c4, s4 = (c2 * c2 - s2 * s2) / (mag2 + 1e-12), (2 * c2 * s2) / (mag2 + 1e-12)
+    z2 = torch.sqrt(((c2 * weight).sum(dim=(2, 3)) ** 2 + (s2 * weight).sum(dim=(2, 3)) ** 2)) / den
+    z4 = torch.sqrt(((c4 * weight).sum(dim=(2, 3)) ** 2 + (s4 * weight).sum(dim=(2, 3)) ** 2)) / den
+    return torch.cat([energies, z2, z4], dim=1).view(b, t, -1).mean(dim=1)
+
+
 class AttributeClassifier(nn.Module):
     """3D-conv attribute classifier of testbed videos; see the module docstring for heads and accuracy.
 
     The trunk sees the frames and one soft mask per palette colour (fixed, from ``data.COLOR_RGB``); its last
     stage is mean- and max-pooled over time and space and concatenated with per-colour tracks (mask centroid
     and area at ``TRACK_POINTS`` times) before a two-layer projection to the features. The masks and tracks
-    make colour, colour-shape binding and motion quick to learn; textures and shapes come from the convs.
+    make colour, colour-shape binding and motion quick to learn, texture summaries of the background (see
+    :data:`BACKGROUND_FEATURES`) the background; shapes come from the convs.
     """
 
     def __init__(self, config: ClassifierConfig | None = None):
@@ -137,7 +177,7 @@ class AttributeClassifier(nn.Module):
             _conv(3 * w, 4 * w, (1, 2, 2)),
             _conv(4 * w, 4 * w, 1),
         )
-        tracks = (3 * TRACK_POINTS + 5) * len(ATTRIBUTES["color"])
+        tracks = (3 * TRACK_POINTS + 5) * len(ATTRIBUTES["color"]) + BACKGROUND_FEATURES
         self.project = nn.Sequential(
             nn.Linear(8 * w + tracks, self.config.feature_dim),
             nn.SiLU(),
@@ -193,7 +233,12 @@ class AttributeClassifier(nn.Module):
                 [present.mean(-1), 3.0 * dx, 3.0 * dy, 3.0 * (path - dx.abs() - dy.abs()), 5.0 * pulse], dim=-1
             )
             track = torch.cat(
-                [F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1), motion.flatten(1)], dim=1
+                [
+                    F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1),
+                    motion.flatten(1),
+                    _background_features(rgb01[:, 0], masks),
+                ],
+                dim=1,
             )
             grid = torch.cat([video, 2.0 * masks - 1.0], dim=1)
         return grid, track
