@@ -82,6 +82,22 @@ def test_save_load_round_trip(tmp_path):
         load_classifier(tmp_path / "missing")
 
 
+def test_configs_saved_before_the_summaries_load_without_them(tmp_path):
+    import dataclasses
+    import json
+
+    old = AttributeClassifier(dataclasses.replace(TINY, motion_summaries=False, background_summaries=False)).eval()
+    save_classifier(old, tmp_path, dtype=torch.float16)
+    config_file = tmp_path / "classifier_config.json"
+    fields = json.loads(config_file.read_text())
+    del fields["motion_summaries"], fields["background_summaries"]
+    config_file.write_text(json.dumps(fields))
+    loaded = load_classifier(tmp_path)
+    assert not loaded.config.motion_summaries and not loaded.config.background_summaries
+    assert loaded.features(torch.zeros(1, 3, 4, 32, 32)).shape == (1, TINY.feature_dim)
+    assert AttributeClassifier(TINY).config.motion_summaries  # new models have them
+
+
 def test_short_training_reduces_loss():
     fixed = make_batch(16, 4, 32, 32, seed=99)
     torch.manual_seed(0)

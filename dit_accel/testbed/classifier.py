@@ -83,6 +83,10 @@ class ClassifierConfig:
     """Size of the penultimate features returned by ``features()``."""
     input_size: int = 128
     """The video is resized so its shorter side has this many pixels before the conv trunk."""
+    motion_summaries: bool = True
+    """Feed per-colour motion summaries (displacement, bounce path, size change) to the projection."""
+    background_summaries: bool = True
+    """Feed background texture summaries (:data:`BACKGROUND_FEATURES`) to the projection."""
     min_frames: int = 4
     """Fewest frames accepted."""
     min_side: int = 32
@@ -177,7 +181,9 @@ class AttributeClassifier(nn.Module):
             _conv(3 * w, 4 * w, (1, 2, 2)),
             _conv(4 * w, 4 * w, 1),
         )
-        tracks = (3 * TRACK_POINTS + 5) * len(ATTRIBUTES["color"]) + BACKGROUND_FEATURES
+        tracks = 3 * TRACK_POINTS * len(ATTRIBUTES["color"])
+        tracks += 5 * len(ATTRIBUTES["color"]) if self.config.motion_summaries else 0
+        tracks += BACKGROUND_FEATURES if self.config.background_summaries else 0
         self.project = nn.Sequential(
             nn.Linear(8 * w + tracks, self.config.feature_dim),
             nn.SiLU(),
@@ -232,14 +238,12 @@ class AttributeClassifier(nn.Module):
             motion = torch.stack(
                 [present.mean(-1), 3.0 * dx, 3.0 * dy, 3.0 * (path - dx.abs() - dy.abs()), 5.0 * pulse], dim=-1
             )
-            track = torch.cat(
-                [
-                    F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1),
-                    motion.flatten(1),
-                    _background_features(rgb01[:, 0], masks),
-                ],
-                dim=1,
-            )
+            parts = [F.adaptive_avg_pool1d(track.flatten(1, 2), TRACK_POINTS).flatten(1)]
+            if self.config.motion_summaries:
+                parts.append(motion.flatten(1))
+            if self.config.background_summaries:
+                parts.append(_background_features(rgb01[:, 0], masks))
+            track = torch.cat(parts, dim=1)
             grid = torch.cat([video, 2.0 * masks - 1.0], dim=1)
         return grid, track
 
@@ -481,7 +485,11 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> A
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found; save_classifier() writes {WEIGHTS_NAME} and {CONFIG_NAME}")
-    config = ClassifierConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    fields = json.loads((folder / CONFIG_NAME).read_text())
+    # Configs saved before the summaries existed describe a model without them.
+    fields.setdefault("motion_summaries", False)
+    fields.setdefault("background_summaries", False)
+    config = ClassifierConfig(**fields)
     model = AttributeClassifier(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
     model.load_state_dict(state)
