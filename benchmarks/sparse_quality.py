@@ -56,7 +56,9 @@ SWEEPS: dict[str, list[dict]] = {
     "temporal_skip": [{"quality": x} for x in QUALITIES],
     "combo": [{"quality": x} for x in QUALITIES],
     "oracle": [{"top_p": p} for p in (0.99, 0.97, 0.95, 0.9, 0.8, 0.7)],
-    "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 2), (1, 4), (1, 8), (2, 8), (3, 12), (4, 16))],
+    # Radii are token distances between the nearest tokens of two block boxes; with 2x8x8 tiles the distances
+    # that occur are 0/1/3/5.. frames and 0/1/9/17.. tokens, so these values give distinct windows.
+    "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 1), (1, 1), (1, 9), (3, 9), (3, 17), (5, 25))],
 }
 """Settings of each method's knob (the draft family: ``quality``; oracle: ``top_p``; window: radii).
 ``permuted_kmeans`` is ``permuted`` with the k-means order."""
