@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="search a feature-cache schedule for a model, step count and budget")
     calibrate_cmd.add_arguments(cal)
+
+    from dit_accel.eval import cli as eval_cmd
+
+    ev = sub.add_parser("eval", help="quality and speed of configurations vs dense over a prompt set, with a report")
+    eval_cmd.add_arguments(ev)
     return parser
 
 
@@ -328,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p = get_preset(name)
                 print(f"{p.tag:<16} attention={p.attention} cache={p.cache}  {p.description}")
             return 0
+        if ns.command == "eval":
+            from dit_accel.eval import cli as eval_cmd
+
+            return eval_cmd.run(ns)
         if ns.command == "calibrate":
             from dit_accel.caching import calibrate as calibrate_cmd
 
