@@ -287,8 +287,12 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
-    with torch.inference_mode():
-        output = pipe(**kwargs)
+    try:
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+    except ValueError as err:
+        # Pipelines validate sizes and prompts (e.g. the testbed's vocabulary) when called.
+        raise CLIError(str(err)) from err
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     generate_s = time.perf_counter() - t1
@@ -313,6 +317,7 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         "step_s": [round(s, 4) for s in per_step],
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         "attention_stats": handle.stats_summary(),
+        "cache_stats": handle.cache_summary(),
         "output": str(written),
     }
     _append_jsonl(args.log, record)

@@ -63,6 +63,44 @@ _PRESETS: dict[str, Preset] = {
             attention="dense",
             description="Our processors with exact dense attention (fastest available SDPA backend); the baseline.",
         ),
+        # Version 1 of the accelerating presets is provisional: the sparse settings come from the first
+        # GPU sweep on the testbed (benchmarks/results/sparse_quality_gpu_run1.md: draft at quality 1.0
+        # kept 37.9 dB at 0.87 density), the cache settings are the schedulers' defaults, not yet
+        # calibrated on the trained testbed. Re-calibration bumps the versions.
+        Preset(
+            name="quality",
+            version=1,
+            attention="draft",
+            attention_config={"quality": 1.0},
+            description="Draft-guided block-sparse attention at its most careful setting; no feature caching.",
+        ),
+        Preset(
+            name="balanced",
+            version=1,
+            attention="draft",
+            attention_config={"quality": 1.0},
+            cache="taylor",
+            cache_config={"interval": 2, "order": 1},
+            description="Draft block-sparse attention plus block reuse every other step with a linear forecast.",
+        ),
+        Preset(
+            name="fast",
+            version=1,
+            attention="combo",
+            attention_config={"quality": 0.8},
+            cache="taylor",
+            cache_config={"interval": 2, "order": 1},
+            description="Permuted + draft + temporal-skip attention, and block reuse every other step.",
+        ),
+        Preset(
+            name="turbo",
+            version=1,
+            attention="combo",
+            attention_config={"quality": 0.6, "drift_check": False},
+            cache="taylor",
+            cache_config={"interval": 3, "order": 1},
+            description="Aggressive: sparser attention and block reuse two steps out of three (visible quality loss likely).",
+        ),
     )
 }
 

@@ -73,3 +73,32 @@ def test_png_refuses_a_video(tmp_path: Path) -> None:
         cli.write_media(np.zeros((3, 8, 8, 3), np.float32) + 0.5, tmp_path / "x.png", fps=8)
     assert not (tmp_path / "x.png").exists()
     assert (tmp_path / "x.frames.npy").exists(), "frames must be kept when writing fails"
+
+
+def test_generate_end_to_end_on_the_shipped_testbed(tmp_path: Path) -> None:
+    """The README's main command at a tiny size: an mp4 and one run-log line with the acceleration's numbers."""
+    import json
+
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--model", "testbed", "--preset", "balanced", "--prompt", "a small red circle moving left on a striped background",
+            "--height", "64", "--width", "64", "--frames", "4", "--steps", "8", "--output", str(out)]
+    assert cli.main(argv) == 0
+    frames = np.stack(list(imageio.get_reader(str(out), format="FFMPEG").iter_data()))
+    assert frames.shape == (4, 64, 64, 3)
+    (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert record["acceleration"]["preset"] == "balanced@1"
+    assert record["acceleration"]["attention"] == "draft" and record["acceleration"]["cache"] is not None
+    assert len(record["step_s"]) == 8
+    # 512 tokens is below the sparse methods' min_seq_len: attention stays dense and says why.
+    assert record["attention_stats"]["dense_reasons"] == {"short_sequence": record["attention_stats"]["attention_calls"]}
+    # Taylor reuse every other step between 2 warm-up steps and 1 final step: some block evaluations are saved.
+    assert 0.5 <= record["cache_stats"]["transformer"]["compute_fraction"] < 1.0
+
+
+def test_generate_rejects_unknown_preset_and_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", "testbed", "--height", "64", "--width", "64", "--frames", "4", "--steps", "2"]
+    assert cli.main(base + ["--prompt", "a red circle", "--preset", "warp", "--output", str(tmp_path / "a.mp4")]) == 2
+    assert "unknown preset 'warp'" in capsys.readouterr().err
+    assert cli.main(base + ["--prompt", "a purple circle moving left on a plain background", "--output", str(tmp_path / "b.mp4")]) == 2
+    assert "purple" in capsys.readouterr().err
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()

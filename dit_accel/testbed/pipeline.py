@@ -288,7 +288,9 @@ class TestbedPipeline(DiffusionPipeline):
                     noise_pred = noise_uncond + self._guidance_scale * (noise_pred - noise_uncond)
                 latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in tensor_inputs}
+                    # Only "latents" is a valid tensor input (checked above); no locals() lookup, which a
+                    # comprehension cannot see on Python < 3.12.
+                    callback_kwargs = {k: latents for k in tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
