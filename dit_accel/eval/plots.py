@@ -61,11 +61,11 @@ def _fmt(v: float) -> str:
 
 
 class _Axes:
-    def __init__(self, title: str, xlabel: str, ylabel: str, xs: list[float], ys: list[float], size=(900, 560)):
+    def __init__(self, title: str, xlabel: str, ylabel: str, xs: list[float], ys: list[float], size=(1000, 560)):
         self.img = Image.new("RGB", size, "white")
         self.draw = ImageDraw.Draw(self.img)
         self.font, self.small, self.big = _font(14), _font(12), _font(17)
-        self.left, self.right, self.top, self.bottom = 80, size[0] - 250, 46, size[1] - 60
+        self.left, self.right, self.top, self.bottom = 80, size[0] - 340, 46, size[1] - 60
         self.xticks = nice_ticks(min(xs), max(xs)) if xs else [0.0, 1.0]
         self.yticks = nice_ticks(min(ys), max(ys)) if ys else [0.0, 1.0]
         self.x0, self.x1 = self.xticks[0], self.xticks[-1] if self.xticks[-1] > self.xticks[0] else self.xticks[0] + 1
@@ -98,7 +98,7 @@ class _Axes:
     def legend(self, name: str, color: tuple[int, int, int]) -> None:
         x = self.right + 14
         self.draw.rectangle([x, self.legend_y + 3, x + 12, self.legend_y + 15], fill=color)
-        text = name if len(name) <= 30 else name[:29] + "…"
+        text = name if len(name) <= 50 else name[:24] + "…" + name[-25:]
         self.draw.text((x + 18, self.legend_y + 1), text, fill="black", font=self.small)
         self.legend_y += 20
 
