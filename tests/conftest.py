@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -294,3 +295,13 @@ def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs, return_dict=False)
     return out[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on tiny shapes two threads fighting for the two shared
+    cores are far slower than one. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -68,13 +68,7 @@ def generate(pipe, steps: int = STEPS, prompt_seed: int = 1, negative_seed: int 
     ).frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is ~100x faster than two threads fighting for shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ SKIP = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, simil
             min_blocks_fraction=0.0, drift_check=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _observe_negligible(method, call, keep: torch.Tensor, tile: tuple[int, int, int]) -> None:
