@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("dit_accel")
 
+from dit_accel.argtypes import non_negative_float, positive_int
 from dit_accel.loading import DEVICES, DTYPES, TESTBED_MODEL
 
 
@@ -54,26 +55,6 @@ class GenerateArgs:
     overwrite: bool
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every ``dit-accel`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -92,17 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="text prompt (for the testbed: a caption of its grammar)")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt, if the pipeline takes one")
-    gen.add_argument("--height", type=_positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
-    gen.add_argument("--width", type=_positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
-    gen.add_argument("--frames", type=_positive_int, default=None, help="number of frames (video models only)")
-    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps")
-    gen.add_argument("--guidance", type=_non_negative_float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--height", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
+    gen.add_argument("--width", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
+    gen.add_argument("--frames", type=positive_int, default=None, help="number of frames (video models only)")
+    gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps")
+    gen.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--preset", default=None, help="speed preset name (see `dit-accel presets`)")
     gen.add_argument("--attention", default=None, help="attention method name; overrides the preset's")
     gen.add_argument("--cache", default=None, help="feature-cache scheduler name; overrides the preset's")
     gen.add_argument("--output", "-o", type=Path, default=Path("outputs/out.mp4"), help="output .mp4 (video) or .png (image)")
-    gen.add_argument("--fps", type=_positive_int, default=8, help="frames per second of the mp4 (default 8)")
+    gen.add_argument("--fps", type=positive_int, default=8, help="frames per second of the mp4 (default 8)")
     gen.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on cuda, float32 on cpu")
     gen.add_argument("--log", type=Path, default=None, help="JSONL run log to append to (default: OUTPUT with .jsonl)")

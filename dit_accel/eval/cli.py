@@ -24,27 +24,9 @@ from typing import Any, Sequence
 
 __all__ = ["add_arguments", "run", "main", "read_prompt_file"]
 
+from dit_accel.argtypes import non_negative_int, positive_int
+
 logger = logging.getLogger("dit_accel")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,14 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--list-configs", action="store_true", help="print the valid preset/attention/cache names and exit")
     parser.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line ('#' comments); default: built-in set")
-    parser.add_argument("--num-prompts", type=_positive_int, default=8, help="size of the built-in prompt set (held-out testbed captions; default 8)")
-    parser.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
-    parser.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
-    parser.add_argument("--frames", type=_positive_int, default=None, help="frames per video (default: the pipeline's)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--num-prompts", type=positive_int, default=8, help="size of the built-in prompt set (held-out testbed captions; default 8)")
+    parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the pipeline's)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames per video (default: the pipeline's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i (default 0)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed generations per configuration first (default 1)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed generations per configuration first (default 1)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--output", "-o", type=Path, default=None, help="report folder (default eval_results/<UTC time>)")
