@@ -73,3 +73,8 @@ def as_triple(value) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (1, value, value)
     return tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def split_heads(x: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
+    """``(B, S, heads*head_dim)`` -> ``(B, heads, S, head_dim)``, the layout of the restated legacy processors."""
+    return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)

@@ -16,7 +16,7 @@ from diffusers.utils import deprecate
 from dit_accel.attention.processors import DitAccelProcessorMixin
 from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import ForwardInputs
-from dit_accel.pipelines.base import Family, arg, module_of
+from dit_accel.pipelines.base import Family, arg, module_of, split_heads
 
 
 class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
@@ -64,9 +64,9 @@ class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query = split_heads(query, batch_size, attn.heads, head_dim)
+        key = split_heads(key, batch_size, attn.heads, head_dim)
+        value = split_heads(value, batch_size, attn.heads, head_dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:

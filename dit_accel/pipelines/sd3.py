@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from dit_accel.attention.processors import DitAccelProcessorMixin
 from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import ForwardInputs
-from dit_accel.pipelines.base import Family, arg, module_of
+from dit_accel.pipelines.base import Family, arg, module_of, split_heads
 
 
 class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
@@ -43,9 +43,9 @@ class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query = split_heads(query, batch_size, attn.heads, head_dim)
+        key = split_heads(key, batch_size, attn.heads, head_dim)
+        value = split_heads(value, batch_size, attn.heads, head_dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -54,9 +54,9 @@ class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
         text_tokens = 0
         if encoder_hidden_states is not None:
             text_tokens = encoder_hidden_states.shape[1]
-            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            eq = split_heads(attn.add_q_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+            ek = split_heads(attn.add_k_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+            ev = split_heads(attn.add_v_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
