@@ -12,7 +12,7 @@ import os
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse_common import BlockSparseOutput, check_inputs
+from .block_sparse_common import BlockSparseOutput, check_index, check_inputs
 from .block_sparse_reference import block_sparse_attention_reference
 
 __all__ = ["block_sparse_attention"]
@@ -33,6 +33,8 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     tile_stats: bool = False,
+    q_index: Tensor | None = None,
+    kv_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Non-causal attention restricted to the (query block, key block) tiles listed in a BlockMask.
 
@@ -47,6 +49,16 @@ def block_sparse_attention(
         tile_stats: also return ``(B, H, Q_BLOCKS, KV_BLOCKS)`` float32 tile statistics: for each computed
             tile ``max logit - min LSE of the block's rows`` (log upper bound of the tile's largest
             probability), ``-inf`` for tiles not computed.
+        q_index: optional token permutation of the queries, int32 ``(S_q,)`` or ``(B, H, S_q)`` (B, H may be
+            1): permuted query row ``i`` is row ``q_index[..., i]`` of ``q``. The kernel loads q rows
+            through it and writes out and LSE rows back to the original positions, so ``out`` and ``lse``
+            are in q's own order. The mask and the tile statistics are in the permuted order.
+        kv_index: the same for the keys and values (``(S_kv,)`` or ``(B, H, S_kv)``): permuted key ``j`` is
+            row ``kv_index[..., j]`` of ``k`` and ``v``. (With it, K/V use the pointer load path, not TMA.)
+            With both indices the call equals gathering q, k, v into the permuted order, running without
+            indices, and scattering the output back, without materialising the permuted copies.
+            Each index must be a permutation; the check syncs once per index tensor (a tensor that passed
+            is remembered), so reuse one int32 tensor per order.
 
     Returns:
         ``out`` ``(B, H, S_q, D)`` (dtype of q) when both flags are off; otherwise
@@ -54,13 +66,20 @@ def block_sparse_attention(
         with no key block gives zeros and LSE ``-inf``.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, head dims, mask sizes or scale (the message names them).
+        ValueError: bad shapes, dtypes, devices, head dims, mask sizes, scale or indices (the message
+            names them).
     """
     view = check_inputs(q, k, v, mask, scale)
+    B, H, S_q, _ = q.shape
+    q_index = check_index("q_index", q_index, B, H, S_q, q.device)
+    kv_index = check_index("kv_index", kv_index, B, H, k.shape[2], q.device)
     if not _use_triton(q):
         return block_sparse_attention_reference(
-            q, k, v, mask, scale=view.scale, return_lse=return_lse, tile_stats=tile_stats
+            q, k, v, mask, scale=view.scale, return_lse=return_lse, tile_stats=tile_stats,
+            q_index=q_index, kv_index=kv_index,
         )
     from .block_sparse_triton import block_sparse_attention_triton
 
-    return block_sparse_attention_triton(q, k, v, view, return_lse=return_lse, tile_stats=tile_stats)
+    return block_sparse_attention_triton(
+        q, k, v, view, return_lse=return_lse, tile_stats=tile_stats, q_index=q_index, kv_index=kv_index
+    )

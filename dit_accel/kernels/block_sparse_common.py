@@ -15,18 +15,35 @@ Layout contract (same as ``torch.nn.functional.scaled_dot_product_attention`` an
   the tile's share of any row's attention mass is at most ``KV_BLOCK_SIZE * exp(stat)``). Always
   ``<= 0`` up to rounding. Tiles not computed hold ``-inf``.
 - An empty query block (no key block) gives output zeros and LSE ``-inf``, never NaN.
+
+Token permutation folded into the loads (``q_index`` / ``kv_index``, both optional and independent):
+
+- ``q_index``: int32 ``(S_q,)`` or ``(B, H, S_q)`` (B, H may be 1: broadcast), a permutation of
+  ``0..S_q-1`` along its last dim: row ``i`` of the *permuted* query sequence is row ``q_index[i]`` of
+  ``q``. ``kv_index`` the same for k and v over ``S_kv``.
+- The mask is in the permuted order (query block ``qb`` = permuted rows ``qb*Q_BLOCK ...``), and so are
+  the tile statistics. The output and the LSE are in the *original* order of q: the result equals
+  ``scatter(attention(gather(q), gather(k), gather(v)))``, with no permuted copy materialised.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
-__all__ = ["BlockSparseOutput", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "MaskView", "check_inputs"]
+__all__ = [
+    "BlockSparseOutput",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "MaskView",
+    "check_index",
+    "check_inputs",
+]
 
 SUPPORTED_HEAD_DIMS = (64, 72, 128)
 """Head dims the kernel runs: 64 (SD3, CogVideoX, LTX), 72 (PixArt, padded to 128), 128 (Wan, HunyuanVideo, Flux)."""
@@ -143,3 +160,65 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float 
     return MaskView(
         kv_num, kv_idx, mask.full_kv_num_blocks, mask.full_kv_indices, q_block, kv_block, n_qb, n_kb, scale
     )
+
+
+# Index tensors already found to be permutations, by id: (weak reference, version counter at the check).
+# A fixed order (the 3D tile order, the same tensor at every call) is then checked once, not per call.
+_CHECKED_PERMUTATIONS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _known_permutation(index: Tensor) -> bool:
+    hit = _CHECKED_PERMUTATIONS.get(id(index))
+    return hit is not None and hit[0]() is index and hit[1] == index._version
+
+
+def _remember_permutation(index: Tensor) -> None:
+    if len(_CHECKED_PERMUTATIONS) >= 256:
+        for key, (ref, _) in list(_CHECKED_PERMUTATIONS.items()):
+            if ref() is None:
+                del _CHECKED_PERMUTATIONS[key]
+        if len(_CHECKED_PERMUTATIONS) >= 256:
+            _CHECKED_PERMUTATIONS.clear()
+    _CHECKED_PERMUTATIONS[id(index)] = (weakref.ref(index), index._version)
+
+
+def check_index(name: str, index: Tensor | None, B: int, H: int, S: int, device: torch.device) -> Tensor | None:
+    """Validate a token-permutation index (``q_index`` / ``kv_index``, see the module docstring).
+
+    It must be an int32 tensor on ``device`` of shape ``(S,)`` or ``(B or 1, H or 1, S)`` whose last dim
+    is a permutation of ``0..S-1``. The permutation check sorts the index and compares on the host, so on
+    a GPU it synchronises once per index tensor: a tensor that passed is remembered (by identity and
+    in-place version) and not checked again. Returns the index with a unit last stride, or None.
+
+    Raises:
+        ValueError: naming the argument and the bad dtype, device, shape or values.
+    """
+    if index is None:
+        return None
+    if not isinstance(index, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (int32 permutation) or None, got {type(index).__name__}")
+    if index.dtype != torch.int32:
+        raise ValueError(
+            f"{name} must be int32, got {index.dtype} (convert it once with .to(torch.int32) and reuse it)"
+        )
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but q, k, v are on {device}")
+    shape = tuple(index.shape)
+    ok_shape = (index.dim() == 1 and shape == (S,)) or (
+        index.dim() == 3 and shape[0] in (1, B) and shape[1] in (1, H) and shape[2] == S
+    )
+    if not ok_shape:
+        raise ValueError(f"{name} has shape {shape}; expected ({S},) or (B, H, {S}) with B in (1, {B}), H in (1, {H})")
+    if index.stride(-1) != 1:
+        index = index.contiguous()
+    if not _known_permutation(index):
+        ordered = torch.sort(index, dim=-1).values
+        expect = torch.arange(S, dtype=torch.int32, device=index.device).expand_as(ordered)
+        if not torch.equal(ordered, expect):
+            lo, hi = int(index.min()), int(index.max())
+            raise ValueError(
+                f"{name} must be a permutation of 0..{S - 1} along its last dim (each position exactly once); "
+                f"got values in [{lo}, {hi}] with repeats or gaps"
+            )
+        _remember_permutation(index)
+    return index

@@ -11,9 +11,32 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse_common import BlockSparseOutput, MaskView, check_inputs
+from .block_sparse_common import BlockSparseOutput, MaskView, check_index, check_inputs
 
-__all__ = ["block_allowed", "block_sparse_attention_reference"]
+__all__ = ["block_allowed", "block_sparse_attention_reference", "gather_rows", "scatter_rows"]
+
+
+def _row_index(x: Tensor, index: Tensor) -> Tensor:
+    """``index`` ``(S,)`` or ``(B|1, H|1, S)`` as an int64 ``(B, H, S, D)`` index over the rows of ``x``."""
+    B, H, _, D = x.shape
+    idx = index.long()
+    if idx.dim() == 1:
+        idx = idx.view(1, 1, -1)
+    return idx.expand(B, H, -1).unsqueeze(-1).expand(-1, -1, -1, D)
+
+
+def gather_rows(x: Tensor, index: Tensor | None) -> Tensor:
+    """``x`` ``(B, H, S, D)`` in permuted order: row ``i`` of the result is row ``index[..., i]`` of ``x``."""
+    if index is None:
+        return x
+    return torch.gather(x, 2, _row_index(x, index))
+
+
+def scatter_rows(x: Tensor, index: Tensor | None) -> Tensor:
+    """Inverse of :func:`gather_rows`: row ``index[..., i]`` of the result is row ``i`` of ``x``."""
+    if index is None:
+        return x
+    return torch.empty_like(x).scatter_(2, _row_index(x, index), x)
 
 
 def block_allowed(view: MaskView, B: int, H: int) -> Tensor:
@@ -44,6 +67,8 @@ def block_sparse_attention_reference(
     scale: float | None = None,
     return_lse: bool = False,
     tile_stats: bool = False,
+    q_index: Tensor | None = None,
+    kv_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Block-sparse attention in plain torch (float32 math), same contract as ``block_sparse_attention``.
 
@@ -53,6 +78,8 @@ def block_sparse_attention_reference(
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the per-row log-sum-exp.
         tile_stats: also return the per-tile statistics.
+        q_index, kv_index: optional int32 token permutations (see ``block_sparse_attention``): the
+            reference gathers q (k, v) into the permuted order, runs there, and scatters out and LSE back.
 
     Returns:
         The output tensor, or a :class:`BlockSparseOutput` when ``return_lse`` or ``tile_stats`` is set.
@@ -60,6 +87,10 @@ def block_sparse_attention_reference(
     view = check_inputs(q, k, v, mask, scale)
     B, H, S_q, _ = q.shape
     S_kv = k.shape[2]
+    q_index = check_index("q_index", q_index, B, H, S_q, q.device)
+    kv_index = check_index("kv_index", kv_index, B, H, S_kv, q.device)
+    q = gather_rows(q, q_index)
+    k, v = gather_rows(k, kv_index), gather_rows(v, kv_index)
     qbs, kbs = view.q_block, view.kv_block
     allowed = block_allowed(view, B, H)
     tok_allowed = allowed.repeat_interleave(qbs, dim=2).repeat_interleave(kbs, dim=3)[:, :, :S_q, :S_kv]
@@ -69,7 +100,7 @@ def block_sparse_attention_reference(
     lse = torch.logsumexp(logits, dim=-1)
     empty = torch.isinf(lse) & (lse < 0)
     probs = torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.matmul(probs, v.float()).to(q.dtype)
+    out = scatter_rows(torch.matmul(probs, v.float()).to(q.dtype), q_index)
 
     stats = None
     if tile_stats:
@@ -84,4 +115,6 @@ def block_sparse_attention_reference(
 
     if not (return_lse or tile_stats):
         return out
+    if return_lse and q_index is not None:
+        lse = scatter_rows(lse.unsqueeze(-1), q_index).squeeze(-1)
     return BlockSparseOutput(out, lse if return_lse else None, stats)

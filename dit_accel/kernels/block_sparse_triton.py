@@ -10,6 +10,12 @@ Ragged tails cost no masked loads: row indices past the end are clamped to the l
 is in bounds and reads this head's own data), the clamped key columns get ``-inf`` logits in the one
 tile that reaches past the end, and output rows past the end are not stored.
 
+Token permutations are folded into the addressing: with ``q_index`` the program's query rows are
+loaded from (and its output and LSE rows stored to) ``q_index[row]``; with ``kv_index`` each key/value
+sub-tile loads ``kv_index[col]`` first and then those rows (each row stays D contiguous elements, so the
+loads stay coalesced; TMA, which copies contiguous boxes, is not used then). Clamping happens in the
+permuted order, before the lookup, so everything above holds unchanged.
+
 Tile statistics are a by-product: the row maxima of each tile are already computed for the online
 softmax; their maximum over the tile's rows is stored per tile, and in the epilogue, once the final LSE
 is known, the program subtracts the smallest LSE of its rows from its own tiles.
@@ -40,10 +46,10 @@ def _attend_listed_blocks(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
     idx_row, n_listed, ts_row, S_KV, qk_scale,
-    offs_d,
+    offs_d, kvidx_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
-    EVEN_KV: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_KV: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr, HAS_KVIDX: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over the first ``n_listed`` key blocks of ``idx_row``."""
     SUB: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -66,6 +72,9 @@ def _attend_listed_blocks(
                 rows_kv = cols
             else:
                 rows_kv = tl.minimum(cols, S_KV - 1)
+            if HAS_KVIDX:
+                # Permuted key position -> original row (the mask lists blocks of the permuted order).
+                rows_kv = tl.load(kvidx_base + rows_kv)
             k_ptrs = k_base + rows_kv[:, None] * stride_kn + offs_d[None, :]
             v_ptrs = v_base + rows_kv[:, None] * stride_vn + offs_d[None, :]
             if HEAD_DIM == HEAD_DIM_PAD:
@@ -117,7 +126,7 @@ def _finish_tile_stats(idx_row, n_listed, ts_row, lse_min, CHUNK: tl.constexpr):
 @triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, TS, desc_k, desc_v,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, QIDX, KVIDX,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -127,11 +136,13 @@ def _block_sparse_fwd(
     stride_fnb, stride_fnh, stride_fnq,
     stride_fib, stride_fih, stride_fiq,
     stride_tb, stride_th, stride_tq,
+    stride_qib, stride_qih, stride_kib, stride_kih,
     H, S_Q, S_KV, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
     RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -141,6 +152,12 @@ def _block_sparse_fwd(
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rows_q = tl.minimum(offs_m, S_Q - 1)
+    if HAS_QIDX:
+        # Permuted query position -> original row; out and LSE go back to the same rows.
+        rows_q = tl.load(QIDX + b.to(tl.int64) * stride_qib + h.to(tl.int64) * stride_qih + rows_q)
+        rows_o = rows_q
+    else:
+        rows_o = offs_m
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows_q[:, None] * stride_qm + offs_d[None, :]
     if HEAD_DIM == HEAD_DIM_PAD:
         q = tl.load(q_ptrs)
@@ -156,6 +173,7 @@ def _block_sparse_fwd(
     k_col0 = (k_off % stride_kn).to(tl.int32)
     v_row0 = (v_off // stride_vn).to(tl.int32)
     v_col0 = (v_off % stride_vn).to(tl.int32)
+    kvidx_base = KVIDX + b.to(tl.int64) * stride_kib + h.to(tl.int64) * stride_kih
     ts_row = TS + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + qb * stride_tq
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -166,23 +184,23 @@ def _block_sparse_fwd(
     idx_part = KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb * stride_iq
     acc, l_i, m_i = _attend_listed_blocks(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-        idx_part, n_part, ts_row, S_KV, qk_scale, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA,
+        idx_part, n_part, ts_row, S_KV, qk_scale, offs_d, kvidx_base,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA, HAS_KVIDX,
     )
     if HAS_FULL:
         n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
         idx_full = FULL_IDX + b.to(tl.int64) * stride_fib + h.to(tl.int64) * stride_fih + qb * stride_fiq
         acc, l_i, m_i = _attend_listed_blocks(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-            idx_full, n_full, ts_row, S_KV, qk_scale, offs_d,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA,
+            idx_full, n_full, ts_row, S_KV, qk_scale, offs_d, kvidx_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_BLOCK, EVEN_KV, TILE_STATS, USE_TMA, HAS_KVIDX,
         )
 
     # Empty query block: l_i == 0 -> output 0, LSE -inf (never 0/0).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows_o[:, None] * stride_om + offs_d[None, :]
     o_mask = offs_m[:, None] < S_Q
     if HEAD_DIM != HEAD_DIM_PAD:
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
@@ -191,7 +209,7 @@ def _block_sparse_fwd(
     if RETURN_LSE or TILE_STATS:
         lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
         if RETURN_LSE:
-            tl.store(LSE + bh.to(tl.int64) * S_Q + offs_m, lse2 * 0.6931471805599453, mask=offs_m < S_Q)
+            tl.store(LSE + bh.to(tl.int64) * S_Q + rows_o, lse2 * 0.6931471805599453, mask=offs_m < S_Q)
         if TILE_STATS:
             # Rows past S_Q duplicate row S_Q - 1 (clamped loads), so the minimum is over real rows.
             lse_min = tl.min(lse2, 0)
@@ -258,8 +276,11 @@ def block_sparse_attention_triton(
     tile_stats: bool = False,
     config: tuple[int, int, int] | None = None,
     use_tma: bool | None = None,
+    q_index: Tensor | None = None,
+    kv_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
-    """Launch the Triton kernel on checked inputs (``view`` from ``check_inputs``).
+    """Launch the Triton kernel on checked inputs (``view`` from ``check_inputs``, indices from
+    ``check_index``: int32, unit last stride, ``(S,)`` or ``(B|1, H|1, S)``).
 
     ``config`` overrides ``(BLOCK_N, num_warps, num_stages)`` and ``use_tma`` the load path (benchmark
     sweeps); leave them None.
@@ -278,6 +299,8 @@ def block_sparse_attention_triton(
         block_n, num_warps, num_stages = config
     if use_tma is not None:
         tma = use_tma
+    if kv_index is not None:
+        tma = False  # TMA copies contiguous row ranges; gathered rows go through the pointer path
     if view.kv_block % block_n != 0:
         raise ValueError(f"BLOCK_N {block_n} must divide the mask's key block size {view.kv_block}")
 
@@ -308,10 +331,19 @@ def block_sparse_attention_triton(
             if desc_k is None or desc_v is None:
                 desc_k = desc_v = None
 
+    def index_strides(index: Tensor | None) -> tuple[int, int]:
+        if index is None or index.dim() == 1:
+            return 0, 0
+        return bstride(index, 0), bstride(index, 1)
+
+    q_ib, q_ih = index_strides(q_index)
+    k_ib, k_ih = index_strides(kv_index)
+
     grid = (view.num_q_blocks, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse, ts, desc_k, desc_v,
         kv_num, kv_idx, f_num, f_idx,
+        q_index if q_index is not None else kv_num, kv_index if kv_index is not None else kv_num,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -321,12 +353,14 @@ def block_sparse_attention_triton(
         bstride(f_num, 0), bstride(f_num, 1), f_num.stride(2),
         bstride(f_idx, 0), bstride(f_idx, 1), f_idx.stride(2),
         ts.stride(0) if tile_stats else 0, ts.stride(1) if tile_stats else 0, ts.stride(2) if tile_stats else 0,
+        q_ib, q_ih, k_ib, k_ih,
         H, S_q, S_kv, view.scale * _LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
         BLOCK_M=view.q_block, BLOCK_N=block_n, KV_BLOCK=view.kv_block,
         HAS_FULL=has_full, EVEN_KV=(S_kv % view.kv_block == 0),
         RETURN_LSE=return_lse, TILE_STATS=tile_stats,
         USE_TMA=desc_k is not None,
+        HAS_QIDX=q_index is not None, HAS_KVIDX=kv_index is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not (return_lse or tile_stats):

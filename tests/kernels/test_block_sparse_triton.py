@@ -28,6 +28,14 @@ CASES = [
     "empty_mask",
 ]
 
+INDEX_CASES = [
+    "index_fp16_d64_ragged",
+    "index_per_head_d72_bshd",
+    "index_d128_cross_subtiles",
+    "index_q_only_d128",
+    "index_kv_only_d128",
+]
+
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
@@ -40,7 +48,7 @@ def interp_results() -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + INDEX_CASES)
 def test_kernel_matches_reference(interp_results: dict, case: str) -> None:
     r = interp_results[case]
     # float16 inputs: the kernel rounds P to float16 before P @ V (as FlashAttention does).
@@ -61,5 +69,20 @@ def test_kernel_empty_mask_gives_zeros_and_neg_inf(interp_results: dict) -> None
     assert r["all_zero_out"] and r["all_lse_neg_inf"] and not r["nan"]
 
 
+@pytest.mark.parametrize("case", INDEX_CASES)
+def test_indexed_kernel_equals_explicit_gather_kernel_scatter(interp_results: dict, case: str) -> None:
+    # Same loads in the same order and the same arithmetic: out, LSE and tile stats agree bit for bit.
+    r = interp_results[case]
+    assert r["explicit_bitwise"] and r["explicit_out_max_diff"] == 0.0, r
+
+
+def test_identity_index_equals_no_index_bitwise(interp_results: dict) -> None:
+    assert interp_results["index_identity_bitwise"]["equal"]
+
+
+def test_indexed_dense_equals_sdpa_in_original_order(interp_results: dict) -> None:
+    assert interp_results["index_dense_vs_sdpa"]["rel_err"] < 1e-5
+
+
 def test_every_case_ran(interp_results: dict) -> None:
-    assert sorted(interp_results) == sorted(CASES)
+    assert sorted(interp_results) == sorted(CASES + INDEX_CASES + ["index_identity_bitwise", "index_dense_vs_sdpa"])
