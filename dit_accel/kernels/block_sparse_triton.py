@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .block_sparse_common import BlockSparseOutput, MaskView
 
-__all__ = ["block_sparse_attention_triton", "kernel_config", "INTERPRETED"]
+__all__ = ["block_sparse_attention_triton", "indexed_num_stages", "kernel_config", "INTERPRETED"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when this module was imported with ``TRITON_INTERPRET=1`` (kernels run in the Triton interpreter)."""
@@ -248,6 +248,17 @@ def kernel_config(
     return block_n, warps, stages, tma
 
 
+def indexed_num_stages(num_stages: int) -> int:
+    """Pipeline depth to ask for when K/V rows are loaded through ``kv_index``.
+
+    Triton's pipeliner gives loads a latency of ``(num_stages - 1) // (indirection levels + 1)``; the
+    index load in front of the K/V loads is one level, so the same K/V buffering as ``num_stages``
+    without an index needs ``2 * (num_stages - 1) + 1``. (Checked offline for sm_90: D=128 bf16 with 3
+    stages keeps 2 K/V buffers, 164 KB shared; with 5 it gets 3, 230 KB, like the unindexed kernel.)
+    """
+    return 2 * (num_stages - 1) + 1
+
+
 def _tma_view(t: Tensor, block_rows: int, block_cols: int):
     """A 2-D TMA descriptor over ``t`` (B, H, S, D) seen as ``[rows, stride(2)]``, or None if the layout does
     not fit (each head's rows must start at a whole row of that view, or at a column offset that keeps
@@ -295,6 +306,8 @@ def block_sparse_attention_triton(
     S_kv = k.shape[2]
     d_pad = 64 if D == 64 else 128
     block_n, num_warps, num_stages, tma = kernel_config(d_pad, q.element_size(), view.q_block, view.kv_block, S_kv)
+    if kv_index is not None:
+        num_stages = indexed_num_stages(num_stages)
     if config is not None:
         block_n, num_warps, num_stages = config
     if use_tma is not None:
