@@ -76,9 +76,7 @@ def tile_order(S: int, device: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- check
 def run_check(log: list) -> bool:
-    dev = "cuda"
     ok_all = True
-    fin = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
     cases = [
         # (B, H, S, D, dtype, density, layout, block, index kind)
         (1, 2, 1000, 128, torch.bfloat16, 0.5, "bhsd", 128, "shared"),
@@ -88,66 +86,84 @@ def run_check(log: list) -> bool:
         (1, 2, 515, 128, torch.float16, 0.5, "bhsd", 64, "shared"),
         (1, 2, 25000 + 3, 128, torch.bfloat16, 0.2, "bshd", 128, "shared"),  # unindexed kernel on TMA
     ]
-    for (B, H, S, D, dt, dens, layout, blk, kind) in cases:
-        torch.manual_seed(S + D)
-        if layout == "bshd":
-            q, k, v = [torch.randn(B, S, H, D, device=dev, dtype=dt).transpose(1, 2) for _ in range(3)]
-        else:
-            q, k, v = [torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(3)]
-        nb = math.ceil(S / blk)
-        bb = torch.rand(B, H, nb, nb, device=dev) < dens
-        bb[..., 1, :] = False  # an empty query block
-        mask = block_mask_from_bool(bb, S, S, blk)
-        if kind == "shared":
-            p = torch.randperm(S, device=dev).to(torch.int32)
-        else:
-            p = torch.argsort(torch.rand(1, H, S, device=dev), dim=-1).to(torch.int32)
-        got = block_sparse_attention(q, k, v, mask, return_lse=True, tile_stats=True, q_index=p, kv_index=p)
-        rec = dict(B=B, H=H, S=S, D=D, dtype=str(dt), block=blk, layout=layout, index=kind)
-        if S * S * B * H <= 4e8:
-            ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), mask, return_lse=True,
-                                                   tile_stats=True, q_index=p, kv_index=p)
-            rec.update(
-                rel_err_out=rel_err(got.out, ref.out),
-                max_err_lse=float((fin(got.lse) - fin(ref.lse)).abs().max()),
-                max_err_tile_stats=float((fin(got.tile_stats) - fin(ref.tile_stats)).abs().max()),
-                inf_pattern_ok=bool(torch.equal(torch.isinf(got.lse), torch.isinf(ref.lse))
-                                    and torch.equal(torch.isinf(got.tile_stats), torch.isinf(ref.tile_stats))),
-            )
-        qp, kp, vp = gather_rows(q, p), gather_rows(k, p), gather_rows(v, p)
-        for use_tma in (False, True):
-            plain = bst.block_sparse_attention_triton(qp, kp, vp, check_inputs(qp, kp, vp, mask, None),
-                                                      return_lse=True, tile_stats=True, use_tma=use_tma)
-            out_x = scatter_rows(plain.out, p)
-            lse_x = scatter_rows(plain.lse.unsqueeze(-1), p).squeeze(-1)
-            tag = "tma" if use_tma else "ptr"
-            rec[f"explicit_{tag}_max_abs_diff_out"] = float((got.out.float() - out_x.float()).abs().max())
-            rec[f"explicit_{tag}_max_diff_lse"] = float((fin(got.lse) - fin(lse_x)).abs().max())
-            rec[f"explicit_{tag}_bitwise"] = bool(torch.equal(got.out, out_x) and torch.equal(got.lse, lse_x)
-                                                  and torch.equal(got.tile_stats, plain.tile_stats))
-        ident = torch.arange(S, device=dev, dtype=torch.int32)
-        a = block_sparse_attention(q, k, v, mask, return_lse=True, q_index=ident, kv_index=ident)
-        b_ = bst.block_sparse_attention_triton(q, k, v, check_inputs(q, k, v, mask, None), return_lse=True,
-                                               use_tma=False)
-        rec["identity_vs_none_ptr_bitwise"] = bool(torch.equal(a.out, b_.out) and torch.equal(a.lse, b_.lse))
-        rec["nan"] = bool(got.out.isnan().any())
-        tol = 2e-2 if dt == torch.bfloat16 else 5e-3
-        ok = (not rec["nan"]) and rec["explicit_ptr_max_abs_diff_out"] <= (1e-2 if dt == torch.bfloat16 else 2e-3)
-        if "rel_err_out" in rec:
-            ok = ok and rec["rel_err_out"] < tol and rec["max_err_lse"] < 2e-2 and rec["max_err_tile_stats"] < 5e-2 \
-                and rec["inf_pattern_ok"]
-        rec["ok"] = ok
-        ok_all &= ok
-        log.append(rec)
-        print("check", rec, flush=True)
+    for case in cases:
+        try:
+            ok_all &= _check_case(log, *case)
+        except Exception as e:  # noqa: BLE001 - report and go on to the timing
+            log.append(dict(case=str(case), error=repr(e)[:1000], ok=False))
+            print("check failed", case, repr(e)[:1000], flush=True)
+            ok_all = False
     return ok_all
+
+
+def _check_case(log: list, B, H, S, D, dt, dens, layout, blk, kind) -> bool:
+    dev = "cuda"
+    fin = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
+    torch.manual_seed(S + D)
+    if layout == "bshd":
+        q, k, v = [torch.randn(B, S, H, D, device=dev, dtype=dt).transpose(1, 2) for _ in range(3)]
+    else:
+        q, k, v = [torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(3)]
+    nb = math.ceil(S / blk)
+    bb = torch.rand(B, H, nb, nb, device=dev) < dens
+    bb[..., 1, :] = False  # an empty query block
+    mask = block_mask_from_bool(bb, S, S, blk)
+    if kind == "shared":
+        p = torch.randperm(S, device=dev).to(torch.int32)
+    else:
+        p = torch.argsort(torch.rand(1, H, S, device=dev), dim=-1).to(torch.int32)
+    got = block_sparse_attention(q, k, v, mask, return_lse=True, tile_stats=True, q_index=p, kv_index=p)
+    rec = dict(B=B, H=H, S=S, D=D, dtype=str(dt), block=blk, layout=layout, index=kind)
+    if S * S * B * H <= 4e8:
+        ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), mask, return_lse=True,
+                                               tile_stats=True, q_index=p, kv_index=p)
+        rec.update(
+            rel_err_out=rel_err(got.out, ref.out),
+            max_err_lse=float((fin(got.lse) - fin(ref.lse)).abs().max()),
+            max_err_tile_stats=float((fin(got.tile_stats) - fin(ref.tile_stats)).abs().max()),
+            inf_pattern_ok=bool(torch.equal(torch.isinf(got.lse), torch.isinf(ref.lse))
+                                and torch.equal(torch.isinf(got.tile_stats), torch.isinf(ref.tile_stats))),
+        )
+    qp, kp, vp = gather_rows(q, p), gather_rows(k, p), gather_rows(v, p)
+    for use_tma in (False, True):
+        plain = bst.block_sparse_attention_triton(qp, kp, vp, check_inputs(qp, kp, vp, mask, None),
+                                                  return_lse=True, tile_stats=True, use_tma=use_tma)
+        out_x = scatter_rows(plain.out, p)
+        lse_x = scatter_rows(plain.lse.unsqueeze(-1), p).squeeze(-1)
+        tag = "tma" if use_tma else "ptr"
+        rec[f"explicit_{tag}_max_abs_diff_out"] = float((got.out.float() - out_x.float()).abs().max())
+        rec[f"explicit_{tag}_max_diff_lse"] = float((fin(got.lse) - fin(lse_x)).abs().max())
+        rec[f"explicit_{tag}_bitwise"] = bool(torch.equal(got.out, out_x) and torch.equal(got.lse, lse_x)
+                                              and torch.equal(got.tile_stats, plain.tile_stats))
+    ident = torch.arange(S, device=dev, dtype=torch.int32)
+    a = block_sparse_attention(q, k, v, mask, return_lse=True, q_index=ident, kv_index=ident)
+    b_ = bst.block_sparse_attention_triton(q, k, v, check_inputs(q, k, v, mask, None), return_lse=True,
+                                           use_tma=False)
+    rec["identity_vs_none_ptr_bitwise"] = bool(torch.equal(a.out, b_.out) and torch.equal(a.lse, b_.lse))
+    rec["nan"] = bool(got.out.isnan().any())
+    tol = 2e-2 if dt == torch.bfloat16 else 5e-3
+    ok = (not rec["nan"]) and rec["explicit_ptr_max_abs_diff_out"] <= (1e-2 if dt == torch.bfloat16 else 2e-3)
+    if "rel_err_out" in rec:
+        ok = ok and rec["rel_err_out"] < tol and rec["max_err_lse"] < 2e-2 and rec["max_err_tile_stats"] < 5e-2 \
+            and rec["inf_pattern_ok"]
+    rec["ok"] = ok
+    log.append(rec)
+    print("check", rec, flush=True)
+    return ok
 
 
 # ------------------------------------------------------------------------------------------------ time
 def interleaved_ms(fns: dict, rounds: int) -> dict:
-    """Median ms of each callable, timed in interleaved rounds after one warm-up round (CUDA events)."""
-    for f in fns.values():
-        f()
+    """Median ms of each callable, timed in interleaved rounds after one warm-up round (CUDA events).
+    A callable that raises in the warm-up is reported as ``error: ...`` and not timed."""
+    failed = {}
+    for name, f in list(fns.items()):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
+            failed[name] = f"error: {e!r}"[:400]
+            print(name, failed[name], flush=True)
+    fns = {n: f for n, f in fns.items() if n not in failed}
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times: dict = {name: [] for name in fns}
@@ -158,7 +174,7 @@ def interleaved_ms(fns: dict, rounds: int) -> dict:
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {**{name: statistics.median(t) for name, t in times.items()}, **failed}
 
 
 def sync_ms(fn, reps: int = 5) -> float:
@@ -243,22 +259,28 @@ def run_time(log: list, heads: list[int], tokens: list[int], densities: list[flo
                 ms = interleaved_ms(fns, rounds)
                 if "cudnn" in ms:
                     row["cudnn_ms"] = ms["cudnn"]
+                def ratio(a_: str, b_: str = "plain") -> float:
+                    x, y = ms.get(a_), ms.get(b_)
+                    return x / y - 1.0 if isinstance(x, float) and isinstance(y, float) else float("nan")
+
                 b = ms["plain"]
                 rec = dict(row, kind="time", density=d, nominal_density=dens, ms=ms,
                            plain_tflops=tflops(1, H, S, D, d, b),
-                           overhead_folded=ms["folded"] / b - 1.0,
-                           overhead_folded_q=ms["folded_q"] / b - 1.0,
-                           overhead_explicit=ms["explicit"] / b - 1.0,
-                           overhead_explicit_inv=ms["explicit_inv"] / b - 1.0,
-                           overhead_folded_head=ms["folded_head"] / b - 1.0,
-                           overhead_explicit_head=ms["explicit_head"] / b - 1.0,
-                           ptr_vs_tma=ms["plain_ptr"] / b - 1.0,
-                           folded_vs_plain_ptr=ms["folded"] / ms["plain_ptr"] - 1.0,
-                           vs_cudnn={name: t / row["cudnn_ms"] for name, t in ms.items()} if "cudnn_ms" in row else None)
+                           overhead_folded=ratio("folded"),
+                           overhead_folded_q=ratio("folded_q"),
+                           overhead_explicit=ratio("explicit"),
+                           overhead_explicit_inv=ratio("explicit_inv"),
+                           overhead_folded_head=ratio("folded_head"),
+                           overhead_explicit_head=ratio("explicit_head"),
+                           ptr_vs_tma=ratio("plain_ptr"),
+                           folded_vs_plain_ptr=ratio("folded", "plain_ptr"),
+                           vs_cudnn={name: t / row["cudnn_ms"] for name, t in ms.items() if isinstance(t, float)}
+                           if "cudnn_ms" in row else None)
                 if "folded_s3" in ms:
-                    rec["overhead_folded_s3"] = ms["folded_s3"] / b - 1.0
+                    rec["overhead_folded_s3"] = ratio("folded_s3")
                 log.append(rec)
-                print(f"time H={H} S={S} dens={d:.3f} " + " ".join(f"{n}={t:.3f}" for n, t in ms.items()), flush=True)
+                print(f"time H={H} S={S} dens={d:.3f} " + " ".join(
+                    f"{n}={t:.3f}" if isinstance(t, float) else f"{n}=ERR" for n, t in ms.items()), flush=True)
                 print(f"     overhead vs plain: folded {rec['overhead_folded']:+.2%} folded_q {rec['overhead_folded_q']:+.2%} "
                       f"explicit {rec['overhead_explicit']:+.2%} explicit_inv {rec['overhead_explicit_inv']:+.2%} "
                       f"head: folded {rec['overhead_folded_head']:+.2%} explicit {rec['overhead_explicit_head']:+.2%} "
