@@ -291,10 +291,60 @@ def run_time(log: list, heads: list[int], tokens: list[int], densities: list[flo
             dump()
 
 
+def run_diagnose(log: list, shapes: list[tuple[int, int]], densities: list[float], rounds: int, dump) -> None:
+    """Where the folded overhead goes: layout, q side, K/V side, pipeline depth and BLOCK_N of the indexed
+    kernel (H=heads, S=tokens pairs; D=128, bf16)."""
+    dev = "cuda"
+    D = 128
+    for H, S in shapes:
+        perm = tile_order(S, dev)
+        perm32 = perm.to(torch.int32)
+        ident = torch.arange(S, device=dev, dtype=torch.int32)
+        q, k, v = [torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+        qp, kp, vp = (x.index_select(2, perm) for x in (q, k, v))
+        for dens in densities:
+            mask = random_mask(1, H, S, dens, dev, seed=S + H)
+            view = check_inputs(q, k, v, mask, None)
+            d = float(view.kv_num_blocks.sum()) / (H * view.num_q_blocks * view.num_kv_blocks)
+
+            def ours(qq, kk, vv, qi=None, ki=None, config=None, tma=None):
+                return lambda: bst.block_sparse_attention_triton(qq, kk, vv, view, config=config, use_tma=tma,
+                                                                 q_index=qi, kv_index=ki)
+
+            fns = {
+                "plain": ours(qp, kp, vp),
+                "plain_ptr": ours(qp, kp, vp, tma=False),
+                "ptr_bshd": ours(q, k, v, tma=False),  # model layout, no permutation
+                "folded": ours(q, k, v, perm32, perm32),
+                "folded_s3": ours(q, k, v, perm32, perm32, (128, 8, 3)),
+                "folded_s4": ours(q, k, v, perm32, perm32, (128, 8, 4)),
+                "folded_bn64_s5": ours(q, k, v, perm32, perm32, (64, 8, 5)),
+                "folded_bn64_s7": ours(q, k, v, perm32, perm32, (64, 8, 7)),
+                "folded_ident": ours(q, k, v, ident, ident),
+                "q_only_pre": ours(q, kp, vp, perm32, None),  # K/V already permuted: TMA, q side only
+                "kv_only_ptr": ours(qp, k, v, None, perm32),  # q already permuted: K/V side only
+                "plain_stats": lambda: bst.block_sparse_attention_triton(qp, kp, vp, view, tile_stats=True),
+                "folded_stats": lambda: bst.block_sparse_attention_triton(
+                    q, k, v, view, tile_stats=True, q_index=perm32, kv_index=perm32),
+            }
+            ms = interleaved_ms(fns, rounds)
+            b = ms["plain"]
+            rec = dict(H=H, S=S, D=D, kind="diagnose", density=d, nominal_density=dens, ms=ms,
+                       vs_plain={n: (t / b - 1.0 if isinstance(t, float) else t) for n, t in ms.items()})
+            log.append(rec)
+            print(f"diag H={H} S={S} dens={d:.3f} plain={b:.3f} " + " ".join(
+                f"{n}={t / b - 1:+.2%}" if isinstance(t, float) else f"{n}=ERR" for n, t in ms.items() if n != "plain"),
+                flush=True)
+        del q, k, v, qp, kp, vp
+        torch.cuda.empty_cache()
+        dump()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
     p.add_argument("--time", action="store_true")
+    p.add_argument("--diagnose", default="", help="H,S pairs, e.g. 12,32760;40,75600: overhead breakdown")
     p.add_argument("--heads", default="12,40")
     p.add_argument("--tokens", default="32760,75600")
     p.add_argument("--densities", default="1.0,0.25,0.1")
@@ -338,6 +388,11 @@ def main() -> None:
         res["time"] = log
         run_time(log, [int(x) for x in a.heads.split(",")], [int(x) for x in a.tokens.split(",")],
                  [float(x) for x in a.densities.split(",")], a.rounds, dump)
+    if a.diagnose:
+        log = []
+        res["diagnose"] = log
+        shapes = [tuple(int(x) for x in pair.split(",")) for pair in a.diagnose.split(";")]
+        run_diagnose(log, shapes, [float(x) for x in a.densities.split(",")], a.rounds, dump)
     dump()
     if a.time:
         print("\nsummary: permutation overhead relative to the unindexed kernel on pre-permuted tensors")
