@@ -167,9 +167,17 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float 
 _CHECKED_PERMUTATIONS: dict[int, tuple[weakref.ref, int]] = {}
 
 
+def _version(index: Tensor) -> int:
+    # Inference-mode tensors have no version counter: such an index is checked once per tensor object.
+    try:
+        return index._version
+    except RuntimeError:
+        return -1
+
+
 def _known_permutation(index: Tensor) -> bool:
     hit = _CHECKED_PERMUTATIONS.get(id(index))
-    return hit is not None and hit[0]() is index and hit[1] == index._version
+    return hit is not None and hit[0]() is index and hit[1] == _version(index)
 
 
 def _remember_permutation(index: Tensor) -> None:
@@ -179,7 +187,7 @@ def _remember_permutation(index: Tensor) -> None:
                 del _CHECKED_PERMUTATIONS[key]
         if len(_CHECKED_PERMUTATIONS) >= 256:
             _CHECKED_PERMUTATIONS.clear()
-    _CHECKED_PERMUTATIONS[id(index)] = (weakref.ref(index), index._version)
+    _CHECKED_PERMUTATIONS[id(index)] = (weakref.ref(index), _version(index))
 
 
 def check_index(name: str, index: Tensor | None, B: int, H: int, S: int, device: torch.device) -> Tensor | None:
@@ -188,7 +196,8 @@ def check_index(name: str, index: Tensor | None, B: int, H: int, S: int, device:
     It must be an int32 tensor on ``device`` of shape ``(S,)`` or ``(B or 1, H or 1, S)`` whose last dim
     is a permutation of ``0..S-1``. The permutation check sorts the index and compares on the host, so on
     a GPU it synchronises once per index tensor: a tensor that passed is remembered (by identity and
-    in-place version) and not checked again. Returns the index with a unit last stride, or None.
+    in-place version; inference-mode tensors, which have no version, by identity only) and not checked
+    again. Returns the index with a unit last stride, or None.
 
     Raises:
         ValueError: naming the argument and the bad dtype, device, shape or values.

@@ -106,3 +106,16 @@ def test_index_checked_again_after_in_place_change():
     p[0] = p[1]  # no longer a permutation: the in-place version counter changed
     with pytest.raises(ValueError, match="permutation"):
         block_sparse_attention(q, k, v, m, q_index=p)
+
+
+def test_index_made_in_inference_mode():
+    # Inference tensors have no version counter; the check must still run (and remember the tensor).
+    q, k, v = _qkv(S=128)
+    m = dense_block_mask(1, 1, 128, 128)
+    with torch.inference_mode():
+        p = _perm(128)
+        bad = torch.zeros(128, dtype=torch.int32)
+        out = block_sparse_attention(q, k, v, m, q_index=p, kv_index=p)
+        with pytest.raises(ValueError, match="permutation"):
+            block_sparse_attention(q, k, v, m, q_index=bad)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, m), atol=1e-5, rtol=1e-5)
