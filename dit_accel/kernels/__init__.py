@@ -2,7 +2,8 @@
 
 Block-sparse attention (layout, LSE and tile statistics: :mod:`.block_sparse_common`):
 
-- :func:`block_sparse_attention` — Triton on CUDA, torch reference on CPU;
+- :func:`block_sparse_attention` — Triton on CUDA, torch reference on CPU; optional ``q_index`` /
+  ``kv_index`` fold a token permutation into the kernel's loads and stores (no permuted copies);
 - :func:`block_sparse_attention_reference` — the torch reference, same signature;
 - mask helpers building torch's FlexAttention ``BlockMask``: :func:`dense_block_mask`,
   :func:`block_mask_from_bool`, :func:`block_mask_from_scores`, :func:`block_mask_density`.
