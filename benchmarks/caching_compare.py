@@ -8,13 +8,15 @@ Methods:
     ours:      fixed (uniform schedule), taylor (same schedule, order-1 forecast of the span residual),
                taylor_out (same, forecasting the output projection), probe (threshold tuned),
                procache (DP schedule from ``calibrate`` + selective deep block), procache_dp (DP schedule
-               only), procache_out (DP schedule searched for and applied to the output projection)
+               only), procache_out (DP schedule searched for and applied to the output projection),
+               procache_tok (DP schedule + selective steps that recompute 25 % of the tokens)
     diffusers: FirstBlockCacheConfig (threshold tuned), TaylorSeerCacheConfig (lite mode, interval tuned),
                MagCacheConfig (ratios calibrated on one prompt, threshold tuned)
     cache-dit: DBCache F1B0 (threshold tuned), when ``cache_dit`` is importable (benchmark-only dependency)
 
 The compute fraction of every run is *measured* by counting block executions (a pre-hook on each
-block's feed-forward, which runs only inside the block's own forward). Threshold-like parameters
+block's feed-forward, which runs only inside the block's own forward; a block run on a subset of the
+tokens counts as that share of an evaluation, which over-counts its attention cost). Threshold-like parameters
 are tuned by bisection on separate tuning prompts. Calibration and tuning prompts are disjoint from
 the evaluation prompts.
 
@@ -55,10 +57,12 @@ import dit_accel.api as api  # noqa: E402
 from dit_accel.caching import install_cache  # noqa: E402
 from dit_accel.caching.calibrate import calibrate, captions_for_testbed  # noqa: E402
 
-OURS = ("fixed", "taylor", "taylor_out", "probe", "procache", "procache_dp", "procache_out")
+OURS = ("fixed", "taylor", "taylor_out", "probe", "procache", "procache_dp", "procache_out", "procache_tok")
 DIFFUSERS = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_magcache")
 CACHE_DIT = ("cachedit_dbcache",)
 ALL_METHODS = OURS + DIFFUSERS + CACHE_DIT
+IMPORT_ERRORS: dict[str, str] = {}
+"""Why an optional peer could not be imported (recorded in the JSON)."""
 
 
 # --- pipeline -------------------------------------------------------------------------------------------
@@ -98,30 +102,38 @@ class RunSettings:
 
 
 class BlockCounter:
-    """Counts executed blocks (feed-forward pre-hooks) and transformer calls of every transformer."""
+    """Counts executed blocks (feed-forward pre-hooks, weighted by the share of the call's tokens they
+    saw) and transformer calls of every transformer."""
 
     def __init__(self, pipe: Any) -> None:
-        self.blocks = 0
+        self.blocks = 0.0
         self.calls = 0
         self.num_blocks = 0
+        self.tokens = 0
         self._hooks = []
         for name in ("transformer", "transformer_2"):
             tr = getattr(pipe, name, None)
             if tr is None:
                 continue
             self.num_blocks = len(tr.blocks)
-            self._hooks.append(tr.register_forward_pre_hook(self._on_call))
+            patch = tuple(tr.config.patch_size)
+            self._hooks.append(tr.register_forward_pre_hook(lambda m, a, kw, p=patch: self._on_call(a, kw, p), with_kwargs=True))
             for block in tr.blocks:
                 self._hooks.append(block.ffn.register_forward_pre_hook(self._on_block))
 
-    def _on_call(self, *_: Any) -> None:
+    def _on_call(self, args: tuple, kwargs: dict, patch: tuple[int, ...]) -> None:
         self.calls += 1
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self.tokens = 0
+        if isinstance(x, torch.Tensor) and x.dim() == 5:
+            self.tokens = (x.shape[2] // patch[0]) * (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
 
-    def _on_block(self, *_: Any) -> None:
-        self.blocks += 1
+    def _on_block(self, _module: Any, args: tuple) -> None:
+        n = args[0].shape[1] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 else 0
+        self.blocks += min(1.0, n / self.tokens) if self.tokens and n else 1.0
 
     def reset(self) -> None:
-        self.blocks = self.calls = 0
+        self.blocks, self.calls = 0.0, 0
 
     @property
     def fraction(self) -> float:
@@ -173,6 +185,8 @@ class Method:
     search: str
     """``"schedule"`` (param built from the fraction), ``"bisect"`` (float, larger = less compute) or
     ``"interval"`` (int, larger = less compute)."""
+    summary: Callable[[Any], Any] | None = None
+    """``summary(token)``: the method's own cache statistics (ours: compute fraction, cached bytes)."""
 
 
 def uniform_schedule(steps: int, fraction: float, warmup: int, final: int) -> list[int]:
@@ -199,7 +213,16 @@ def _ours(name: str, guard: dict[str, int], extra: Callable[[Any], dict[str, Any
             a.remove()
         handle.remove()
 
-    return Method(name, "ours", enable, disable, "schedule")
+    def summary(token):
+        _, atts = token
+        out = {}
+        for a in atts:
+            sm = a.summary()
+            out[a.controller.transformer_name] = {k: sm.get(k) for k in ("compute_fraction", "peak_cached_bytes",
+                                                                        "peak_branch_bytes", "stream_bytes")}
+        return out
+
+    return Method(name, "ours", enable, disable, "schedule", summary)
 
 
 def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
@@ -212,7 +235,9 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
         "procache_dp": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=1)),
         "taylor_out": _ours("taylor", big_cap, lambda p: dict(schedule=p, order=1, target="output")),
         "procache_out": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=0, target="output")),
+        "procache_tok": _ours("procache", guard, lambda p: dict(schedule_file=p, selective_blocks=0)),
     }
+    methods["procache_tok"].name = "procache_tok"
     # Threshold-driven methods get no cap on consecutive reuse: their threshold alone is tuned to the
     # target fraction (with a cap, a 1-block probe on a 6-block model cannot go below ~40 % compute).
     probe = _ours("probe", big_cap, lambda p: dict(threshold=p, head_blocks=1))
@@ -259,8 +284,9 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
 
     try:
         import cache_dit
-    except Exception:  # not installed, or its imports fail here: leave it out
+    except Exception as exc:  # not installed, or its imports fail here: leave it out, say why
         cache_dit = None
+        IMPORT_ERRORS["cache_dit"] = f"{type(exc).__name__}: {exc}"
     if cache_dit is not None:
         def cd_enable(pipe, threshold):
             adapter = cache_dit.BlockAdapter(
@@ -300,7 +326,19 @@ def calibrate_mag_ratios(pipe: Any, s: RunSettings) -> list[float]:
 
 
 # --- tuning ---------------------------------------------------------------------------------------------
+_FRACTIONS: dict[tuple[str, Any], float] = {}
+
+
 def measure_fraction(pipe, method: Method, param: Any, prompts: list[str], s: RunSettings, counter: BlockCounter) -> float:
+    """Measured compute fraction of ``method`` at ``param`` on the tuning prompts (memoised)."""
+    key = (method.name, param)
+    if key in _FRACTIONS:
+        return _FRACTIONS[key]
+    _FRACTIONS[key] = _measure_fraction(pipe, method, param, prompts, s, counter)
+    return _FRACTIONS[key]
+
+
+def _measure_fraction(pipe, method: Method, param: Any, prompts: list[str], s: RunSettings, counter: BlockCounter) -> float:
     token = method.enable(pipe, param)
     counter.reset()
     try:
@@ -402,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/caching_compare[_tiny].json)")
+    p.add_argument("--schedule-dir", type=Path, default=None,
+                   help="where calibrated schedule files go (default: next to --out); rows embed the schedules")
     p.add_argument("--append", action="store_true",
                    help="merge into an existing --out: rows of the same (method, fraction) are replaced, others kept "
                         "(to split the full comparison over several GPU calls)")
@@ -437,103 +477,154 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calib_prompts = captions_for_testbed(n_calib, offset=0)
     counter = BlockCounter(pipe)
 
+    cuda = device == "cuda"
+    start_alloc = _reset_peak() if cuda else 0
     dense, dense_times = [], []
     for i, p in enumerate(eval_prompts):
         video, t = generate(pipe, p, args.seed + i, s)
         dense.append(video)
         dense_times.append(t)
     dense_latency = statistics.median(dense_times[1:] if len(dense_times) > 2 else dense_times)
+    dense_peak = torch.cuda.max_memory_allocated() - start_alloc if cuda else None
 
-    schedule_dir = out_path.parent / (out_path.stem + "_schedules")
-    calib_cache: dict[tuple[float, float, str], str] = {}
+    schedule_dir = args.schedule_dir or out_path.parent / (out_path.stem + "_schedules")
+    calib_cache: dict[tuple[float, float, str, float], str] = {}
 
-    def calib(fraction: float, share: float, target: str = "span") -> str:
-        key = (fraction, share, target)
+    def calib(fraction: float, share: float, target: str = "span", tokens: float = 0.0) -> str:
+        key = (fraction, share, target, tokens)
         if key not in calib_cache:
             schedule_dir.mkdir(parents=True, exist_ok=True)
-            path = schedule_dir / f"procache_f{fraction:.2f}_s{share:.2f}_{target}.json"
+            path = schedule_dir / f"procache_f{fraction:.2f}_s{share:.2f}_{target}{'_t%.2f' % tokens if tokens else ''}.json"
             # The same number of computed steps as the uniform schedules (round, not floor).
             budget = max(1, round(fraction * steps)) / steps
             calibrate(pipe, calib_prompts, num_steps=steps, budget=budget, out=path, model_id="testbed-tiny" if tiny else "testbed",
-                      selective_blocks=1, selective_share=share, target=target, refine=refine,
-                      call_kwargs=dict(num_frames=s.frames, height=s.height, width=s.width, guidance_scale=s.guidance), **guard)
+                      selective_blocks=0 if tokens else 1, selective_share=share, selective_tokens=tokens, target=target,
+                      refine=refine, call_kwargs=dict(num_frames=s.frames, height=s.height, width=s.width, guidance_scale=s.guidance),
+                      **guard)
             calib_cache[key] = str(path)
         return calib_cache[key]
 
     methods = build_methods(s, guard)
-    results: list[dict[str, Any]] = []
-    jobs = [(f, n) for f in args.fractions for n in args.methods]
-    if "fixed" in args.methods:
-        # Our hooks computing every step: must equal dense; its latency is the hooks' overhead.
-        jobs.insert(0, (1.0, "fixed"))
-    for fraction, name in jobs:
-        if name not in methods:
-            results.append({"method": name, "target_fraction": fraction, "skipped": "not importable"})
-            continue
-        method = methods[name]
-        if name in ("fixed", "taylor", "taylor_out"):
-            param, tuned = uniform_schedule(steps, fraction, warmup, args.final_steps), None
-        elif name == "procache_out":
-            param, tuned = calib(fraction, 0.0, "output"), None
-        elif name == "procache":
-            param, tuned = calib(fraction, 0.25), None
-        elif name == "procache_dp":
-            param, tuned = calib(fraction, 0.0), None
-        else:
-            param, tuned = tune(pipe, method, fraction, calib_prompts, s, counter, iterations)
-        token = method.enable(pipe, param)
-        counter.reset()
-        psnrs, ssims, times = [], [], []
-        try:
-            for i, p in enumerate(eval_prompts):
-                video, t = generate(pipe, p, args.seed + i, s)
-                psnrs.append(psnr(video, dense[i]))
-                ssims.append(ssim(video, dense[i]))
-                times.append(t)
-        finally:
-            method.disable(pipe, token)
-        latency = statistics.median(times[1:] if len(times) > 2 else times)
-        row = {
-            "method": name, "family": method.family, "target_fraction": fraction,
-            "measured_fraction": counter.fraction, "tuning_fraction": tuned,
-            "param": param if not isinstance(param, str) else Path(param).name,
-            "psnr_mean": statistics.fmean(psnrs), "psnr_std": statistics.pstdev(psnrs),
-            "ssim_mean": statistics.fmean(ssims), "latency_s_median": latency,
-            "speedup_vs_dense": dense_latency / latency if latency > 0 else None,
-            "psnr_per_prompt": psnrs,
-            "off_target": abs(counter.fraction - fraction) > 0.03,
-        }
-        results.append(row)
-        print(f"[{fraction:.2f}] {name:22s} fraction {row['measured_fraction']:.3f}  PSNR {row['psnr_mean']:6.2f}  "
-              f"SSIM {row['ssim_mean']:.4f}  speedup {row['speedup_vs_dense']:.2f}x", flush=True)
-    counter.remove()
+    previous: dict[str, Any] | None = None
     if args.append and out_path.exists():
         previous = json.loads(out_path.read_text())
         if previous.get("settings", {}).get("steps") != steps or previous.get("settings", {}).get("tiny") != tiny:
             raise ValueError(f"{out_path} was written with other settings; cannot --append")
-        done = {(r["method"], r["target_fraction"]) for r in results}
-        results = [r for r in previous["results"] if (r["method"], r["target_fraction"]) not in done] + results
+    results: list[dict[str, Any]] = []
+    jobs = [(f, n) for n in args.methods for f in args.fractions]  # method-major: a time limit cuts whole methods
+    if "fixed" in args.methods:
+        # Our hooks computing every step: must equal dense; its latency is the hooks' overhead.
+        jobs.insert(0, (1.0, "fixed"))
 
     import diffusers
 
-    report = {
-        "benchmark": "caching_compare",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-                     "triton": _version("triton"), "cache_dit": _version("cache_dit")},
-        "settings": {"tiny": tiny, "steps": steps, "height": s.height, "width": s.width, "frames": s.frames,
-                     "guidance": s.guidance, "dtype": str(dtype), "eval_prompts": eval_prompts,
-                     "calib_prompts": calib_prompts, "guardrails": guard, "seed": args.seed},
-        "dense_latency_s_median": dense_latency,
-        "results": results,
-        "note": "compute fraction = executed blocks / (transformer calls x blocks), measured per run; "
-                "PSNR/SSIM vs the dense video of the same seed; latency ratio measured in the same process",
-    }
-    out_path.write_text(json.dumps(report, indent=1))
-    write_svg(results, out_path.with_suffix(".svg"))
+    def write() -> dict[str, Any]:
+        rows = list(results)
+        if previous is not None:
+            done = {(r["method"], r["target_fraction"]) for r in rows}
+            rows = [r for r in previous["results"] if (r["method"], r["target_fraction"]) not in done] + rows
+        report = {
+            "benchmark": "caching_compare",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+                         "triton": _version("triton"), "cache_dit": _version("cache_dit")},
+            "settings": {"tiny": tiny, "steps": steps, "height": s.height, "width": s.width, "frames": s.frames,
+                         "guidance": s.guidance, "dtype": str(dtype), "eval_prompts": eval_prompts,
+                         "calib_prompts": calib_prompts, "guardrails": guard, "seed": args.seed,
+                         "tune_iterations": iterations, "refine": refine},
+            "dense_latency_s_median": dense_latency,
+            "dense_peak_memory_bytes": dense_peak,
+            "import_errors": dict(IMPORT_ERRORS),
+            "results": rows,
+            "note": "compute fraction = executed blocks / (transformer calls x blocks), measured per run (a block run on "
+                    "a token subset counts as that share); PSNR/SSIM vs the dense video of the same seed; latency ratio "
+                    "measured in the same process; peak memory = torch.cuda.max_memory_allocated over the method's "
+                    "evaluation runs minus the memory allocated when they started (after gc; the method's hooks "
+                    "installed), i.e. activations + caches; dense_peak_memory_bytes: the same for the dense runs",
+        }
+        out_path.write_text(json.dumps(report, indent=1))
+        return report
+
+    for fraction, name in jobs:
+        if name not in methods:
+            results.append({"method": name, "target_fraction": fraction, "skipped": "not importable",
+                            "error": IMPORT_ERRORS.get(name.split("_")[0].replace("cachedit", "cache_dit"))})
+            write()
+            continue
+        method = methods[name]
+        row: dict[str, Any] = {"method": name, "family": method.family, "target_fraction": fraction}
+        try:
+            if name in ("fixed", "taylor", "taylor_out"):
+                param, tuned = uniform_schedule(steps, fraction, warmup, args.final_steps), None
+            elif name == "procache_out":
+                param, tuned = calib(fraction, 0.0, "output"), None
+            elif name == "procache":
+                param, tuned = calib(fraction, 0.25), None
+            elif name == "procache_tok":
+                param, tuned = calib(fraction, 0.25, tokens=0.25), None
+            elif name == "procache_dp":
+                param, tuned = calib(fraction, 0.0), None
+            else:
+                param, tuned = tune(pipe, method, fraction, calib_prompts, s, counter, iterations)
+            token = method.enable(pipe, param)
+            counter.reset()
+            psnrs, ssims, times = [], [], []
+            start_alloc = _reset_peak() if cuda else 0
+            try:
+                for i, p in enumerate(eval_prompts):
+                    video, t = generate(pipe, p, args.seed + i, s)
+                    psnrs.append(psnr(video, dense[i]))
+                    ssims.append(ssim(video, dense[i]))
+                    times.append(t)
+                own = method.summary(token) if method.summary is not None else None
+            finally:
+                method.disable(pipe, token)
+        except Exception as exc:  # a peer that cannot run on this model: record the error text
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):  # leave the pipeline clean for the next method
+                method.disable(pipe, None)
+            results.append(row)
+            print(f"[{fraction:.2f}] {name:22s} ERROR {row['error']}", flush=True)
+            write()
+            continue
+        latency = statistics.median(times[1:] if len(times) > 2 else times)
+        peak = torch.cuda.max_memory_allocated() - start_alloc if cuda else None
+        schedule = None
+        if isinstance(param, str):
+            schedule = json.loads(Path(param).read_text())["schedule"]
+        row.update({
+            "measured_fraction": counter.fraction, "tuning_fraction": tuned,
+            "param": param if not isinstance(param, str) else Path(param).name, "schedule": schedule,
+            "psnr_mean": statistics.fmean(psnrs), "psnr_std": statistics.pstdev(psnrs),
+            "ssim_mean": statistics.fmean(ssims), "latency_s_median": latency,
+            "speedup_vs_dense": dense_latency / latency if latency > 0 else None,
+            "peak_memory_bytes": peak, "peak_memory_over_dense_bytes": (peak - dense_peak) if peak is not None else None,
+            "own_cache_stats": own,
+            "psnr_per_prompt": psnrs,
+            "off_target": abs(counter.fraction - fraction) > 0.03,
+        })
+        results.append(row)
+        print(f"[{fraction:.2f}] {name:22s} fraction {row['measured_fraction']:.3f}  PSNR {row['psnr_mean']:6.2f}  "
+              f"SSIM {row['ssim_mean']:.4f}  speedup {row['speedup_vs_dense']:.2f}x"
+              + (f"  peak +{row['peak_memory_over_dense_bytes'] / 2**20:.0f} MiB" if peak is not None else ""), flush=True)
+        write()
+    counter.remove()
+    report = write()
+    write_svg(report["results"], out_path.with_suffix(".svg"))
     print(f"wrote {out_path} and {out_path.with_suffix('.svg')}")
     return report
+
+
+def _reset_peak() -> int:
+    """Collect garbage, reset CUDA's peak counter; returns the bytes allocated now."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def _version(module: str) -> str | None:

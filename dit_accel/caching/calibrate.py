@@ -198,22 +198,32 @@ def plan_budget(
     always_blocks: int,
     selective_blocks: int,
     selective_share: float,
+    selective_tokens: float = 0.0,
 ) -> tuple[int, int]:
     """``(full steps, selective steps)`` whose block evaluations fit ``budget * num_steps * num_blocks``.
 
-    ``always_blocks`` (head + tail) run on every step; a selective step runs ``selective_blocks`` more.
+    ``always_blocks`` (head + tail) run on every step; a selective step runs ``selective_blocks`` more,
+    plus the rest of the span on a ``selective_tokens`` share of the tokens (counted as that share of a
+    block evaluation).
     """
     total = budget * num_steps * num_blocks
     per_full = num_blocks - always_blocks
     room = total - num_steps * always_blocks
+    per_selective = selective_cost(num_blocks, always_blocks, selective_blocks, selective_tokens)
     k_max = int(math.floor(room / per_full + 1e-9))
-    k = k_max if selective_share <= 0 or selective_blocks == 0 else int(math.floor(k_max * (1.0 - selective_share) + 1e-9))
+    k = k_max if selective_share <= 0 or per_selective <= 0 else int(math.floor(k_max * (1.0 - selective_share) + 1e-9))
     k = max(1, min(num_steps, k))
     m = 0
-    if selective_blocks and selective_share > 0:
-        m = int(math.floor((room - k * per_full) / selective_blocks + 1e-9))
+    if per_selective > 0 and selective_share > 0:
+        m = int(math.floor((room - k * per_full) / per_selective + 1e-9))
         m = max(0, min(num_steps - k, m))
     return k, m
+
+
+def selective_cost(num_blocks: int, always_blocks: int, selective_blocks: int, selective_tokens: float) -> float:
+    """Block evaluations a selective step adds to the always-run blocks: the deep blocks in full and
+    the rest of the span on the ``selective_tokens`` share of the tokens."""
+    return selective_blocks + selective_tokens * (num_blocks - always_blocks - selective_blocks)
 
 
 def _sigma_steps(pipe: Any, num_steps: int) -> list[float]:
@@ -293,6 +303,7 @@ def calibrate(
     tail_blocks: int = 0,
     selective_blocks: int = 1,
     selective_share: float = 0.0,
+    selective_tokens: float = 0.0,
     forecast_order: int | str = "auto",
     target: str = "span",
     refine: int = 0,
@@ -314,6 +325,8 @@ def calibrate(
             block split the schedule is searched under (same meaning as in :class:`CacheConfig`).
         selective_blocks: deep blocks a selective step recomputes (``procache``).
         selective_share: share of the budget spent on selective steps instead of full ones (0..1).
+        selective_tokens: share of the tokens a selective step recomputes through the rest of the span
+            (``procache``'s ``selective_tokens``; 0 = deep blocks only); recorded in the file.
         forecast_order: 0 searches for plain reuse, 1 for a linear (Taylor order-1) forecast from the
             last two computed steps, ``"auto"`` searches both and keeps the better; recorded in the
             file, where ``procache`` picks it up.
@@ -339,6 +352,8 @@ def calibrate(
         raise ValueError(f"budget must be in (0, 1], got {budget!r}")
     if not (0.0 <= selective_share < 1.0):
         raise ValueError(f"selective_share must be in [0, 1), got {selective_share!r}")
+    if isinstance(selective_tokens, bool) or not isinstance(selective_tokens, (int, float)) or not 0.0 <= selective_tokens <= 1.0:
+        raise ValueError(f"selective_tokens must be in [0, 1], got {selective_tokens!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
     if forecast_order not in (0, 1, "auto") or isinstance(forecast_order, bool):
@@ -399,10 +414,16 @@ def calibrate(
         forced = set(range(min(warmup_steps, num_steps))) | set(range(max(0, num_steps - final_steps), num_steps))
         k_budget, _ = plan_budget(
             num_steps, num_blocks, budget, always_blocks=head_blocks + tail_blocks,
-            selective_blocks=selective_blocks, selective_share=selective_share,
+            selective_blocks=selective_blocks, selective_share=selective_share, selective_tokens=selective_tokens,
         )
         k = max(k_budget, len(forced | {0}))
         orders = (0, 1) if forecast_order == "auto" else (int(forecast_order),)
+        if selective_share > 0 and selective_blocks and target == "span":
+            # Selective deep steps keep a front residual beside the whole-span one; a forecast would be a
+            # third stream-size tensor per branch (the memory rule allows two), so search reuse only.
+            if forecast_order not in ("auto", 0):
+                raise ValueError("selective deep blocks (selective_share > 0, selective_blocks > 0) need forecast_order 0 or 'auto'")
+            orders = (0,)
         while True:  # the guardrails may need more computed steps than the budget buys
             try:
                 found = [
@@ -419,8 +440,9 @@ def calibrate(
         always = head_blocks + tail_blocks
         room = budget * num_steps * num_blocks - k * num_blocks - (num_steps - k) * always
         m = 0
-        if selective_share > 0 and selective_blocks:
-            m = max(0, min(num_steps - k, int(math.floor(room / selective_blocks + 1e-9))))
+        per_selective = selective_cost(num_blocks, always, selective_blocks, selective_tokens)
+        if selective_share > 0 and per_selective > 0:
+            m = max(0, min(num_steps - k, int(math.floor(room / per_selective + 1e-9))))
         expected_by_order = {o: c for _, c, o in found}
         schedule01, expected, chosen_order = min(found, key=lambda f: f[1])
 
@@ -430,7 +452,8 @@ def calibrate(
         def evaluate(candidate01: list[int], order: int, source: str) -> float:
             full, _ = _with_selective(candidate01, cost_fn(order), m)
             config = ProCacheConfig(
-                schedule=full, order=order, selective_blocks=selective_blocks if m else 0, target=target,
+                schedule=full, order=order, selective_blocks=selective_blocks if m else 0,
+                selective_tokens=selective_tokens if m else 0.0, target=target,
                 warmup_steps=warmup_steps, final_steps=final_steps, max_consecutive_reuse=max_consecutive_reuse,
                 head_blocks=head_blocks, tail_blocks=tail_blocks,
             )
@@ -474,7 +497,7 @@ def calibrate(
             handle.remove()
 
     schedule, reuse_cost = _with_selective(schedule01, cost_fn(chosen_order), m)
-    evals = sum(num_blocks if v == 1 else always + (selective_blocks if v == 2 else 0) for v in schedule)
+    evals = sum(num_blocks if v == 1 else always + (per_selective if v == 2 else 0) for v in schedule)
     data = {
         "format": SCHEDULE_FORMAT,
         "version": SCHEDULE_VERSION,
@@ -486,6 +509,7 @@ def calibrate(
         "forecast_order": chosen_order,
         "target": target,
         "selective_blocks": selective_blocks if m else 0,
+        "selective_tokens": selective_tokens if m else 0.0,
         "compute_fraction": evals / (num_steps * num_blocks),
         "guardrails": {
             "warmup_steps": warmup_steps, "final_steps": final_steps,
@@ -553,6 +577,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tail-blocks", type=int, default=0)
     parser.add_argument("--selective-blocks", type=int, default=1)
     parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
+    parser.add_argument("--selective-tokens", type=float, default=0.0,
+                        help="share of the tokens a selective step recomputes through the span (0: deep blocks only)")
     parser.add_argument("--forecast-order", default="auto", choices=("0", "1", "auto"),
                         help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
     parser.add_argument("--target", default="span", choices=("span", "output"), help="what reused steps take from the cache")
@@ -583,7 +609,7 @@ def run(args: argparse.Namespace) -> int:
         pipe, prompts, num_steps=args.steps, budget=args.budget, out=args.out, model_id=args.model,
         warmup_steps=args.warmup_steps, final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
         head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, selective_blocks=args.selective_blocks,
-        selective_share=args.selective_share, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), target=args.target, refine=args.refine, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
+        selective_share=args.selective_share, selective_tokens=args.selective_tokens, forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order), target=args.target, refine=args.refine, token_stride=args.token_stride, seed=args.seed, call_kwargs=call_kwargs,
     )
     print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
     return 0

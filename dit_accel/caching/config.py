@@ -173,7 +173,8 @@ class ProCacheConfig(CacheConfig):
 
     Schedule values per step: 1 = compute all blocks, 0 = reuse the whole span, 2 = *selective*:
     reuse the span up to the last ``selective_blocks`` blocks and recompute those deep blocks, which
-    also refreshes the cached whole-span residual. The schedule comes from ``schedule_file`` (written by
+    also refreshes the cached whole-span residual; with ``selective_tokens`` > 0 the tokens whose
+    features changed most are recomputed through the reused part too. The schedule comes from ``schedule_file`` (written by
     ``dit-accel calibrate``), else from ``schedule``, else a built-in non-uniform pattern with compute
     fraction ``budget`` (dense early and late, sparse in the middle).
     """
@@ -187,7 +188,18 @@ class ProCacheConfig(CacheConfig):
     budget: float = 0.5
     """Compute fraction of the built-in pattern (used only without ``schedule`` or ``schedule_file``)."""
     selective_blocks: int = 1
-    """Deep blocks recomputed on selective (value 2) steps; 0 turns selective steps into plain reuse."""
+    """Deep blocks recomputed on selective (value 2) steps; 0 (with ``selective_tokens`` 0) turns
+    selective steps into plain reuse."""
+    selective_tokens: float | None = None
+    """Share of the tokens (in [0, 1]) that selective (value 2) steps recompute through the reused front
+    span (the span minus its deep blocks): per batch row, the tokens whose span input changed most since
+    their cached residual was computed (change measured on a 32-dimensional random sketch of each token).
+    Their fresh outputs replace the reused ones and refresh their rows of the cached residual; the other
+    tokens reuse it. Self-attention of the recomputed tokens sees only the recomputed tokens (cost:
+    share x the linear layers, share^2 x the attention). 0: off (selective steps recompute the deep blocks
+    only); 1: the front span is computed in full. ``None``: the schedule file's ``selective_tokens``, 0
+    without a file. Needs blocks whose text stream is separate (cross-attention families: Wan, LTX,
+    PixArt); joint-attention blocks raise."""
     order: int | None = None
     """Forecast order (see :class:`CacheConfig`); ``None``: the schedule file's ``forecast_order`` (the
     order its search assumed), 0 without a file."""
@@ -196,8 +208,10 @@ class ProCacheConfig(CacheConfig):
         super().__post_init__()
         _check_float("budget", self.budget, 0.0, 1.0, low_open=True)
         _check_int("selective_blocks", self.selective_blocks, 0)
-        if self.target == "output" and self.selective_blocks:
-            raise ValueError("target='output' has no selective steps; set selective_blocks=0")
+        if self.selective_tokens is not None:
+            _check_float("selective_tokens", self.selective_tokens, 0.0, 1.0)
+        if self.target == "output" and (self.selective_blocks or self.selective_tokens):
+            raise ValueError("target='output' has no selective steps; set selective_blocks=0 and selective_tokens=0")
         if self.schedule is not None:
             _check_schedule("schedule", self.schedule, (0, 1, 2))
             self.schedule = list(self.schedule)

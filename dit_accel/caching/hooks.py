@@ -23,7 +23,9 @@ controller writes, for every branch of the call, ``context.state(CACHE_STATE_LAY
      "last_computed_step": j,              # last step whose blocks all ran (None before the first)
      "cached_steps": [...]}                # every earlier step of this generation that skipped the span
 
-(``"probe"`` is replaced by the final decision once the probe blocks ran, before the span.) A method
+(``"probe"`` is replaced by the final decision once the probe blocks ran, before the span;
+``"token_share"`` > 0 on a selective call means the front span also runs on that share of the tokens
+only: those attention calls see a token subset, not the model's grid.) A method
 sees its layer's attention called only on steps where that layer's block ran; it should compare the
 current ``ctx.step`` with the step of its own last update (gaps are cached steps) and must not count
 cached steps as refreshes. The store is cleared at every new pipeline call with the context.
@@ -31,7 +33,9 @@ cached steps as refreshes. The store is cleared at every new pipeline call with 
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +136,54 @@ def _pack(ref: BlockRef, hidden: torch.Tensor, encoder: torch.Tensor | None) -> 
     return tuple(out)
 
 
+SKETCH_DIM = 32
+"""Width of the per-token random sketch that ranks tokens by change (ProCache selective tokens)."""
+
+
+def _hidden_position(ref: BlockRef, kwargs: dict) -> str | int:
+    """Keyword name or positional index of the block's hidden-states argument."""
+    name = ref.metadata.hidden_states_argument_name
+    if name in kwargs:
+        return name
+    params = list(inspect.signature(type(ref.module).forward).parameters)[1:]  # skip self
+    return params.index(name)
+
+
+def _with_hidden(ref: BlockRef, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the hidden-states argument replaced."""
+    pos = _hidden_position(ref, kwargs)
+    if isinstance(pos, str):
+        return args, dict(kwargs, **{pos: hidden})
+    return args[:pos] + (hidden,) + args[pos + 1:], kwargs
+
+
+def _take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` ``(B, k)`` of dim 1 of ``t`` (a batch dim of 1 is broadcast over the rows)."""
+    batch, k = idx.shape
+    if t.shape[0] == 1 and batch > 1:
+        t = t.expand(batch, *t.shape[1:])
+    index = idx.to(t.device).view(batch, k, *([1] * (t.dim() - 2))).expand(batch, k, *t.shape[2:])
+    return torch.gather(t, 1, index)
+
+
+def _token_subset_call(ref: BlockRef, args: tuple, kwargs: dict, idx: torch.Tensor, tokens: int) -> tuple[tuple, dict]:
+    """The block's call arguments restricted to the tokens ``idx``: every tensor (also inside tuples and
+    lists, e.g. rotary tables) whose dim 1 has the token count is gathered; the text stream is kept."""
+    skip = {ref.metadata.encoder_hidden_states_argument_name}
+    params = list(inspect.signature(type(ref.module).forward).parameters)[1:]
+
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == tokens:
+            return _take_tokens(value, idx)
+        if isinstance(value, (tuple, list)):
+            return type(value)(take(v) for v in value)
+        return value
+
+    new_args = tuple(v if (i < len(params) and params[i] in skip) else take(v) for i, v in enumerate(args))
+    new_kwargs = {key: (v if key in skip else take(v)) for key, v in kwargs.items()}
+    return new_args, new_kwargs
+
+
 def _row_groups(branches: tuple[str, ...]) -> list[tuple[str, Rows]]:
     """Rows of each branch, in order of first appearance: a slice when contiguous, else an index tensor."""
     order: list[str] = []
@@ -185,6 +237,9 @@ class CacheController:
         """Largest cached bytes per branch."""
         self.stream_bytes: dict[str, int] = {}
         """Bytes of one span-input activation (hidden + text stream) per branch, for comparison."""
+        self.block_hooks: list["CacheBlockHook"] = []
+        """The block hooks in block order (set when installed; selective tokens run blocks through them)."""
+        self._projections: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # --- state ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -238,6 +293,7 @@ class CacheController:
         plan = self.plan
         assert plan is not None
         ranges = self._computed_ranges(plan)
+        share = self.scheduler.token_share if plan.decision is Decision.SELECTIVE else 0.0
         for branch, _ in plan.groups:
             state = self._state(branch)
             entry = self.context.state(CACHE_STATE_LAYER, branch)
@@ -247,6 +303,7 @@ class CacheController:
                 decision=plan.decision.value,
                 computed_blocks=ranges,
                 last_computed_step=state.last_computed_step,
+                token_share=share,
             )
 
     def _computed_ranges(self, plan: _CallPlan) -> tuple[tuple[int, int], ...]:
@@ -270,13 +327,18 @@ class CacheController:
         if index == sched.span_start:
             plan.span_in = (hidden, encoder)
             self._note_stream_bytes(plan, hidden, encoder)
+            if sched.token_share > 0 and plan.decision is Decision.COMPUTE:
+                self._store_sketch(plan, self._sketch(hidden))
         skipped = plan.decision in (Decision.REUSE, Decision.SELECTIVE) and sched.span_start <= index < plan.reuse_end
         if skipped:
             if index == sched.span_start and not sched.output_target:
+                fresh = hidden
                 residual = self._merged_forecast(plan, plan.reuse_end, hidden)
                 hidden = hidden + residual[0]
                 if encoder is not None and residual[1] is not None:
                     encoder = encoder + residual[1]
+                if plan.decision is Decision.SELECTIVE and sched.token_share > 0:
+                    hidden = self._recompute_tokens(plan, args, kwargs, fresh, hidden)
             output = _pack(ref, hidden, encoder)
         else:
             output = hook.fn_ref.original_forward(*args, **kwargs)
@@ -307,6 +369,69 @@ class CacheController:
                 self.scheduler.store(self._state(branch), OUTPUT_SLOT, (part, None), plan.info.step)
         self.end_call()
         return output
+
+    # --- selective tokens (ProCache) ------------------------------------------------------------------
+    def _sketch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token random projection ``(B, S, 32)`` (fixed seed: the same for every run), computed in
+        fp32 and kept in the stream's dtype (1/12 of a bf16 stream at width 384)."""
+        key = (hidden.shape[-1], hidden.device)
+        proj = self._projections.get(key)
+        if proj is None:
+            g = torch.Generator().manual_seed(0)
+            proj = (torch.randn(hidden.shape[-1], SKETCH_DIM, generator=g) / math.sqrt(SKETCH_DIM)).to(hidden.device)
+            self._projections[key] = proj
+        return (hidden.detach().float() @ proj).to(hidden.dtype)
+
+    def _store_sketch(self, plan: _CallPlan, sketch: torch.Tensor) -> None:
+        for branch, rows in plan.groups:
+            self._state(branch).token_sketch = sketch if len(plan.groups) == 1 else sketch[rows]
+
+    def _recompute_tokens(self, plan: _CallPlan, args: tuple, kwargs: dict, fresh: torch.Tensor,
+                          approx: torch.Tensor) -> torch.Tensor:
+        """Run the reused front span on the tokens whose span input changed most; return ``approx`` with
+        their rows replaced by the fresh outputs, and refresh their rows of the cached residual."""
+        sched = self.scheduler
+        start, end = sched.span_start, plan.reuse_end
+        batch, tokens = fresh.shape[0], fresh.shape[1]
+        k = min(tokens, max(1, math.ceil(sched.token_share * tokens - 1e-9)))
+        sketch = self._sketch(fresh)
+        if k == tokens:
+            idx = torch.arange(tokens, device=fresh.device).expand(batch, tokens)
+        else:
+            refs = [self._state(b).token_sketch for b, _ in plan.groups]
+            if any(r is None for r in refs):
+                score = sketch.float().square().sum(-1)
+            else:
+                ref = refs[0] if len(refs) == 1 else torch.empty_like(sketch)
+                if len(refs) > 1:
+                    for (_, rows), r in zip(plan.groups, refs):
+                        ref[rows] = r
+                score = (sketch.float() - ref.float()).square().sum(-1)
+            idx = score.topk(k, dim=1).indices.sort(dim=1).values  # model order: attention sums as in a full run
+        first = self.blocks[start]
+        sub = _take_tokens(fresh, idx)
+        call_args, call_kwargs = _token_subset_call(first, args, kwargs, idx, tokens)
+        h = sub
+        for j in range(start, end):
+            a, kw = _with_hidden(self.blocks[j], call_args, call_kwargs, h)
+            h = _output_streams(self.blocks[j], self.block_hooks[j].fn_ref.original_forward(*a, **kw))[0]
+            plan.blocks_run += k / tokens
+        index = idx.unsqueeze(-1).expand(-1, -1, approx.shape[-1])
+        out = approx.scatter(1, index, h)
+        # Refresh the recomputed rows of the cached front residual (a forecast slot keeps its history).
+        if end != sched.slot_ends[-1] or sched.order == 0:
+            delta = (h - sub).detach()
+            sketch_index = idx.unsqueeze(-1).expand(-1, -1, SKETCH_DIM)
+            new_sketch = sketch.gather(1, sketch_index)
+            for branch, rows in plan.groups:
+                state = self._state(branch)
+                part = slice(None) if len(plan.groups) == 1 else rows
+                cached = state.slots.get(end)
+                if cached is not None and cached[0].shape == approx[part].shape:
+                    cached[0].scatter_(1, index[part], delta[part].to(cached[0].dtype))
+                if state.token_sketch is not None and state.token_sketch.shape == sketch[part].shape:
+                    state.token_sketch.scatter_(1, sketch_index[part], new_sketch[part])
+        return out
 
     def _note_stream_bytes(self, plan: _CallPlan, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
         per_row = hidden[0].numel() * hidden.element_size()
@@ -572,6 +697,13 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
         if registry is not None and registry.get_hook(CACHE_HOOK_NAME) is not None:
             raise ValueError(f"a dit-accel cache is already installed on {ref.name}; remove it first")
     scheduler = controller.scheduler
+    if scheduler.token_share > 0:
+        joint = [ref.name for ref in blocks if ref.metadata.return_encoder_hidden_states_index is not None]
+        if joint:
+            raise ValueError(
+                f"selective_tokens needs blocks with a separate text stream (Wan, LTX, PixArt); "
+                f"{type(blocks[0].module).__name__} ({joint[0]}) returns a joint text stream; set selective_tokens=0"
+            )
     output_module = None
     if scheduler.output_target:
         output_module = getattr(transformer, "proj_out", None)
@@ -580,6 +712,7 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
     attachment = CacheAttachment(transformer, controller)
     try:
         hooked = [(ref.module, CacheBlockHook(controller, index, ref)) for index, ref in enumerate(blocks)]
+        controller.block_hooks = [hook for _, hook in hooked]
         if output_module is not None:
             hooked.append((output_module, CacheOutputHook(controller)))
         for module, hook in hooked:

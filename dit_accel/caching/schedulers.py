@@ -80,6 +80,9 @@ class BranchState:
     """Steps of the residuals behind the Taylor differences per slot, latest first."""
     probe: torch.Tensor | None = None
     """Previous step's probe residual (hidden stream, strided tokens)."""
+    token_sketch: torch.Tensor | None = None
+    """Per-token random sketch ``(rows, tokens, 32)`` of the span input at the step each token's cached
+    front residual comes from (ProCache token selection); tiny next to the stream."""
     accumulated: float = 0.0
     """Accumulated relative L1 change of the probe since the last computed step."""
     reused_in_row: int = 0
@@ -90,7 +93,7 @@ class BranchState:
     def nbytes(self) -> int:
         """Bytes of the tensors held across steps."""
         total = 0
-        tensors: list[torch.Tensor | None] = [self.probe]
+        tensors: list[torch.Tensor | None] = [self.probe, self.token_sketch]
         for streams in self.slots.values():
             tensors.extend(streams)
         for derivs in self.derivatives.values():
@@ -146,6 +149,11 @@ class CacheScheduler:
     def probe_blocks(self) -> int:
         """Blocks whose residual is the probe (0: no probe)."""
         return 0
+
+    @property
+    def token_share(self) -> float:
+        """Share of the tokens recomputed through the front span on selective steps (0: none)."""
+        return 0.0
 
     @property
     def output_target(self) -> bool:
@@ -430,11 +438,13 @@ def default_procache_pattern(num_steps: int, budget: float, config: CacheConfig)
 
 @register_scheduler
 class ProCacheScheduler(CacheScheduler):
-    """Offline-searched non-uniform schedule with selective recomputation of the deep blocks.
+    """Offline-searched non-uniform schedule with selective recomputation of deep blocks and tokens.
 
     Two residuals per branch: the whole span ``[head, N - tail)`` (reused on value-0 steps) and the
     front part ``[head, N - tail - selective_blocks)`` (reused on value-2 steps, where the deep blocks
-    run and refresh the whole-span residual).
+    run and refresh the whole-span residual). With ``selective_tokens`` the value-2 steps also run the
+    front part on the tokens that changed most (see :class:`ProCacheConfig`); the token selection keeps
+    one small per-token sketch per branch.
     """
 
     name = "procache"
@@ -444,22 +454,39 @@ class ProCacheScheduler(CacheScheduler):
         super().__init__(config, num_blocks)
         self.schedule: list[int] | None = None
         self._order = config.order or 0
+        self._token_share = config.selective_tokens or 0.0
         if config.schedule_file is not None:
             data = load_schedule(config.schedule_file)
             self.schedule = list(data["schedule"])
             if config.order is None:
                 self._order = int(data.get("forecast_order", 0))
+            if config.selective_tokens is None:
+                self._token_share = float(data.get("selective_tokens", 0.0))
             if data.get("target", "span") != config.target:
                 logger.warning("schedule file %s was searched for target=%r, used with target=%r",
                                config.schedule_file, data.get("target", "span"), config.target)
         elif config.schedule is not None:
             self.schedule = list(config.schedule)
         self._patterns: dict[int, list[int]] = {}
+        # The front residual is kept only when some step recomputes the deep blocks (the built-in
+        # pattern has none), so a plain schedule holds one residual per branch (plus the forecast's).
+        self._deep = config.selective_blocks if self.schedule is not None and 2 in self.schedule else 0
+        if self._deep and self._order:
+            raise ValueError(
+                f"procache with selective deep blocks (schedule value 2, selective_blocks={config.selective_blocks}) "
+                f"keeps a front and a whole-span residual; a forecast of order {self._order} would add a third "
+                "stream-size tensor per branch: use order=0 or selective_blocks=0"
+            )
 
     @property
     def order(self) -> int:
         """The config's order, else the schedule file's ``forecast_order``."""
         return self._order
+
+    @property
+    def token_share(self) -> float:
+        """The config's ``selective_tokens``, else the schedule file's."""
+        return self._token_share
 
     @staticmethod
     def extra_deep_blocks(config: CacheConfig) -> int:
@@ -472,8 +499,7 @@ class ProCacheScheduler(CacheScheduler):
         if self.output_target:
             return (OUTPUT_SLOT,)
         whole = self.num_blocks - self.config.tail_blocks
-        deep: int = self.config.selective_blocks  # type: ignore[attr-defined]
-        return (whole - deep, whole) if deep else (whole,)
+        return (whole - self._deep, whole) if self._deep else (whole,)
 
     def reuse_end(self, decision: Decision) -> int:
         """Selective steps skip only the front span."""
@@ -498,5 +524,5 @@ class ProCacheScheduler(CacheScheduler):
         if value == 0:
             return Decision.REUSE
         if value == 2:
-            return Decision.SELECTIVE if self.config.selective_blocks else Decision.REUSE  # type: ignore[attr-defined]
+            return Decision.SELECTIVE if (self._deep or self.token_share > 0) else Decision.REUSE
         return Decision.COMPUTE
