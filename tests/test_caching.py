@@ -272,14 +272,15 @@ def bare_transformer():
     api.remove(transformer)
 
 
-@pytest.mark.parametrize("name", ["fixed", "taylor", "procache", "probe"])
+@pytest.mark.parametrize("name", ["fixed", "taylor", "procache", "probe", "procache_tokens"])
 def test_separate_call_cfg_branches_do_not_mix(bare_transformer, name):
     """Cond outputs of a cached run with separate cond/uncond calls do not depend on the uncond
     prompt and equal a cached run with no uncond calls at all (bit for bit)."""
     transformer, handle = bare_transformer
     options = {"fixed": dict(interval=2), "taylor": dict(interval=2, order=2), "probe": dict(threshold=0.5),
-               "procache": dict(schedule=[1, 1, 2, 0, 1, 1], selective_blocks=1)}[name]
-    config = make_cache_config(name, warmup_steps=1, **options)
+               "procache": dict(schedule=[1, 1, 2, 0, 1, 1], selective_blocks=1),
+               "procache_tokens": dict(schedule=[1, 1, 2, 2, 1, 2], selective_blocks=0, selective_tokens=0.3)}[name]
+    config = make_cache_config(name.split("_")[0], warmup_steps=1, **options)
     a, stats = _cached_cond_outputs(transformer, handle, config, embeds(2), "sequential")
     b, _ = _cached_cond_outputs(transformer, handle, config, embeds(3), "sequential")
     alone, _ = _cached_cond_outputs(transformer, handle, config, None, "alone")
@@ -289,16 +290,20 @@ def test_separate_call_cfg_branches_do_not_mix(bare_transformer, name):
         assert torch.equal(x_a, x_b) and torch.equal(x_a, x_alone)
 
 
-def test_batched_cfg_rows_keep_their_own_residuals(bare_transformer):
+@pytest.mark.parametrize("name, options", [
+    ("taylor", dict(interval=2, order=1)),
+    ("procache", dict(schedule=[1, 1, 2, 2, 1, 2], selective_blocks=0, selective_tokens=0.3)),  # per-row token picks
+])
+def test_batched_cfg_rows_keep_their_own_residuals(bare_transformer, name, options):
     """Batched guidance ([uncond row, cond row] in one call): the cond row's cached outputs do not
     depend on the uncond row and match the cond row cached alone."""
     transformer, handle = bare_transformer
-    config = make_cache_config("taylor", interval=2, warmup_steps=1, order=1)
+    config = make_cache_config(name, warmup_steps=1, **options)
     a, stats = _cached_cond_outputs(transformer, handle, config, embeds(2), "batched")
     b, _ = _cached_cond_outputs(transformer, handle, config, embeds(3), "batched")
     alone, _ = _cached_cond_outputs(transformer, handle, config, None, "alone")
     assert {r["branch"] for r in stats} == {"cond", "uncond"}
-    assert any(r["decision"] == "reuse" for r in stats)
+    assert any(r["decision"] in ("reuse", "selective") for r in stats)
     for x_a, x_b, x_alone in zip(a, b, alone):
         torch.testing.assert_close(x_a, x_b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x_a, x_alone, rtol=1e-5, atol=1e-6)
@@ -330,6 +335,109 @@ def test_two_transformers_keep_separate_states():
     first_call = min(r["call"] for r in atts["transformer_2"].stats())
     first_calls = [r for r in atts["transformer_2"].stats() if r["step"] == boundary and r["call"] == first_call]
     assert {r["reason"] for r in first_calls} == {"no_cache"}
+    for a in atts.values():
+        a.remove()
+    handle.remove()
+
+
+# --- ProCache selective tokens ---------------------------------------------------------------------------
+def _latents_32px(pipe, steps: int = STEPS) -> torch.Tensor:
+    """Like :func:`generate` at 32x32 px (8 tokens per call), so a token share selects a strict subset."""
+    return pipe(
+        prompt_embeds=embeds(1), negative_prompt_embeds=embeds(2), height=32, width=32, num_frames=5,
+        num_inference_steps=steps, guidance_scale=4.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+def test_selective_tokens_share_one_computes_and_share_zero_reuses(pipe, handle):
+    """Selective (value 2) steps with ``selective_tokens``: share 1.0 recomputes every token (bit for bit
+    the dense output), share 0 is plain reuse (bit for bit the schedule with 0 instead of 2), a share
+    in between recomputes that share of the tokens and counts it as that share of a block evaluation."""
+    dense = _latents_32px(pipe)
+    context = handle.contexts["transformer"]
+    schedule = [1, 1, 2, 2, 1, 2, 2, 1]
+
+    def run(sched, **options):
+        att = install_cache(pipe.transformer, context, "procache", schedule=sched, warmup_steps=1, final_steps=1, **options)
+        out = _latents_32px(pipe)
+        att.remove()
+        return out, att
+
+    full, att = run(schedule, selective_blocks=0, selective_tokens=1.0)
+    assert torch.equal(full, dense)
+    assert _decisions(att) == "ccsscssc" and att.summary()["compute_fraction"] == 1.0
+    off, att = run(schedule, selective_blocks=0, selective_tokens=0.0)
+    reuse, _ = run([0 if v == 2 else v for v in schedule], selective_blocks=0)
+    assert torch.equal(off, reuse) and _decisions(att) == "ccrrcrrc"
+    half, att = run(schedule, selective_blocks=0, selective_tokens=0.5)
+    assert not torch.equal(half, dense) and not torch.equal(half, reuse)
+    selective = [r for r in att.stats() if r["decision"] == "selective"]
+    assert len(selective) == 2 * 4 and {r["blocks_computed"] for r in selective} == {0.5 * NUM_LAYERS}
+    assert att.summary()["compute_fraction"] == pytest.approx((4 * NUM_LAYERS + 4 * 0.5 * NUM_LAYERS) / (8 * NUM_LAYERS))
+    # with a deep block: the front span on half of the tokens, the deep block on all of them
+    _, att = run(schedule, selective_blocks=1, selective_tokens=0.5)
+    assert {r["blocks_computed"] for r in att.stats() if r["decision"] == "selective"} == {1 + 0.5 * (NUM_LAYERS - 1)}
+
+
+def test_selective_tokens_pick_the_tokens_that_changed_most(bare_transformer):
+    """The recomputed rows are those whose span input moved most since the cached residual: with the
+    input changed on known tokens only, exactly those rows differ from plain reuse."""
+    transformer, handle = bare_transformer
+    context = handle.contexts["transformer"]
+    context.cfg_style = "sequential"
+    handle.clock.cfg = False
+    text = embeds(1)
+    x = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(5))
+    y = x.clone()
+    y[:, :, 2, :2, :2] += 3.0  # latent frame 2, first 2x2 patch: token 2 * 2 * 2 + 0 = 8 (20 tokens in all)
+
+    def outputs(**options):
+        handle.begin_call()
+        att = install_cache(transformer, context, "procache", schedule=[1, 1, 2], warmup_steps=1, final_steps=0, **options)
+        with torch.no_grad():
+            outs = [transformer(hidden_states=inp, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)[0]
+                    for inp, t in ((x, 900.0), (x, 800.0), (y, 700.0))]
+        att.remove()
+        return outs[-1]
+
+    token_rows = lambda out: out[0].reshape(16, 5, 2, 2, 2, 2).permute(1, 2, 4, 0, 3, 5).reshape(20, -1)  # noqa: E731
+    picked = token_rows(outputs(selective_blocks=0, selective_tokens=0.05))  # 1 token of 20
+    reused = token_rows(outputs(selective_blocks=0, selective_tokens=0.0))
+    changed = [i for i in range(20) if not torch.equal(picked[i], reused[i])]
+    assert changed == [8]
+
+
+def test_selective_tokens_need_a_separate_text_stream():
+    from conftest import TINY_CASES
+
+    model = TINY_CASES["flux"].build()
+    handle = api.apply(model)
+    with pytest.raises(ValueError, match="selective_tokens needs blocks with a separate text stream"):
+        install_cache(model, handle.contexts["transformer"], "procache", schedule=[1, 2], selective_tokens=0.5)
+    api.remove(model)
+    with pytest.raises(ValueError, match=r"selective_tokens must be in \[0.0, 1.0\], got 1.5"):
+        make_cache_config("procache", selective_tokens=1.5)
+    with pytest.raises(ValueError, match="a forecast of order 1 would add a third stream-size tensor"):
+        install_cache(model, api.apply(model).contexts["transformer"], "procache", schedule=[1, 2], order=1)
+    api.remove(model)
+
+
+def test_two_transformers_keep_separate_selective_token_states():
+    pipe = tiny_wan_pipeline(two_transformers=True)
+    handle = api.apply(pipe)
+    atts = {name: install_cache(getattr(pipe, name), ctx, "procache", schedule=[1, 2] * (STEPS // 2), warmup_steps=0,
+                                final_steps=0, selective_blocks=0, selective_tokens=0.5)
+            for name, ctx in handle.contexts.items()}
+    first = generate(pipe)
+    assert torch.equal(first, generate(pipe))
+    for name, att in atts.items():
+        assert {r["branch"] for r in att.stats()} == {"cond", "uncond"}
+        assert any(r["decision"] == "selective" for r in att.stats())
+        first_call = min(r["call"] for r in att.stats())
+        first_step = min(r["step"] for r in att.stats() if r["call"] == first_call)
+        assert {r["reason"] for r in att.stats() if r["call"] == first_call and r["step"] == first_step} == {"no_cache"}
+    steps = {name: {r["step"] for r in a.stats()} for name, a in atts.items()}
+    assert steps["transformer"].isdisjoint(steps["transformer_2"])
     for a in atts.values():
         a.remove()
     handle.remove()

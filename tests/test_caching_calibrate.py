@@ -81,6 +81,9 @@ def test_plan_budget_counts_block_evaluations():
     assert plan_budget(20, 6, 0.5, always_blocks=1, selective_blocks=1, selective_share=0.0) == (8, 0)
     k, m = plan_budget(20, 6, 0.5, always_blocks=0, selective_blocks=1, selective_share=0.25)
     assert (k, m) == (7, 13) and k * 6 + m * 1 <= 0.5 * 20 * 6
+    # selective steps on a quarter of the tokens of a 6-block span cost 1.5 block evaluations each
+    k, m = plan_budget(20, 6, 0.5, always_blocks=0, selective_blocks=0, selective_share=0.25, selective_tokens=0.25)
+    assert (k, m) == (7, 12) and k * 6 + m * 1.5 <= 0.5 * 20 * 6
 
 
 # --- calibrate end to end ------------------------------------------------------------------------------
