@@ -107,7 +107,7 @@ def test_calibrate_writes_a_schedule_that_fixed_and_procache_load(tmp_path):
     assert set(data["errors"]["expected_cost_by_order"]) == {"0"}
     assert data["compute_fraction"] <= 0.5 + 1e-9
     measured = data["errors"]["measured"]
-    assert {m["source"] for m in measured} >= {"dp_order0"} and 1 <= len(measured) <= 4
+    assert {m["source"] for m in measured} >= {"dp_order0"} and 1 <= len(measured) <= 5  # DP, uniform, 3 moves
     best = min(measured, key=lambda m: m["relative_mse"])
     assert best["schedule"] == schedule and best["order"] == data["forecast_order"]
     run_len = 0
