@@ -47,21 +47,28 @@ import dit_accel  # noqa: E402
 from dit_accel.testbed import WEIGHTS_DIR, data, load_testbed_pipeline  # noqa: E402
 from dit_accel.testbed.classifier import AttributeClassifier, ClassifierConfig, attribute_accuracy, load_classifier  # noqa: E402
 
-QUALITIES = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
+TOP_P = (0.97, 0.9, 0.8, 0.65, 0.5)
 
 SWEEPS: dict[str, list[dict]] = {
-    "draft": [{"quality": x} for x in QUALITIES],
-    "permuted": [{"quality": x, "order": "tile"} for x in QUALITIES],
-    "permuted_kmeans": [{"quality": x, "order": "kmeans"} for x in (0.8, 0.4, 0.0)],
-    "temporal_skip": [{"quality": x} for x in QUALITIES],
-    "combo": [{"quality": x} for x in QUALITIES],
-    "oracle": [{"top_p": p} for p in (0.99, 0.97, 0.95, 0.9, 0.8, 0.7)],
+    "draft": [{"top_p": p} for p in TOP_P],
+    # session 1's draft (one pooled query per block, no temperature) at two points, for comparison
+    "draft_v1": [{"top_p": p, "query_pool": 128, "temperature": 1.0} for p in (0.97, 0.8)],
+    "permuted": [{"top_p": p, "order": "tile"} for p in (0.9, 0.8, 0.65)],
+    "permuted_kmeans": [{"top_p": p, "order": "kmeans"} for p in (0.9, 0.65)],
+    "temporal_skip": [{"top_p": p} for p in (0.9, 0.8, 0.65)],
+    "combo": [{"top_p": p} for p in TOP_P],
+    "oracle": [{"top_p": p} for p in (0.97, 0.9, 0.75, 0.55)],
     # Radii are token distances between the nearest tokens of two block boxes; with 2x8x8 tiles the distances
     # that occur are 0/1/3/5.. frames and 0/1/9/17.. tokens, so these values give distinct windows.
     "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 1), (1, 1), (1, 9), (3, 9), (3, 17), (5, 25))],
 }
-"""Settings of each method's knob (the draft family: ``quality``; oracle: ``top_p``; window: radii).
-``permuted_kmeans`` is ``permuted`` with the k-means order."""
+"""Settings of each method's knob. The draft family sweeps ``top_p`` (its other thresholds stay at the
+default ``quality`` level, ``balanced``), so :data:`sparse_base.QUALITY_ANCHORS` can be fitted from the
+curve; oracle: ``top_p``; window: radii. ``permuted_kmeans`` is ``permuted`` with the k-means order,
+``draft_v1`` is ``draft`` as it was before the query sub-pooling and temperature."""
+
+LABEL_METHOD = {"permuted_kmeans": "permuted", "draft_v1": "draft"}
+"""Sweep labels that run another registered method."""
 
 TINY_SWEEPS: dict[str, list[dict]] = {k: v[:: max(1, len(v) // 2)][:2] for k, v in SWEEPS.items()}
 """Two settings per method for the ``--tiny`` smoke test."""
@@ -357,6 +364,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     parser.add_argument("--name", default=None, help="basename of the outputs (default sparse_quality[_tiny])")
+    parser.add_argument("--classifier-commit", default=None, help="git commit of the classifier weights (recorded)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in SWEEPS]
@@ -393,6 +401,7 @@ def main() -> None:
                   "steps": args.steps, "guidance": args.guidance, "dense_warmup": args.warmup,
                   "dense_first_layers": 1, "dense_last_step": True, "seed": args.seed,
                   "weights": None if args.tiny else str(args.weights)},
+        "classifier_commit": args.classifier_commit,
         "results": [],
     }
     if classifier_error:
@@ -428,7 +437,7 @@ def main() -> None:
         print("coverage", json.dumps(report["coverage_study"]["coverage_at_density"]), flush=True)
         out_json.write_text(json.dumps(report, indent=1))
     for label in methods:
-        method_name = "permuted" if label == "permuted_kmeans" else label
+        method_name = LABEL_METHOD.get(label, label)
         for options in sweeps[label]:
             if f"{label} {json.dumps(options, sort_keys=True)}" in done:
                 continue

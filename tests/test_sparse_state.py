@@ -13,7 +13,7 @@ import dit_accel
 from dit_accel.caching import install_cache
 
 SKIP = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, similarity_threshold=-1.0, top_p=0.9,
-            min_blocks_fraction=0.0, drift_check=False)
+            min_blocks_fraction=0.0, drift_check=False, calibrate=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def test_drift_check_replans_only_drifted_rows():
     q2, k2 = smooth_qk(seed=5)  # different content: rows drift and take the fresh selection
     call = call_at(ctx, 3, 1024)
     moved = mask_bool(method.plan(q2, k2, call))
-    fresh = mask_bool(dit_accel.get_method("draft", **{k: v for k, v in SKIP.items() if k != "drift_check"})
+    fresh = mask_bool(dit_accel.get_method("draft", **{k: v for k, v in SKIP.items() if k not in ("drift_check", "calibrate")})
                       .plan(q2, k2, call_at(hand_context(), 1, 1024)))
     assert call.extra_stats["drift_rows"] > 0 and call.extra_stats["refresh"] is False
     drifted = (moved != keep0).any(-1)

@@ -4,8 +4,14 @@ low-resolution attention map, keep per query block the key blocks that hold a to
 Per call (all on the device, no host synchronisation):
 
 1. mean-pool q and k over each kernel block (the last block may be ragged);
-2. block logits ``scale * q_pool . k_pool`` plus, optionally, ``log(tokens in the key block)`` (a block's
-   mass is roughly its size times one token's weight), softmax over key blocks;
+2. block logits ``scale / temperature * q_sub . k_pool`` plus, optionally, ``log(tokens in the key block)``
+   (a block's mass is roughly its size times one token's weight), softmax over key blocks, where
+   ``q_sub`` are means of ``query_pool`` consecutive query tokens (default 4) and the probabilities
+   of the sub-blocks of a query block are averaged. Both choices come from an offline study on the
+   testbed's captured q/k (benchmarks/results/sparse_NOTES.md): the rows of one 128-token query block
+   attend to different key blocks, so one pooled query makes the map too peaked (too few blocks for the
+   rows that need many); averaging the softmax of 4-token sub-means and a temperature of 1.6
+   (pooled keys hide their logit spread) cut the attention-output error at equal density by 2-4 dB;
 3. per query block keep the fewest key blocks whose estimated mass reaches ``top_p``, at least
    ``min_blocks_fraction`` of the key blocks, and always the diagonal block;
 4. always computed: every row and column of a block holding text tokens (joint-attention families),
@@ -128,6 +134,58 @@ def pool_matrix(perm: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     return pool
 
 
+def query_sub_means(x: torch.Tensor, perm: torch.Tensor | None, group: int, block: int = BLOCK
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of every ``group`` consecutive tokens of the planned order, padded to whole blocks.
+
+    Args:
+        x: ``(B, H, S, D)`` in the model's token order.
+        perm: the planned order (``(S,)`` or ``(B, H, S)``; ``None``: the model's order).
+        group: tokens per sub-block; divides ``block``.
+    Returns:
+        ``(means (B, H, NB * block // group, D) float32, counts (NB * block // group,) float32)``: sub-blocks
+        past the end of the sequence have count 0 and mean 0.
+
+    When each aligned group of the planned order is an aligned run of the model's order (raster order,
+    or 3D tiles whose width is a multiple of ``group``), the means are taken before the permutation: a
+    view and a mean over ``x`` plus a gather of ``S / group`` rows, no permuted copy of ``x``.
+    """
+    B, H, S, D = x.shape
+    nb = -(-S // block)
+    n_sub = nb * block // group
+    counts = (torch.arange(n_sub, device=x.device) * group).sub(S).neg().clamp(0, group).float()
+    if S % group == 0 and (perm is None or perm.dim() == 1):
+        runs = None if perm is None else perm.view(-1, group)
+        if perm is None or _runs_contiguous(perm, group):
+            means = x.unflatten(2, (S // group, group)).mean(-2, dtype=torch.float32)
+            if runs is not None:
+                means = means.index_select(2, runs[:, 0] // group)
+            pad = n_sub - S // group
+            return torch.nn.functional.pad(means, (0, 0, 0, pad)), counts
+    xp = permute_tokens(x, perm)
+    xp = torch.nn.functional.pad(xp, (0, 0, 0, nb * block - S))
+    sums = xp.unflatten(2, (n_sub, group)).sum(-2, dtype=torch.float32)
+    return sums / counts.clamp_min(1)[:, None], counts
+
+
+_CONTIGUOUS_CACHE: dict[tuple[int, int], tuple["weakref.ref[torch.Tensor]", bool]] = {}
+
+
+def _runs_contiguous(perm: torch.Tensor, group: int) -> bool:
+    """Whether every aligned ``group`` of the order ``perm`` ``(S,)`` is an aligned run of the model's order;
+    cached per order tensor (one host synchronisation per grid, not per call)."""
+    key = (id(perm), group)
+    hit = _CONTIGUOUS_CACHE.get(key)
+    if hit is not None and hit[0]() is perm:
+        return hit[1]
+    runs = perm.view(-1, group)
+    ok = bool(((runs[:, 0] % group) == 0).all() and (runs - runs[:, :1] == torch.arange(group, device=perm.device)).all())
+    for stale in [k for k, v in _CONTIGUOUS_CACHE.items() if v[0]() is None]:
+        del _CONTIGUOUS_CACHE[stale]
+    _CONTIGUOUS_CACHE[key] = (weakref.ref(perm), ok)
+    return ok
+
+
 def top_p_keep(probs: torch.Tensor, top_p: float, min_blocks: int) -> torch.Tensor:
     """Bool mask keeping, per row of ``probs`` ``(..., KB)``, the fewest highest entries holding ``top_p``
     of the row's mass, and at least ``min_blocks`` entries. ``top_p >= 1`` keeps everything."""
@@ -188,21 +246,30 @@ def draft_estimate(
     text_blocks: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     pool: torch.Tensor | None = None,
+    query_pool: int = BLOCK,
+    temperature: float = 1.0,
     block: int = BLOCK,
 ) -> DraftEstimate:
     """Draft map and top-p selection for ``(B, H, S, D)`` q and k in the model's order, blocks formed in
     the planned order ``perm`` (``pool``: its averaging matrix, see :func:`block_pool`).
 
     ``text_blocks`` ``(NB,)`` bool marks blocks holding text tokens (their rows and columns are kept).
+    ``query_pool`` tokens per query sub-block (divides ``block``; ``block``: one pooled query per block):
+    each sub-block's softmax over the key blocks is computed and a query block's map is their
+    token-weighted mean. ``temperature`` divides the draft logits (> 1 flattens the map).
     """
     D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = (1.0 / math.sqrt(D) if scale is None else scale) / temperature
     qp, q_sim, counts = block_pool(q, perm, pool, block)
     kp, k_sim, _ = block_pool(k, perm, pool, block)
-    logits = (qp @ kp.transpose(-1, -2)) * scale
-    if log_block_size:
-        logits = logits + counts.log()
-    probs = torch.softmax(logits, dim=-1)
+    bias = counts.log() if log_block_size else torch.zeros_like(counts)
+    if query_pool >= block:
+        probs = torch.softmax((qp @ kp.transpose(-1, -2)) * scale + bias, dim=-1)
+    else:
+        qs, sub_counts = query_sub_means(q, perm, query_pool, block)
+        sub_probs = torch.softmax((qs @ kp.transpose(-1, -2)) * scale + bias, dim=-1)  # (B, H, NB*G, KB)
+        weights = (sub_counts / sub_counts.view(-1, block // query_pool).sum(-1).repeat_interleave(block // query_pool))
+        probs = (sub_probs * weights[:, None]).unflatten(2, (-1, block // query_pool)).sum(-2)
     nb = probs.shape[-1]
     min_blocks = max(1, math.ceil(min_blocks_fraction * nb))
     keep = top_p_keep(probs, top_p, min_blocks)
@@ -233,9 +300,20 @@ class DraftConfig(SparseConfig):
     """Add ``log(tokens in the key block)`` to the pooled logits (matters for the ragged last block)."""
     scale: float | None = None
     """Softmax scale of the draft logits (``None``: ``1/sqrt(head_dim)``, the attention default)."""
+    query_pool: int = 4
+    """Query tokens per pooled query (a divisor of the 128-token block; 128 = one pooled query per block,
+    the classic draft). Smaller sees more of a block's rows (4 vs 128: about 2-3 dB lower attention-output
+    error at equal density on the testbed, sparse_NOTES.md) and costs a ``(S / query_pool) x blocks`` map."""
+    temperature: float = 1.6
+    """Divides the draft logits, > 0 (1 = the attention's own scale). Pooled keys hide the spread of their
+    tokens' logits, so the raw map underrates wide blocks; 1.4-2 was best offline (1.6 chosen)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (isinstance(self.query_pool, bool) or not isinstance(self.query_pool, int) or self.query_pool < 1
+                or BLOCK % self.query_pool):
+            raise ValueError(f"query_pool must be a divisor of {BLOCK} (1, 2, 4, ..., {BLOCK}), got {self.query_pool!r}")
+        check_range("temperature", self.temperature, 0.0, math.inf, lo_open=True, allow_none=False)
         check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_range("min_blocks_fraction", self.min_blocks_fraction, 0.0, 1.0)
         check_range("similarity_threshold", self.similarity_threshold, -1.0, 1.0)
@@ -295,6 +373,8 @@ class PlannedMethod(ConfiguredMethod):
             similarity_threshold=cfg.resolved("similarity_threshold"),
             log_block_size=cfg.log_block_size,
             scale=cfg.scale,
+            query_pool=cfg.query_pool,
+            temperature=cfg.temperature,
             text_blocks=text_blocks,
         )
 

@@ -10,6 +10,7 @@ record to the transformer context's statistics.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,14 +63,22 @@ def block_mask_density_tensor(mask) -> torch.Tensor:
     return total / float(kv_blocks.shape[0] * kv_blocks.shape[1] * n_q * n_k)
 
 
-def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+_INDEX_CACHE: dict[int, tuple["weakref.ref[torch.Tensor]", torch.Tensor]] = {}
+
+
+def kernel_index(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``perm`` as the kernel's int32 token index on ``device``. A shared order (the cached 3D-tile order)
+    is converted once and the same int32 tensor is returned for it afterwards, so the kernel validates it
+    once; a per-call order (k-means) is converted per call."""
+    hit = _INDEX_CACHE.get(id(perm))
+    if hit is not None and hit[0]() is perm and hit[1].device == device:
+        return hit[1]
+    index = perm.to(device=device, dtype=torch.int32)
     if perm.dim() == 1:
-        return x.index_select(2, perm)
-    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
-
-
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(perm, dim=-1)
+        for key in [k for k, v in _INDEX_CACHE.items() if v[0]() is None]:
+            del _INDEX_CACHE[key]
+        _INDEX_CACHE[id(perm)] = (weakref.ref(perm), index)
+    return index
 
 
 def _run_sparse(
@@ -84,23 +93,21 @@ def _run_sparse(
     from dit_accel.kernels import block_sparse_attention
 
     perm = plan.perm
+    index = None
     if perm is not None:
         if perm.shape[-1] != q.shape[-2] or perm.dim() not in (1, 3):
             raise ValueError(
                 f"method {method.name!r} returned a permutation of shape {tuple(perm.shape)}; "
                 f"expected ({q.shape[-2]},) or (B, H, {q.shape[-2]})"
             )
-        perm = perm.to(device=q.device, dtype=torch.long)
-        q, k, v = _permute(q, perm), _permute(k, perm), _permute(v, perm)
+        # The permutation is folded into the kernel's loads and stores (q_index/kv_index): no permuted
+        # copies of q, k, v and no inverse permutation of the output (KERNEL_API.md).
+        index = kernel_index(perm, q.device)
     if method.needs_tile_stats:
-        result = block_sparse_attention(q, k, v, plan.mask, scale=scale, tile_stats=True)
-        out = result.out
+        result = block_sparse_attention(q, k, v, plan.mask, scale=scale, tile_stats=True, q_index=index, kv_index=index)
         method.observe(call, result.tile_stats)
-    else:
-        out = block_sparse_attention(q, k, v, plan.mask, scale=scale)
-    if perm is not None:
-        out = _permute(out, _inverse(perm))
-    return out
+        return result.out
+    return block_sparse_attention(q, k, v, plan.mask, scale=scale, q_index=index, kv_index=index)
 
 
 def attend(

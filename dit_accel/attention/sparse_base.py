@@ -121,18 +121,24 @@ class SparseConfig:
         return quality_thresholds(self.quality)[name] if value is None else value
 
 
+def warmup_steps(cfg: SparseConfig, num_steps: int | None) -> int:
+    """Number of dense warm-up steps (the first ones) for a pipeline of ``num_steps`` steps; when the step
+    count is unknown, 1 (step 0) if any warm-up is configured, else 0."""
+    warm = cfg.resolved("dense_warmup")
+    if num_steps is None:
+        return 1 if warm > 0 else 0
+    return math.ceil(warm * num_steps - 1e-9)
+
+
 def safety_reason(cfg: SparseConfig, ctx: "AttentionCall") -> str | None:
     """Why this call must run dense by the safety valves (``"warmup"``, ``"first_layers"``,
     ``"last_step"``), or ``None``."""
     if ctx.layer < cfg.dense_first_layers:
         return "first_layers"
-    warm = cfg.resolved("dense_warmup")
-    if ctx.num_steps is None:
-        if warm > 0 and ctx.step <= 0:
-            return "warmup"
-        return None
-    if ctx.step < math.ceil(warm * ctx.num_steps - 1e-9):
+    if ctx.step < warmup_steps(cfg, ctx.num_steps):
         return "warmup"
+    if ctx.num_steps is None:
+        return None
     if cfg.dense_last_step and ctx.step >= ctx.num_steps - 1:
         return "last_step"
     return None

@@ -12,9 +12,17 @@ Per (transformer, layer, guidance branch), in the context's state store:
   cannot represent), with no planning beyond that;
 * a refresh happens every ``refresh_period`` *computed* calls of the layer, and at once for the query
   blocks whose draft estimate drifted (``drift_check``: the estimated mass outside the refresh plan
-  exceeds ``1 - top_p + drift_tolerance``; those rows take the fresh selection and forget their skips,
+  exceeds by more than ``drift_tolerance`` what it was when the plan was made, and at least ``1 - top_p``; those rows take the fresh selection and forget their skips,
   decided on the device without a host synchronisation). The drift check costs one draft estimate
   per call; without it the calls between refreshes plan nothing.
+
+Exact-mass calibration (``calibrate``, on by default): on the last dense warm-up step (the call runs
+dense anyway) the exact block mass of the layer is computed once (:func:`oracle.block_mass`, one extra
+attention-score pass) and kept per branch; every refresh then selects the top-p of the mean of that mass
+and the fresh draft map. Why: offline on the testbed's captured q/k, the exact mass of the warm-up's
+last step selects as well as the exact mass of the current step (the oracle) even 12 steps later, while
+the draft alone is 2-4 dB worse at equal density (sparse_NOTES.md). Without a warm-up step the first
+refresh computes it. A k-means order changes at each refresh, so there the calibration is skipped.
 
 Coherence with feature caching: a step on which the cache skips this layer's block never calls the
 attention, so it neither advances the refresh counter nor touches the skip list; the counter counts
@@ -31,16 +39,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dit_accel.attention.draft import DraftConfig, PlannedMethod
+from dit_accel.attention.draft import DraftConfig, DraftEstimate, PlannedMethod, permute_tokens, top_p_keep
 from dit_accel.attention.methods import SparsePlan, register_method
+from dit_accel.attention.oracle import block_mass
 from dit_accel.attention.sparse_base import (
     BLOCK,
     add_call_stats,
     blocks_touching,
     branch_rows,
     check_range,
+    safety_reason,
     stats_enabled,
     text_token_mask,
+    warmup_steps,
 )
 from dit_accel.kernels import block_mask_from_bool
 
@@ -64,9 +75,14 @@ class TemporalSkipConfig(DraftConfig):
     drift_tolerance: float | None = None
     """Extra estimated mass outside the mask, beyond ``1 - top_p``, that triggers a row re-plan, in
     [0, 1] (``None``: from ``quality``)."""
+    calibrate: bool = True
+    """Compute the exact block mass once per generation (last dense warm-up step) and plan every refresh
+    from the mean of it and the draft map (see the module docstring)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate must be a bool, got {self.calibrate!r}")
         check_range("skip_threshold", self.skip_threshold, -math.inf, 0.0)
         check_range("refresh_period", self.refresh_period, 1, 10**6, integer=True)
         if not isinstance(self.drift_check, bool):
@@ -91,6 +107,38 @@ class TemporalSkipMixin:
 
     needs_tile_stats = True
 
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
+        """As :meth:`PlannedMethod.plan`; on the last dense warm-up step also the exact-mass calibration."""
+        reason = safety_reason(self.cfg, ctx)
+        if reason is None:
+            return self._plan(q, k, ctx)
+        add_call_stats(ctx, sparse_off=reason)
+        if (reason == "warmup" and self.cfg.calibrate
+                and ctx.step == warmup_steps(self.cfg, ctx.num_steps) - 1 and ctx.layer >= self.cfg.dense_first_layers):
+            self._calibrate(q, k, ctx, self.order(q, k, ctx))
+        return None
+
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall", perm: torch.Tensor | None) -> None:
+        """Store the exact block mass of this call (in the order ``perm``) per guidance branch."""
+        if perm is not None and perm.dim() != 1:
+            return  # a per-head (k-means) order changes at every refresh: the mass would not match it
+        mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
+        for b, rows in branch_rows(ctx, q.shape[0]).items():
+            ctx.state(b).update(ts_mass=mass.index_select(0, rows.to(q.device)), ts_mass_perm=perm)
+        add_call_stats(ctx, calibrated=True)
+
+    def _fresh_keep(self, est: DraftEstimate, states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor],
+                    perm: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The refresh selection: top-p of the mean of the calibrated exact mass and the draft map when every
+        branch has a calibration in the order ``perm``, else the draft's own selection."""
+        if not all("ts_mass" in states[b] and states[b]["ts_mass_perm"] is perm
+                   and states[b]["ts_mass"].shape[1:] == est.probs.shape[1:] for b in groups):
+            return est.keep
+        mass = _rows_of(states, groups, "ts_mass", batch)
+        nb = mass.shape[-1]
+        min_blocks = max(1, math.ceil(self.cfg.resolved("min_blocks_fraction") * nb))
+        return top_p_keep(0.5 * (mass + est.probs), self.cfg.resolved("top_p"), min_blocks) | est.protect
+
     def _refresh_due(self, state: dict[str, Any], rows: int, heads: int, nb: int) -> bool:
         base = state.get("ts_base")
         if base is None or tuple(base.shape) != (rows, heads, nb, nb):
@@ -111,12 +159,15 @@ class TemporalSkipMixin:
             perm = self.order(q, k, ctx)
             est = self.estimate(q, k, perm, text_blocks)
             self.record_estimate(ctx, est)
-            keep = est.keep
+            if cfg.calibrate and not all("ts_mass" in states[b] for b in groups):
+                self._calibrate(q, k, ctx, perm)  # no warm-up step calibrated this layer
+            keep = self._fresh_keep(est, states, groups, perm, B)
             for b, rows in groups.items():
                 r = rows.to(q.device)
                 st = states[b]
-                st["ts_base"] = est.keep.index_select(0, r)
+                st["ts_base"] = keep.index_select(0, r)
                 st["ts_protect"] = est.protect.index_select(0, r)
+                st["ts_outside"] = (est.probs * ~keep).sum(-1).index_select(0, r)
                 st["ts_skip"] = torch.zeros_like(st["ts_base"])
                 st["ts_perm"] = perm if perm is None or perm.dim() == 1 else perm.index_select(0, r)
                 st["ts_calls"] = 0
@@ -135,18 +186,21 @@ class TemporalSkipMixin:
                 est = self.estimate(q, k, perm, text_blocks)
                 # Drift is measured against the refresh plan, not against the skips: skipped tiles were
                 # judged by the kernel's exact statistics, the draft map would only second-guess them.
+                # The reference is the row's estimated mass outside the plan when it was made (with a
+                # calibrated plan it need not be below 1 - top_p): drift is the growth of that share.
                 outside = (est.probs * ~(base | protect)).sum(-1)
-                limit = 1.0 - cfg.resolved("top_p") + cfg.resolved("drift_tolerance")
-                drift_rows = outside > limit
+                reference = _rows_of(states, groups, "ts_outside", B)
+                drift_rows = outside > reference.clamp_min(1.0 - cfg.resolved("top_p")) + cfg.resolved("drift_tolerance")
                 d = drift_rows.unsqueeze(-1)
-                base = torch.where(d, est.keep, base)
+                base = torch.where(d, self._fresh_keep(est, states, groups, perm, B), base)
                 skip = skip & ~d
                 protect = torch.where(d, est.protect, protect)
+                reference = torch.where(drift_rows, (est.probs * ~(base | protect)).sum(-1), reference)
                 keep = (base & ~skip) | protect
                 for b, rows in groups.items():
                     r = rows.to(q.device)
                     states[b].update(ts_base=base.index_select(0, r), ts_skip=skip.index_select(0, r),
-                                     ts_protect=protect.index_select(0, r))
+                                     ts_protect=protect.index_select(0, r), ts_outside=reference.index_select(0, r))
             if stats_enabled(ctx):
                 values = [(base & skip & ~protect).sum()]
                 if drift_rows is not None:
