@@ -9,7 +9,8 @@ compute and which to reuse, installed on diffusers' ``HookRegistry`` (no model f
 
 Schedulers: ``fixed`` (uniform or listed steps, residual reuse), ``probe`` (first-block probe with an
 accumulated relative-L1 budget), ``taylor`` (fixed schedule, Taylor forecast of the residual) and
-``procache`` (offline-searched non-uniform schedule with selective recomputation of deep blocks).
+``procache`` (offline-searched non-uniform schedule with optional selective recomputation of deep
+blocks and of the tokens that changed most).
 """
 
 from dit_accel.caching.config import (

@@ -189,7 +189,9 @@ class ProCacheConfig(CacheConfig):
     """Compute fraction of the built-in pattern (used only without ``schedule`` or ``schedule_file``)."""
     selective_blocks: int = 1
     """Deep blocks recomputed on selective (value 2) steps; 0 (with ``selective_tokens`` 0) turns
-    selective steps into plain reuse."""
+    selective steps into plain reuse. Selective deep steps keep a second (front-span) residual, so they
+    take no forecast (``order`` must be 0). On the 6-block testbed they did not pay (28.8 dB vs 35.5 dB
+    for the same budget spent on full steps, ``caching_compare.json``)."""
     selective_tokens: float | None = None
     """Share of the tokens (in [0, 1]) that selective (value 2) steps recompute through the reused front
     span (the span minus its deep blocks): per batch row, the tokens whose span input changed most since
@@ -199,7 +201,11 @@ class ProCacheConfig(CacheConfig):
     share x the linear layers, share^2 x the attention). 0: off (selective steps recompute the deep blocks
     only); 1: the front span is computed in full. ``None``: the schedule file's ``selective_tokens``, 0
     without a file. Needs blocks whose text stream is separate (cross-attention families: Wan, LTX,
-    PixArt); joint-attention blocks raise."""
+    PixArt); joint-attention blocks raise. Measured on the trained testbed (H100, 16 prompts,
+    ``benchmarks/results/caching_compare.json``, ``procache_tok``): 25 % of the tokens on a quarter of
+    the budget *lowered* PSNR vs spending it on full steps (26.6 vs 35.5 dB at 50 % compute, 27.5 vs
+    28.9 at 35 %): the recomputed tokens lose the attention context of the others. Off by default and
+    in every preset."""
     order: int | None = None
     """Forecast order (see :class:`CacheConfig`); ``None``: the schedule file's ``forecast_order`` (the
     order its search assumed), 0 without a file."""
