@@ -369,8 +369,19 @@ def test_selective_tokens_share_one_computes_and_share_zero_reuses(pipe, handle)
     off, att = run(schedule, selective_blocks=0, selective_tokens=0.0)
     reuse, _ = run([0 if v == 2 else v for v in schedule], selective_blocks=0)
     assert torch.equal(off, reuse) and _decisions(att) == "ccrrcrrc"
+    seen = []  # (decision, token_share, tokens) at a span block's self-attention, cond branch
+
+    def look(module, args):
+        status = context.state(CACHE_STATE_LAYER, "cond")
+        if context.branches[0] == "cond":
+            seen.append((status["decision"], status["token_share"], args[0].shape[1]))
+
+    hook = pipe.transformer.blocks[1].attn1.register_forward_pre_hook(look)
     half, att = run(schedule, selective_blocks=0, selective_tokens=0.5)
+    hook.remove()
     assert not torch.equal(half, dense) and not torch.equal(half, reuse)
+    # attention methods see the subset and are told so (cache status "token_share")
+    assert seen == [("compute", 0.0, 8) if v == 1 else ("selective", 0.5, 4) for v in schedule]
     selective = [r for r in att.stats() if r["decision"] == "selective"]
     assert len(selective) == 2 * 4 and {r["blocks_computed"] for r in selective} == {0.5 * NUM_LAYERS}
     assert att.summary()["compute_fraction"] == pytest.approx((4 * NUM_LAYERS + 4 * 0.5 * NUM_LAYERS) / (8 * NUM_LAYERS))

@@ -214,3 +214,25 @@ def test_benchmark_tiny_path(tmp_path):
         assert 0.0 < row["ssim_mean"] <= 1.0 and row["psnr_mean"] > 0
     assert out.with_suffix(".svg").read_text().startswith("<svg")
     assert {"device", "versions", "date", "settings"} <= set(saved)
+
+
+def test_combined_benchmark_tiny_path(tmp_path):
+    """benchmarks/combined_quality.py --tiny: schedules calibrated and written, one row per (cache, attention)
+    pair except dense x none, block fractions counted, PSNR against dense."""
+    spec = importlib.util.spec_from_file_location("combined_quality", ROOT / "benchmarks" / "combined_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["combined_quality"] = module
+    spec.loader.exec_module(module)
+    report = module.main(["--tiny", "--out-dir", str(tmp_path), "--attention", "dense", "draft q1.0", "--steps", "4"])
+    saved = json.loads((tmp_path / "combined_quality_tiny.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    pairs = [(r["cache"], r["attention"]) for r in saved["results"]]
+    assert pairs == [("none", "draft q1.0")] + [(c, a) for c in ("procache b0.50", "procache b0.35", "fixed b0.35")
+                                                for a in ("dense", "draft q1.0")]
+    rows = {pair: r for pair, r in zip(pairs, saved["results"])}
+    assert rows[("none", "draft q1.0")]["psnr_mean"] == 100.0  # tiny sequences: the sparse path declines, exact
+    assert rows[("procache b0.50", "dense")]["block_fraction"] == pytest.approx(0.5)
+    for r in saved["results"]:
+        assert r["attention_work"] == pytest.approx(r["block_fraction"] * r["attention_density"])
+    for f in ("0.50", "0.35"):
+        assert load_schedule(tmp_path / f"caching_schedule_testbed_4steps_b{f}.json")["num_steps"] == 4
