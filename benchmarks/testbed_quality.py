@@ -182,7 +182,7 @@ def write_report(results: dict, path: Path) -> None:
             lines.append(f"| {g} | {a['mean']:.3f} | " + " | ".join(f"{a[k]:.3f}" for k in TARGET_ATTRIBUTES) + " |")
         lines.append("")
     if "grid_captions" in results:
-        lines += ["## testbed_samples.png (rows, top to bottom; 8 evenly spaced frames of 16)", ""]
+        lines += [f"## {results.get('samples_png', 'testbed_samples.png')} (rows, top to bottom; 8 evenly spaced frames of 16)", ""]
         lines += [f"{i + 1}. {c}" for i, c in enumerate(results["grid_captions"])]
         lines.append("")
     if "cpu_time" in results:
@@ -213,6 +213,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     results: dict = {"env": environment(device), "weights": str(args.weights)}
+    # PNG grids follow --name: testbed_quality_s2 -> testbed_samples_s2.png
+    samples_name = args.name.replace("testbed_quality", "testbed_samples")
+    results["samples_png"] = f"{samples_name}.png"
     if "cpu_time" in sections:
         results["cpu_time"] = cpu_time(args.weights, args.threads)
         print(results["cpu_time"], flush=True)
@@ -228,7 +231,7 @@ def main() -> None:
             r, gen, caps = section_accuracy(pipe, clf, n=args.samples, frames=16, side=256, guidance=args.guidance,
                                             seed=1000, with_references=True, **common)
             results["eval"] = r
-            grid_png(gen, args.out / "testbed_samples.png")
+            grid_png(gen, args.out / f"{samples_name}.png")
             results["grid_captions"] = caps[:8]
             print("eval", json.dumps(r), flush=True)
             save(results, args)
@@ -236,7 +239,7 @@ def main() -> None:
             r, gen, caps = section_accuracy(pipe, clf, n=min(16, args.samples), frames=32, side=256, guidance=args.guidance, seed=2000,
                                             with_references=True, **common)
             results["large"] = r
-            grid_png(gen, args.out / "testbed_samples_32f.png", n_videos=4, n_frames=16)
+            grid_png(gen, args.out / f"{samples_name}_32f.png", n_videos=4, n_frames=16)
             results["large_grid_captions"] = caps[:4]
             print("large", json.dumps(r), flush=True)
             save(results, args)
