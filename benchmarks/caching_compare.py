@@ -12,7 +12,8 @@ Methods:
                procache_tok (DP schedule + selective steps that recompute 25 % of the tokens)
     diffusers: FirstBlockCacheConfig (threshold tuned), TaylorSeerCacheConfig (lite mode, interval tuned),
                MagCacheConfig (ratios calibrated on one prompt, threshold tuned)
-    cache-dit: DBCache F1B0 (threshold tuned), when ``cache_dit`` is importable (benchmark-only dependency)
+    cache-dit: DBCache F1B0 (threshold tuned), and with its TaylorSeer calibrator (order 1; cache-dit's
+               recommended recipe), when ``cache_dit`` is importable (benchmark-only dependency)
 
 The compute fraction of every run is *measured* by counting block executions (a pre-hook on each
 block's feed-forward, which runs only inside the block's own forward; a block run on a subset of the
@@ -59,7 +60,7 @@ from dit_accel.caching.calibrate import calibrate, captions_for_testbed  # noqa:
 
 OURS = ("fixed", "taylor", "taylor_out", "probe", "procache", "procache_dp", "procache_out", "procache_tok")
 DIFFUSERS = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_magcache")
-CACHE_DIT = ("cachedit_dbcache",)
+CACHE_DIT = ("cachedit_dbcache", "cachedit_dbcache_ts")
 ALL_METHODS = OURS + DIFFUSERS + CACHE_DIT
 IMPORT_ERRORS: dict[str, str] = {}
 """Why an optional peer could not be imported (recorded in the JSON)."""
@@ -288,7 +289,7 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
         cache_dit = None
         IMPORT_ERRORS["cache_dit"] = f"{type(exc).__name__}: {exc}"
     if cache_dit is not None:
-        def cd_enable(pipe, threshold):
+        def cd_enable(pipe, threshold, calibrator=None):
             adapter = cache_dit.BlockAdapter(
                 pipe=pipe, transformer=pipe.transformer, blocks=pipe.transformer.blocks,
                 forward_pattern=cache_dit.ForwardPattern.Pattern_2, has_separate_cfg=True, check_forward_pattern=True,
@@ -299,7 +300,7 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
                 num_inference_steps=s.steps,
             )
             with contextlib.redirect_stdout(io.StringIO()):
-                cache_dit.enable_cache(adapter, cache_config=config)
+                cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
             return None
 
         def cd_disable(pipe, token):
@@ -307,6 +308,9 @@ def build_methods(s: RunSettings, guard: dict[str, int]) -> dict[str, Method]:
                 cache_dit.disable_cache(pipe)
 
         methods["cachedit_dbcache"] = Method("cachedit_dbcache", "cache-dit", cd_enable, cd_disable, "bisect")
+        methods["cachedit_dbcache_ts"] = Method(
+            "cachedit_dbcache_ts", "cache-dit",
+            lambda pipe, t: cd_enable(pipe, t, cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)), cd_disable, "bisect")
     return methods
 
 
