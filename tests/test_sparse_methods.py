@@ -213,7 +213,7 @@ def test_safety_valves_and_stats_reach_the_run_log(pipe):
 def test_quality_knob_maps_monotonically():
     values = [quality_thresholds(QUALITY_LEVELS[n]) for n in ("turbo", "fast", "balanced", "quality", "max")]
     for a, b in zip(values, values[1:]):
-        assert a["top_p"] < b["top_p"] and a["skip_threshold"] > b["skip_threshold"]
+        assert a["top_p"] < b["top_p"] and a["skip_threshold"] >= b["skip_threshold"]
         assert a["dense_warmup"] <= b["dense_warmup"]
     method = dit_accel.get_method("draft", quality=0.5, top_p=0.7)
     assert method.cfg.resolved("top_p") == 0.7  # explicit value wins over the knob
