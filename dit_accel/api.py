@@ -259,6 +259,33 @@ def _pipeline_num_steps(pipe: Any) -> int | None:
     return None if timesteps is None else len(timesteps)
 
 
+class _HostTimestep:
+    """The running step's timestep read from the pipeline scheduler's host-side state (no device sync).
+
+    Uses ``scheduler.step_index`` (``begin_index`` before the first ``step()``, else 0) into a host copy of
+    ``scheduler.timesteps``, copied once per ``set_timesteps`` (one sync per generation). Returns ``None``
+    for schedulers without ``step_index`` (e.g. DDIM), so the context hook reads the device value instead.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self._source: torch.Tensor | None = None
+        self._values: list[float] = []
+
+    def __call__(self) -> float | None:
+        scheduler = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or not hasattr(scheduler, "step_index"):
+            return None
+        index = scheduler.step_index
+        if index is None:
+            index = getattr(scheduler, "begin_index", None) or 0
+        if timesteps is not self._source:
+            self._source = timesteps
+            self._values = [float(v) for v in timesteps.float().tolist()]
+        return self._values[index] if 0 <= index < len(self._values) else None
+
+
 # --- attach / detach -----------------------------------------------------------------------------
 def _attach(name: str, transformer: torch.nn.Module, family: Family, handle: AccelHandle) -> _Attachment:
     context = TransformerContext(transformer, family.name, name, handle.clock, family.cfg_style)
@@ -378,6 +405,7 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
     clock = StepClock(
         pipeline_bound=is_pipe,
         num_steps_fn=(lambda: _pipeline_num_steps(target)) if is_pipe else None,
+        host_timestep_fn=_HostTimestep(target) if is_pipe else None,
     )
     handle = AccelHandle(target, method, resolved_preset, cache_config, clock)
     try:

@@ -102,6 +102,13 @@ class StepClock:
     """How many transformer calls of this step came before the current one (0 = first)."""
     cfg: bool | None = None
     """Whether classifier-free guidance is on for the current pipeline call (``None``: unknown)."""
+    host_timestep_fn: Callable[[], float | None] | None = None
+    """Returns the running step's timestep from host-side state (the pipeline scheduler's ``step_index``
+    into a host copy of its ``timesteps``), or ``None`` when that state is unavailable. Set by
+    ``dit_accel.apply`` for pipelines; lets the context hook skip its device-to-host sync per forward."""
+    host_timestep_ok: bool | None = None
+    """Whether the host-side timestep matched the forward's own timestep in this call (checked once per
+    call on the first forward, with one sync); ``None`` before that check."""
     _last_timestep: float | None = None
     _on_new_call: list[Callable[[], None]] = field(default_factory=list)
 
@@ -112,6 +119,7 @@ class StepClock:
         self.num_steps = None
         self.call_in_step = 0
         self.cfg = cfg
+        self.host_timestep_ok = None
         self._last_timestep = None
         for callback in self._on_new_call:
             callback()
@@ -324,9 +332,39 @@ class ContextHook(ModelHook):
         self._signature = inspect.signature(type(module).forward)
         return module
 
+    def _host_timestep(self, inputs: ForwardInputs) -> float | None:
+        """The forward's timestep from host-side state, or ``None`` when it must be read from the device.
+
+        A sync before every forward stalls the host until the GPU has caught up, so small models run a few
+        percent slower (measured on the testbed: ``benchmarks/results/overhead_probe.json``). The first forward
+        of each pipeline call still syncs once to check that the scheduler's host state names the same
+        timestep the pipeline passed; any mismatch (e.g. a pipeline that rescales its timesteps) keeps the
+        sync for the rest of that call.
+        """
+        clock = self.context.clock
+        if clock.host_timestep_fn is None or clock.host_timestep_ok is False:
+            return None
+        if inputs.grid_tensor is not None or inputs.text_valid_tensor is not None:
+            return None  # those need a transfer anyway; the timestep rides along
+        host = clock.host_timestep_fn()
+        if host is None:
+            return None
+        if clock.host_timestep_ok is None:
+            device = float(inputs.timestep.detach().float().max())
+            clock.host_timestep_ok = abs(device - host) <= 1e-4 * max(1.0, abs(device))
+            if not clock.host_timestep_ok:
+                # Whole call on device values: the clock compares timesteps exactly, so never mix sources.
+                return None
+        return host
+
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         bound = self._signature.bind(module, *args, **kwargs)
         inputs = self.read_inputs(bound)
+        host = self._host_timestep(inputs)
+        if host is not None:
+            self.context.text_valid = None
+            self.context.begin_forward(inputs, host, self.cache_state._context)
+            return args, kwargs
         # One host sync per forward: the step needs the timestep value; FLUX's grid and
         # HunyuanVideo's text padding ride along in the same transfer.
         parts = [inputs.timestep.detach().float().max().reshape(1)]

@@ -103,6 +103,38 @@ def test_wan22_pipeline_records_grid_steps_branches_per_transformer(wan22_pipe):
     assert abs(_run_wan(pipe) - reference).max() == 0
 
 
+def test_host_timestep_replaces_the_sync_and_gives_the_same_steps(wan22_pipe, monkeypatch):
+    """Steps and branches read from the scheduler's host state equal those read from the device values."""
+    pipe = wan22_pipe
+    method = RecordingMethod()
+    handle = dit_accel.apply(pipe, attention=method)
+    _run_wan(pipe)
+    host_records = list(method.seen)
+    assert handle.clock.host_timestep_ok is True
+
+    # The same run with the host path disabled (every forward reads its device timestep).
+    method.seen.clear()
+    monkeypatch.setattr(handle.clock, "host_timestep_fn", None)
+    _run_wan(pipe)
+    assert method.seen == host_records
+    dit_accel.remove(pipe)
+
+
+def test_host_timestep_mismatch_falls_back_to_device_values(wan22_pipe, monkeypatch):
+    """A scheduler whose host state names other timesteps than the pipeline passes is not trusted."""
+    pipe = wan22_pipe
+    method = RecordingMethod()
+    handle = dit_accel.apply(pipe, attention=method)
+    _run_wan(pipe)
+    reference = list(method.seen)
+    method.seen.clear()
+    monkeypatch.setattr(handle.clock, "host_timestep_fn", lambda: 12345.0)
+    _run_wan(pipe)
+    assert handle.clock.host_timestep_ok is False
+    assert [rec[1:] for rec in method.seen] == [rec[1:] for rec in reference]
+    dit_accel.remove(pipe)
+
+
 @pytest.fixture(scope="module")
 def pixart_pipe():
     """Tiny PixArt-Σ pipeline (batched CFG), no text encoder."""
