@@ -57,6 +57,8 @@ SWEEPS: dict[str, list[dict]] = {
     "permuted_kmeans": [{"top_p": p, "order": "kmeans"} for p in (0.9, 0.65)],
     "temporal_skip": [{"top_p": p} for p in (0.9, 0.8, 0.65)],
     "combo": [{"top_p": p} for p in TOP_P],
+    # the presets' setting (v2): combo planning on refresh calls only (no drift check, no tile statistics)
+    "combo_reuse": [{"quality": q, "drift_check": False, "skip_threshold": float("-inf")} for q in (0.8, 0.6, 0.4, 0.2)],
     "oracle": [{"top_p": p} for p in (0.97, 0.9, 0.75, 0.55)],
     # Radii are token distances between the nearest tokens of two block boxes; with 2x8x8 tiles the distances
     # that occur are 0/1/3/5.. frames and 0/1/9/17.. tokens, so these values give distinct windows.
@@ -67,7 +69,7 @@ default ``quality`` level, ``balanced``), so :data:`sparse_base.QUALITY_ANCHORS`
 curve; oracle: ``top_p``; window: radii. ``permuted_kmeans`` is ``permuted`` with the k-means order,
 ``draft_v1`` is ``draft`` as it was before the query sub-pooling and temperature."""
 
-LABEL_METHOD = {"permuted_kmeans": "permuted", "draft_v1": "draft"}
+LABEL_METHOD = {"permuted_kmeans": "permuted", "draft_v1": "draft", "combo_reuse": "combo"}
 """Sweep labels that run another registered method."""
 
 TINY_SWEEPS: dict[str, list[dict]] = {k: v[:: max(1, len(v) // 2)][:2] for k, v in SWEEPS.items()}

@@ -70,6 +70,8 @@ METHODS: list[tuple[str, str, dict]] = [
     ("combo/fast", "combo", {"quality": "fast"}),
     ("combo-nodrift/balanced", "combo", {"quality": "balanced", "drift_check": False}),
     ("window/f3s9", "window", {"frame_radius": 3, "space_radius": 9}),
+    # the presets' setting (v2): plan on refresh calls only, no drift check, no tile statistics
+    ("combo-reuse/balanced", "combo", {"quality": "balanced", "drift_check": False, "skip_threshold": float("-inf")}),
 ]
 """(label, method, options) timed per shape; stateful methods are timed on a refresh and a reuse call (the
 exact-mass calibration is timed apart, ``calibrate_ms``)."""
@@ -170,7 +172,7 @@ def random_mask(nb: int, density: float, device: torch.device, seed: int = 0):
 
 
 def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtype, reps: int, skip_attention: bool,
-                log: list) -> None:
+                log: list, labels: set[str] | None = None, skip_fixed: bool = False) -> None:
     """All rows of one shape, appended to ``log``."""
     grid, heads, dim = shape["grid"], shape["heads"], shape["head_dim"]
     S = grid[0] * grid[1] * grid[2]
@@ -183,16 +185,19 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
         log.append(dict(base, row="dense", backend=backend, ms=dense_ms))
         print(log[-1], flush=True)
         nb = -(-S // 128)
-        for d in FIXED_DENSITIES:
+        for d in () if skip_fixed else FIXED_DENSITIES:
             mask = block_mask_from_bool(random_mask(nb, d, device), S, S)
             ms = time_ms(lambda: block_sparse_attention(q, k, v, mask), device, reps)
             log.append(dict(base, row="fixed_density", nominal_density=d, density=block_mask_density(mask), ms=ms,
                             speedup_vs_dense=dense_ms / ms))
             print(log[-1], flush=True)
     for mlabel, name, options in METHODS:
-        stateful = get_method(name).needs_tile_stats
+        if labels and mlabel not in labels:
+            continue
+        stateful = name in ("temporal_skip", "combo")
         # the calibration (once per generation) is timed apart from the refresh plan
         method = get_method(name, **dict(VALVES_OFF, **options, **({"calibrate": False} if stateful else {})))
+        with_stats = method.needs_tile_stats
         phases = ["refresh", "reuse"] if stateful else ["plan"]
         ctx, _ = hand_call(grid, S, 0)
         for phase in phases:
@@ -234,11 +239,11 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
 
             index = None if perm is None else kernel_index(perm, q.device)
             if not skip_attention:
-                attn_ms = time_ms(lambda: block_sparse_attention(q, k, v, plan.mask, tile_stats=stateful, q_index=index,
+                attn_ms = time_ms(lambda: block_sparse_attention(q, k, v, plan.mask, tile_stats=with_stats, q_index=index,
                                                                  kv_index=index), device, reps)
                 if perm is not None:
                     qp, kp, vp = (permute_tokens(t, perm) for t in (q, k, v))
-                    base_ms = time_ms(lambda: block_sparse_attention(qp, kp, vp, plan.mask, tile_stats=stateful),
+                    base_ms = time_ms(lambda: block_sparse_attention(qp, kp, vp, plan.mask, tile_stats=with_stats),
                                       device, reps)
                     del qp, kp, vp
                 else:
@@ -268,6 +273,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny shape only (CPU smoke test)")
     parser.add_argument("--skip-attention", action="store_true", help="time planning and permutation only")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--labels", default="", help="comma list of METHODS labels to time (default: all)")
+    parser.add_argument("--skip-fixed", action="store_true", help="no fixed-density rows")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable timings on a shared machine)")
     parser.add_argument("--name", default=None, help="basename of the JSON (default sparse_speed[_tiny|_cpu])")
     args = parser.parse_args()
@@ -285,7 +292,8 @@ def main() -> None:
                "skip_attention": args.skip_attention, "rows": []}
     with torch.no_grad():
         for s in shapes:
-            bench_shape(s, SHAPES[s], device, dtype, args.reps, args.skip_attention, results["rows"])
+            bench_shape(s, SHAPES[s], device, dtype, args.reps, args.skip_attention, results["rows"],
+                        {x.strip() for x in args.labels.split(",") if x.strip()} or None, args.skip_fixed)
             (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / (name + '.json')}", flush=True)

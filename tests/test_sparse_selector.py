@@ -63,7 +63,7 @@ def test_bad_temperature_is_a_clear_error(bad):
 
 @pytest.mark.parametrize("name", ["temporal_skip", "combo"])
 def test_calibration_on_last_warmup_step_plans_refreshes(name):
-    method = dit_accel.get_method(name, dense_warmup=0.2, dense_first_layers=0, dense_last_step=False,
+    method = dit_accel.get_method(name, dense_warmup=0.2, dense_first_layers=0, dense_last_step=False, calibrate=True,
                                   refresh_period=2, skip_threshold=-math.inf, drift_check=False, **OPTS)
     ctx = hand_context(num_steps=10)  # warm-up: steps 0 and 1
     q, k = smooth_qk()
@@ -91,7 +91,8 @@ def test_calibration_on_last_warmup_step_plans_refreshes(name):
 
 def test_calibration_without_warmup_happens_at_first_refresh():
     method = dit_accel.get_method("temporal_skip", dense_warmup=0.0, dense_first_layers=0, dense_last_step=False,
-                                  skip_threshold=-math.inf, drift_check=True, drift_tolerance=0.05, **OPTS)
+                                  skip_threshold=-math.inf, drift_check=True, drift_tolerance=0.05, calibrate=True,
+                                  **OPTS)
     ctx = hand_context(num_steps=None)
     q, k = smooth_qk()
     call = call_at(ctx, 0, 1024)
@@ -100,3 +101,9 @@ def test_calibration_without_warmup_happens_at_first_refresh():
     call = call_at(ctx, 1, 1024)  # same content: the calibrated plan does not count as drift
     method.plan(q, k, call)
     assert call.extra_stats["drift_rows"] == 0
+
+
+def test_tile_statistics_only_when_they_can_skip():
+    assert dit_accel.get_method("combo").needs_tile_stats
+    assert not dit_accel.get_method("combo", skip_threshold=-math.inf).needs_tile_stats
+    assert not dit_accel.get_method("draft").needs_tile_stats

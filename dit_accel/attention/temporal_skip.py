@@ -16,7 +16,7 @@ Per (transformer, layer, guidance branch), in the context's state store:
   decided on the device without a host synchronisation). The drift check costs one draft estimate
   per call; without it the calls between refreshes plan nothing.
 
-Exact-mass calibration (``calibrate``, on by default): on the last dense warm-up step (the call runs
+Exact-mass calibration (``calibrate``, off by default: too slow without a fused kernel, see the field): on the last dense warm-up step (the call runs
 dense anyway) the exact block mass of the layer is computed once (:func:`oracle.block_mass`, one extra
 attention-score pass) and kept per branch; every refresh then selects the top-p of the mean of that mass
 and the fresh draft map. Why: offline on the testbed's captured q/k, the exact mass of the warm-up's
@@ -75,9 +75,12 @@ class TemporalSkipConfig(DraftConfig):
     drift_tolerance: float | None = None
     """Extra estimated mass outside the mask, beyond ``1 - top_p``, that triggers a row re-plan, in
     [0, 1] (``None``: from ``quality``)."""
-    calibrate: bool = True
+    calibrate: bool = False
     """Compute the exact block mass once per generation (last dense warm-up step) and plan every refresh
-    from the mean of it and the draft map (see the module docstring)."""
+    from the mean of it and the draft map (see the module docstring). Off by default: with the chunked
+    torch computation it costs ~20 dense attention calls per layer and branch (200 ms at 32,760 tokens,
+    3.7 s at 75,600 on an H100: ~38 % of a 50-step generation's sparse attention time,
+    sparse_speed_gpu.json), for +0.5 dB at most over the draft on the testbed (sparse_quality_gpu_run2)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,7 +108,11 @@ def _rows_of(states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor],
 class TemporalSkipMixin:
     """The plan/observe steps of temporal skipping (shared by ``temporal_skip`` and ``combo``)."""
 
-    needs_tile_stats = True
+    @property
+    def needs_tile_stats(self) -> bool:  # type: ignore[override]
+        """Tile statistics are asked for only when they can skip a tile (``skip_threshold`` above ``-inf``):
+        they cost the kernel +13-16 % (KERNEL_API.md)."""
+        return self.cfg.resolved("skip_threshold") > -math.inf
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
         """As :meth:`PlannedMethod.plan`; on the last dense warm-up step also the exact-mass calibration."""
