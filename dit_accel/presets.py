@@ -65,27 +65,29 @@ _PRESETS: dict[str, Preset] = {
         ),
         # Version 2 (session 2): the sparse settings use the quality knob as fitted on the testbed GPU sweep
         # (sparse_base.QUALITY_ANCHORS; benchmarks/results/sparse_quality_gpu_run2.json, 16 prompts, 16,384
-        # tokens, 20 steps). Measured there at the knob's top_p, permuted (3D-tile order + draft):
-        # quality (top_p 0.92) ~35-36 dB at total density ~0.79, balanced (0.88) ~33 dB at ~0.76.
-        # fast/turbo use combo with the plan reused between refreshes (every 5 computed calls; no drift
-        # check, no tile statistics): the cheapest planning (sparse_speed_gpu.json), whose quality was NOT
-        # measured on the GPU (no device time left); the same top_p with a drift check measured 29.4 dB at
-        # 0.69 (top_p 0.8) and 26.2 dB at 0.60 (0.65). The cache settings are unchanged from version 1.
+        # tokens, 20 steps; at the knob's top_p the draft family measured ~35-36 dB at total density ~0.79
+        # (quality, top_p 0.92), ~33 dB at ~0.76 (balanced, 0.88), ~30 dB at ~0.70 (fast, 0.835), ~27 dB at
+        # ~0.63 (turbo, 0.74)). Every sparse preset runs combo with the plan reused between refreshes (every
+        # 5 computed calls; no drift check, no tile statistics): planning every call made quality/balanced
+        # slower than cuDNN at Wan2.1-1.3B 480p (0.85x / 0.94x, sparse_speed_gpu.json), reuse gives
+        # 0.99x / 1.10x there and 1.16x / 1.27x at 14B 720p. Reuse was checked on CPU only (4,096 tokens, one
+        # prompt: 33.3 dB vs 31.4 planning every call, sparse_reuse_cpu.json), not on the GPU testbed.
+        # The cache settings are unchanged from version 1.
         Preset(
             name="quality",
             version=2,
-            attention="permuted",
-            attention_config={"quality": "quality", "order": "tile"},
-            description="3D-tile permuted block-sparse attention with the draft selector (~35 dB on the testbed); no feature caching.",
+            attention="combo",
+            attention_config={"quality": "quality", "drift_check": False, "skip_threshold": float("-inf")},
+            description="3D-tile permuted block-sparse attention, draft-planned every 5th call (~35 dB on the testbed); no feature caching.",
         ),
         Preset(
             name="balanced",
             version=2,
-            attention="permuted",
-            attention_config={"quality": "balanced", "order": "tile"},
+            attention="combo",
+            attention_config={"quality": "balanced", "drift_check": False, "skip_threshold": float("-inf")},
             cache="taylor",
             cache_config={"interval": 2, "order": 1},
-            description="Permuted block-sparse attention (~33 dB alone on the testbed) plus block reuse every other step with a linear forecast.",
+            description="Permuted block-sparse attention planned every 5th call (~33 dB alone on the testbed) plus block reuse every other step.",
         ),
         Preset(
             name="fast",
