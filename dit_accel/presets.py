@@ -54,6 +54,24 @@ def _freeze(preset: Preset) -> Preset:
     )
 
 
+_COMBO_REUSE: dict[str, Any] = {"drift_check": False, "skip_threshold": float("-inf")}
+"""Combo with the plan reused between refreshes: no drift check and no tile statistics (they cost the kernel
+13-16 % and skipped 0-3 tiles a run on the testbed; sparse_NOTES.md)."""
+
+_PROCACHE_HALF: dict[str, Any] = {
+    "schedule": [1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0],
+    "order": 1, "selective_blocks": 0, "warmup_steps": 2, "final_steps": 0, "max_consecutive_reuse": 3,
+}
+"""ProCache at 50 % of block evaluations: the schedule `dit-accel calibrate --budget 0.5` found on the testbed
+at 20 steps (benchmarks/results/caching_schedule_testbed_20steps_b0.50.json), linear forecast on reused steps."""
+
+_PROCACHE_THIRD: dict[str, Any] = {
+    "schedule": [1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0],
+    "order": 0, "selective_blocks": 0, "warmup_steps": 2, "final_steps": 0, "max_consecutive_reuse": 3,
+}
+"""ProCache at 35 % of block evaluations (caching_schedule_testbed_20steps_b0.35.json), plain reuse."""
+
+
 _PRESETS: dict[str, Preset] = {
     p.name: _freeze(p)
     for p in (
@@ -70,42 +88,47 @@ _PRESETS: dict[str, Preset] = {
         # ~0.63 (turbo, 0.74)). Every sparse preset runs combo with the plan reused between refreshes (every
         # 5 computed calls; no drift check, no tile statistics): planning every call made quality/balanced
         # slower than cuDNN at Wan2.1-1.3B 480p (0.85x / 0.94x, sparse_speed_gpu.json), reuse gives
-        # 0.99x / 1.10x there and 1.16x / 1.27x at 14B 720p. Reuse was checked on CPU only (4,096 tokens, one
-        # prompt: 33.3 dB vs 31.4 planning every call, sparse_reuse_cpu.json), not on the GPU testbed.
-        # The cache settings are unchanged from version 1.
+        # 0.99x / 1.10x there and 1.16x / 1.27x at 14B 720p.
+        # Version 3 (session 2): the cache is ProCache on the schedules `dit-accel calibrate` found on the
+        # testbed (20 steps; resampled for other step counts), replacing `taylor`, our weakest scheduler there:
+        # at 50 % of block evaluations 35.5 dB vs taylor's 29.5 and the best peer's 30.3 (cache-dit DBCache);
+        # at 35 % 28.9 dB vs 25.1 and 25.9 (diffusers TaylorSeer); caching_compare.json, 16 prompts. With
+        # sparse attention on top: 33.3 dB at 50 % + combo 0.8, 26.8 dB at 35 % + combo 0.6
+        # (combined_quality.json, 8 prompts). The presets as a whole are measured in
+        # benchmarks/results/presets_gpu/ (dense vs each preset, same seeds).
         Preset(
             name="quality",
-            version=2,
+            version=3,
             attention="combo",
-            attention_config={"quality": "quality", "drift_check": False, "skip_threshold": float("-inf")},
+            attention_config=_COMBO_REUSE | {"quality": "quality"},
             description="3D-tile permuted block-sparse attention, draft-planned every 5th call (~35 dB on the testbed); no feature caching.",
         ),
         Preset(
             name="balanced",
-            version=2,
+            version=3,
             attention="combo",
-            attention_config={"quality": "balanced", "drift_check": False, "skip_threshold": float("-inf")},
-            cache="taylor",
-            cache_config={"interval": 2, "order": 1},
-            description="Permuted block-sparse attention planned every 5th call (~33 dB alone on the testbed) plus block reuse every other step.",
+            attention_config=_COMBO_REUSE | {"quality": "balanced"},
+            cache="procache",
+            cache_config=_PROCACHE_HALF,
+            description="Permuted block-sparse attention planned every 5th call plus ProCache reuse of the blocks on half the steps.",
         ),
         Preset(
             name="fast",
-            version=2,
+            version=3,
             attention="combo",
-            attention_config={"quality": "fast", "drift_check": False, "skip_threshold": float("-inf")},
-            cache="taylor",
-            cache_config={"interval": 2, "order": 1},
-            description="Permuted + draft attention planned every 5th call and reused in between, and block reuse every other step.",
+            attention_config=_COMBO_REUSE | {"quality": "fast"},
+            cache="procache",
+            cache_config=_PROCACHE_HALF,
+            description="Sparser permuted block-sparse attention planned every 5th call plus ProCache reuse on half the steps.",
         ),
         Preset(
             name="turbo",
-            version=2,
+            version=3,
             attention="combo",
-            attention_config={"quality": "turbo", "drift_check": False, "skip_threshold": float("-inf")},
-            cache="taylor",
-            cache_config={"interval": 3, "order": 1},
-            description="Aggressive: sparser reused attention plans and block reuse two steps out of three (visible quality loss likely).",
+            attention_config=_COMBO_REUSE | {"quality": "turbo"},
+            cache="procache",
+            cache_config=_PROCACHE_THIRD,
+            description="Aggressive: the sparsest attention plans and ProCache computing about a third of the steps (visible quality loss likely).",
         ),
     )
 }

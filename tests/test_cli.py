@@ -86,12 +86,12 @@ def test_generate_end_to_end_on_the_shipped_testbed(tmp_path: Path) -> None:
     frames = np.stack(list(imageio.get_reader(str(out), format="FFMPEG").iter_data()))
     assert frames.shape == (4, 64, 64, 3)
     (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert record["acceleration"]["preset"] == "balanced@1"
-    assert record["acceleration"]["attention"] == "draft" and record["acceleration"]["cache"] is not None
+    assert record["acceleration"]["preset"] == "balanced@3"
+    assert record["acceleration"]["attention"] == "combo" and record["acceleration"]["cache"] is not None
     assert len(record["step_s"]) == 8
     # 512 tokens is below the sparse methods' min_seq_len: attention stays dense and says why.
     assert record["attention_stats"]["dense_reasons"] == {"short_sequence": record["attention_stats"]["attention_calls"]}
-    # Taylor reuse every other step between 2 warm-up steps and 1 final step: some block evaluations are saved.
+    # ProCache's 20-step schedule resampled to 8 steps: some block evaluations are saved.
     assert 0.5 <= record["cache_stats"]["transformer"]["compute_fraction"] < 1.0
 
 
