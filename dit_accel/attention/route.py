@@ -101,7 +101,7 @@ def _run_sparse(
                 f"expected ({q.shape[-2]},) or (B, H, {q.shape[-2]})"
             )
         # The permutation is folded into the kernel's loads and stores (q_index/kv_index): no permuted
-        # copies of q, k, v and no inverse permutation of the output (KERNEL_API.md).
+        # copies of q, k, v and no inverse permutation of the output (benchmarks/KERNEL_NOTES.md, "Token permutation folded into the kernel").
         index = kernel_index(perm, q.device)
     if method.needs_tile_stats:
         result = block_sparse_attention(q, k, v, plan.mask, scale=scale, tile_stats=True, q_index=index, kv_index=index)

@@ -111,7 +111,7 @@ class TemporalSkipMixin:
     @property
     def needs_tile_stats(self) -> bool:  # type: ignore[override]
         """Tile statistics are asked for only when they can skip a tile (``skip_threshold`` above ``-inf``):
-        they cost the kernel +13-16 % (KERNEL_API.md)."""
+        they cost the kernel +13-16 % (benchmarks/KERNEL_NOTES.md)."""
         return self.cfg.resolved("skip_threshold") > -math.inf
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
