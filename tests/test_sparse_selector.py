@@ -107,3 +107,18 @@ def test_tile_statistics_only_when_they_can_skip():
     assert dit_accel.get_method("combo").needs_tile_stats
     assert not dit_accel.get_method("combo", skip_threshold=-math.inf).needs_tile_stats
     assert not dit_accel.get_method("draft").needs_tile_stats
+
+
+def test_draft_map_built_in_chunks_equals_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounding the sub-query map's memory (a few query blocks at a time) changes no value."""
+    from dit_accel.attention import draft
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 128 * 9 + 37, 64), torch.randn(2, 3, 128 * 9 + 37, 64)
+    kwargs = dict(top_p=0.9, min_blocks_fraction=0.1, similarity_threshold=0.3, query_pool=4)
+    whole = draft.draft_estimate(q, k, **kwargs)
+    for elements in (1, 2 * 3 * 32 * 10 * 2):  # one query block per chunk; two per chunk
+        monkeypatch.setattr(draft, "_DRAFT_MAP_CHUNK_ELEMENTS", elements)
+        chunked = draft.draft_estimate(q, k, **kwargs)
+        assert torch.equal(chunked.probs, whole.probs)
+        assert torch.equal(chunked.keep, whole.keep)

@@ -234,6 +234,10 @@ class DraftEstimate:
     """``(B, H, KB)`` bool: key blocks kept for every query block because pooling cannot represent them."""
 
 
+_DRAFT_MAP_CHUNK_ELEMENTS = 1 << 25
+"""Largest sub-query draft map built at once (elements): 32 M, i.e. 64-128 MB; one chunk at Wan-1.3B 480p."""
+
+
 def draft_estimate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -266,10 +270,20 @@ def draft_estimate(
     if query_pool >= block:
         probs = torch.softmax((qp @ kp.transpose(-1, -2)) * scale + bias, dim=-1)
     else:
+        group = block // query_pool
         qs, sub_counts = query_sub_means(q, perm, query_pool, block)
-        sub_probs = torch.softmax((qs @ kp.transpose(-1, -2)) * scale + bias, dim=-1)  # (B, H, NB*G, KB)
-        weights = (sub_counts / sub_counts.view(-1, block // query_pool).sum(-1).repeat_interleave(block // query_pool))
-        probs = (sub_probs * weights[:, None]).unflatten(2, (-1, block // query_pool)).sum(-2)
+        weights = (sub_counts / sub_counts.view(-1, group).sum(-1).repeat_interleave(group))
+        key_t = kp.transpose(-1, -2)
+        # The sub-query map is (B, H, NB*G, KB): 1.8 GB in float32 at Wan-14B 720p with 40 heads. Rows are
+        # independent, so it is built a few query blocks at a time (same values, bounded transient memory).
+        per_block = max(1, qs.shape[0] * qs.shape[1] * group * key_t.shape[-1])
+        step = max(1, _DRAFT_MAP_CHUNK_ELEMENTS // per_block)
+        chunks = []
+        for start in range(0, qs.shape[-2] // group, step):
+            rows = slice(start * group, (start + step) * group)
+            sub_probs = torch.softmax((qs[..., rows, :] @ key_t) * scale + bias, dim=-1)  # (B, H, n*G, KB)
+            chunks.append((sub_probs * weights[rows, None]).unflatten(2, (-1, group)).sum(-2))
+        probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
     nb = probs.shape[-1]
     min_blocks = max(1, math.ceil(min_blocks_fraction * nb))
     keep = top_p_keep(probs, top_p, min_blocks)
