@@ -36,7 +36,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dit_accel  # noqa: E402
 from dit_accel.testbed import WEIGHTS_DIR, data, load_testbed_pipeline  # noqa: E402
+from dit_accel.testbed.pipeline import generate_videos  # noqa: E402
 from dit_accel.testbed.classifier import AttributeClassifier, ClassifierConfig, attribute_accuracy, load_classifier  # noqa: E402
 
 TOP_P = (0.97, 0.9, 0.8, 0.65, 0.5)
@@ -109,18 +109,8 @@ def tiny_setup(device: torch.device):
 def generate(pipe, captions: list[str], *, frames: int, side: int, steps: int, guidance: float, seed: int,
              batch: int) -> tuple[torch.Tensor, float]:
     """Videos ``(B, T, 3, H, W)`` in [0, 1] on CPU (one seed per prompt: ``seed + index``) and seconds."""
-    device = pipe._execution_device
-    out = []
-    start = time.perf_counter()
-    for i in range(0, len(captions), batch):
-        chunk = captions[i : i + batch]
-        gens = [torch.Generator(device=device).manual_seed(seed + i + j) for j in range(len(chunk))]
-        video = pipe(chunk, num_frames=frames, height=side, width=side, num_inference_steps=steps,
-                     guidance_scale=guidance, generator=gens, output_type="pt").frames
-        out.append(video.float().cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(out), time.perf_counter() - start
+    return generate_videos(pipe, captions, frames=frames, side=side, steps=steps, guidance=guidance, seed=seed,
+                           batch=batch)
 
 
 def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_accel.testbed import WEIGHTS_DIR, data, load_testbed_pipeline  # noqa: E402
 from dit_accel.testbed.classifier import attribute_accuracy, load_classifier  # noqa: E402
-from dit_accel.testbed.pipeline import TestbedPipeline  # noqa: E402
+from dit_accel.testbed.pipeline import TestbedPipeline, generate_videos  # noqa: E402
 
 TARGET_ATTRIBUTES = ("shape", "color", "motion", "background")
 
@@ -64,18 +64,9 @@ def to_classifier_video(frames: torch.Tensor) -> torch.Tensor:
 def generate(pipe: TestbedPipeline, captions_list: list[str], frames: int, side: int, *, steps: int,
              guidance: float, seed: int, batch: int) -> tuple[torch.Tensor, float]:
     """Generate one video per caption (seed + index), return (B, 3, T, H, W) in [-1, 1] on CPU and s/video."""
-    device = pipe._execution_device
-    out = []
-    t0 = time.perf_counter()
-    for i in range(0, len(captions_list), batch):
-        chunk = captions_list[i : i + batch]
-        gens = [torch.Generator(device=device).manual_seed(seed + i + j) for j in range(len(chunk))]
-        video = pipe(chunk, num_frames=frames, height=side, width=side, num_inference_steps=steps,
-                     guidance_scale=guidance, generator=gens, output_type="pt").frames
-        out.append(to_classifier_video(video).cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(out), (time.perf_counter() - t0) / len(captions_list)
+    video, seconds = generate_videos(pipe, captions_list, frames=frames, side=side, steps=steps, guidance=guidance,
+                                     seed=seed, batch=batch)
+    return to_classifier_video(video), seconds / len(captions_list)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ num_inference_steps=...)`, so diffusers cache hooks and our schedulers see the s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -339,3 +340,24 @@ def build_pipeline(
     transformer = build_transformer(cfg)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return TestbedPipeline(transformer=transformer, vae=ae, text_encoder=te, scheduler=scheduler)
+
+
+def generate_videos(pipe: TestbedPipeline, captions: list[str], *, frames: int, side: int, steps: int,
+                    guidance: float, seed: int, batch: int) -> tuple[torch.Tensor, float]:
+    """One video per caption (seed ``seed + index``), ``batch`` captions per pipeline call.
+
+    Returns the ``"pt"`` frames ``(B, T, 3, H, W)`` in [0, 1], float32 on CPU, and the wall seconds of all
+    calls (the GPU synchronised before the clock stops). Shared by the quality benchmarks.
+    """
+    device = pipe._execution_device
+    out = []
+    start = time.perf_counter()
+    for i in range(0, len(captions), batch):
+        chunk = captions[i : i + batch]
+        gens = [torch.Generator(device=device).manual_seed(seed + i + j) for j in range(len(chunk))]
+        video = pipe(chunk, num_frames=frames, height=side, width=side, num_inference_steps=steps,
+                     guidance_scale=guidance, generator=gens, output_type="pt").frames
+        out.append(video.float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out), time.perf_counter() - start
