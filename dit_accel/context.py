@@ -351,9 +351,10 @@ class ContextHook(ModelHook):
             return None
         if clock.host_timestep_ok is None:
             device = float(inputs.timestep.detach().float().max())
-            clock.host_timestep_ok = abs(device - host) <= 1e-4 * max(1.0, abs(device))
+            # Exact: the clock compares timesteps exactly, and a later forward may still fall back to the
+            # device value, so both sources must agree to the bit.
+            clock.host_timestep_ok = device == host
             if not clock.host_timestep_ok:
-                # Whole call on device values: the clock compares timesteps exactly, so never mix sources.
                 return None
         return host
 
