@@ -27,9 +27,10 @@ selection, statistics); ``permuted``, ``temporal_skip`` and ``combo`` override i
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 
@@ -238,6 +239,107 @@ _DRAFT_MAP_CHUNK_ELEMENTS = 1 << 25
 """Largest sub-query draft map built at once (elements): 32 M, i.e. 64-128 MB; one chunk at Wan-1.3B 480p."""
 
 
+class DraftMap(NamedTuple):
+    """The draft map of one call and the per-block self-similarities, all in the planned token order."""
+
+    probs: torch.Tensor
+    """``(B, H, QB, KB)`` float32: estimated share of each query block's attention per key block."""
+    q_similarity: torch.Tensor
+    """``(B, H, QB)`` float32: mean cosine similarity of a query block's sampled tokens to its mean."""
+    k_similarity: torch.Tensor
+    """``(B, H, KB)`` float32: the same for the key blocks."""
+
+
+def draft_map_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    perm: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    query_pool: int = BLOCK,
+    scale: float,
+    log_block_size: bool = True,
+    block: int = BLOCK,
+) -> DraftMap:
+    """The draft map in torch (the reference of :mod:`dit_accel.kernels.draft_map`; what CPU runs).
+
+    ``q``, ``k`` ``(B, H, S, D)`` in the model's order; blocks formed in the order ``perm`` (``pool``: its
+    averaging matrix, see :func:`block_pool`); ``query_pool`` query tokens per sub-query (a divisor of
+    ``block``); ``scale`` multiplies the pooled logits (temperature included); ``log_block_size`` adds
+    ``log(tokens in the key block)``. Each sub-query's softmax over the key-block means is computed and a
+    query block's row is their token-weighted mean.
+    """
+    qp, q_sim, counts = block_pool(q, perm, pool, block)
+    kp, k_sim, _ = block_pool(k, perm, pool, block)
+    bias = counts.log() if log_block_size else torch.zeros_like(counts)
+    if query_pool >= block:
+        probs = torch.softmax((qp @ kp.transpose(-1, -2)) * scale + bias, dim=-1)
+    else:
+        group = block // query_pool
+        qs, sub_counts = query_sub_means(q, perm, query_pool, block)
+        weights = (sub_counts / sub_counts.view(-1, group).sum(-1).repeat_interleave(group))
+        key_t = kp.transpose(-1, -2)
+        # The sub-query map is (B, H, NB*G, KB): 1.8 GB in float32 at Wan-14B 720p with 40 heads. Rows are
+        # independent, so it is built a few query blocks at a time (same values, bounded transient memory).
+        per_block = max(1, qs.shape[0] * qs.shape[1] * group * key_t.shape[-1])
+        step = max(1, _DRAFT_MAP_CHUNK_ELEMENTS // per_block)
+        chunks = []
+        for start in range(0, qs.shape[-2] // group, step):
+            rows = slice(start * group, (start + step) * group)
+            sub_probs = torch.softmax((qs[..., rows, :] @ key_t) * scale + bias, dim=-1)  # (B, H, n*G, KB)
+            chunks.append((sub_probs * weights[rows, None]).unflatten(2, (-1, group)).sum(-2))
+        probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+    return DraftMap(probs, q_sim, k_sim)
+
+
+DRAFT_MAP_BACKENDS = ("auto", "triton", "torch")
+"""``auto``: the fused Triton kernel where it applies (CUDA, or CPU under ``TRITON_INTERPRET=1``; head dim 64
+or 128; float16/bfloat16/float32; 128-token blocks), else the torch reference."""
+
+DRAFT_MAP_BACKEND = "auto"
+"""Backend of :func:`draft_map` when the call names none (benchmarks set ``torch`` to time the reference)."""
+
+
+def draft_map_kernel_applies(q: torch.Tensor, block: int = BLOCK) -> bool:
+    """Whether the fused kernel takes this call (see :data:`DRAFT_MAP_BACKENDS`)."""
+    on_triton = q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return (on_triton and block == 128 and q.shape[-1] in (64, 128)
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def draft_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    perm: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    query_pool: int = BLOCK,
+    scale: float,
+    log_block_size: bool = True,
+    block: int = BLOCK,
+    backend: str | None = None,
+) -> DraftMap:
+    """The draft map (arguments as :func:`draft_map_reference`): the fused Triton kernel
+    (:func:`dit_accel.kernels.draft_map.draft_map_triton`) where it applies, else the torch reference.
+
+    The two agree to float32 rounding in the map (the kernel sums in another order; on CUDA its GEMMs run
+    in tf32x3) except that with ``pool`` on bf16/fp16 inputs the reference's block means are rounded to the
+    input dtype (pooling GEMM in that dtype) while the kernel keeps them in float32.
+    ``backend`` (default :data:`DRAFT_MAP_BACKEND`): one of :data:`DRAFT_MAP_BACKENDS`.
+    """
+    backend = DRAFT_MAP_BACKEND if backend is None else backend
+    if backend not in DRAFT_MAP_BACKENDS:
+        raise ValueError(f"backend must be one of {DRAFT_MAP_BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and draft_map_kernel_applies(q, block)):
+        from dit_accel.kernels.draft_map import draft_map_triton
+
+        probs, q_sim, k_sim = draft_map_triton(q, k, perm=perm, query_pool=query_pool, scale=scale,
+                                               log_block_size=log_block_size, block=block)
+        return DraftMap(probs, q_sim, k_sim)
+    return draft_map_reference(q, k, perm=perm, pool=pool, query_pool=query_pool, scale=scale,
+                               log_block_size=log_block_size, block=block)
+
+
 def draft_estimate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -264,35 +366,17 @@ def draft_estimate(
     """
     D = q.shape[-1]
     scale = (1.0 / math.sqrt(D) if scale is None else scale) / temperature
-    qp, q_sim, counts = block_pool(q, perm, pool, block)
-    kp, k_sim, _ = block_pool(k, perm, pool, block)
-    bias = counts.log() if log_block_size else torch.zeros_like(counts)
-    if query_pool >= block:
-        probs = torch.softmax((qp @ kp.transpose(-1, -2)) * scale + bias, dim=-1)
-    else:
-        group = block // query_pool
-        qs, sub_counts = query_sub_means(q, perm, query_pool, block)
-        weights = (sub_counts / sub_counts.view(-1, group).sum(-1).repeat_interleave(group))
-        key_t = kp.transpose(-1, -2)
-        # The sub-query map is (B, H, NB*G, KB): 1.8 GB in float32 at Wan-14B 720p with 40 heads. Rows are
-        # independent, so it is built a few query blocks at a time (same values, bounded transient memory).
-        per_block = max(1, qs.shape[0] * qs.shape[1] * group * key_t.shape[-1])
-        step = max(1, _DRAFT_MAP_CHUNK_ELEMENTS // per_block)
-        chunks = []
-        for start in range(0, qs.shape[-2] // group, step):
-            rows = slice(start * group, (start + step) * group)
-            sub_probs = torch.softmax((qs[..., rows, :] @ key_t) * scale + bias, dim=-1)  # (B, H, n*G, KB)
-            chunks.append((sub_probs * weights[rows, None]).unflatten(2, (-1, group)).sum(-2))
-        probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+    probs, q_sim, k_sim = draft_map(q, k, perm=perm, pool=pool, query_pool=min(query_pool, block), scale=scale,
+                                    log_block_size=log_block_size, block=block)
     nb = probs.shape[-1]
     min_blocks = max(1, math.ceil(min_blocks_fraction * nb))
     keep = top_p_keep(probs, top_p, min_blocks)
     dense_rows = q_sim < similarity_threshold
     dense_cols = k_sim < similarity_threshold
-    protect = torch.eye(nb, dtype=torch.bool, device=q.device).expand_as(keep).clone()
-    protect |= dense_rows.unsqueeze(-1) | dense_cols.unsqueeze(-2)
+    always = torch.eye(nb, dtype=torch.bool, device=q.device)
     if text_blocks is not None:
-        protect |= text_blocks.view(1, 1, nb, 1) | text_blocks.view(1, 1, 1, nb)
+        always = always | text_blocks.view(nb, 1) | text_blocks.view(1, nb)
+    protect = (dense_rows.unsqueeze(-1) | dense_cols.unsqueeze(-2)) | always
     return DraftEstimate(probs, keep | protect, protect, dense_rows, dense_cols)
 
 

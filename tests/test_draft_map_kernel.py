@@ -1,0 +1,183 @@
+"""The fused draft-map kernel (dit_accel/kernels/draft_map.py) against its torch reference
+(dit_accel.attention.draft.draft_map_reference).
+
+The kernel runs in the Triton interpreter in ONE subprocess started with TRITON_INTERPRET=1 (this file run as
+a script: the variable must be set before Triton kernels are defined and must not leak into other tests);
+each case below asserts on the numbers it reports. bf16 inputs are checked too: the kernel casts tiles to
+float32 before its dots, so the interpreter's wrong bf16 ``tl.dot`` is never hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+
+# name: (B, H, S, D, dtype, query_pool, order, log_block_size, layout)
+CASES: dict[str, tuple] = {
+    "contig_fp32_d64_pool4_ragged": (1, 2, 3 * 128 + 37, 64, "float32", 4, "none", True, "bhsd"),
+    "shared_perm_fp16_d128_pool4": (1, 2, 3 * 128 + 37, 128, "float16", 4, "shared", True, "bshd"),
+    "per_head_perm_bf16_d64_pool128": (2, 2, 2 * 128 + 5, 64, "bfloat16", 128, "per_head", True, "bhsd"),
+    "contig_fp32_d128_pool128_nolog": (1, 1, 5 * 128, 128, "float32", 128, "none", False, "bhsd"),
+    "shared_perm_fp32_d64_pool16": (1, 1, 2 * 128 + 100, 64, "float32", 16, "shared", True, "bshd"),
+    "contig_bf16_d64_pool4_short": (1, 1, 70, 64, "bfloat16", 4, "none", True, "bhsd"),
+}
+
+# draft_estimate with both backends (text blocks, similarity threshold, top-p): selections must agree
+ESTIMATE_CASE = (1, 2, 6 * 128 + 20, 64, "float32", 4, "roll", True, "bshd")
+
+
+def _inputs(B, H, S, D, dtype, order, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # smooth along the sequence plus noise, so block means and similarities carry structure
+    base = torch.randn(B, H, S // 16 + 2, D, generator=g).repeat_interleave(16, dim=2)[:, :, :S]
+    q = (base + 0.7 * torch.randn(B, H, S, D, generator=g)).to(getattr(torch, dtype))
+    k = (base.roll(3, dims=2) + 0.7 * torch.randn(B, H, S, D, generator=g)).to(getattr(torch, dtype))
+    if layout == "bshd":  # diffusers' (B, S, H, D) memory viewed as (B, H, S, D)
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    if order == "none":
+        perm = None
+    elif order == "shared":
+        perm = torch.randperm(S, generator=g)
+    elif order == "roll":  # a structured shared order: neighbours stay together
+        perm = (torch.arange(S) + 64) % S
+    else:
+        perm = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+    return q, k, perm
+
+
+def _interp_main() -> None:
+    """Run every case in the interpreter and print one JSON object of errors."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    torch.set_num_threads(1)
+    from dit_accel.attention import draft
+
+    out = {}
+    for name, (B, H, S, D, dtype, pool, order, log_bias, layout) in CASES.items():
+        q, k, perm = _inputs(B, H, S, D, dtype, order, layout)
+        pool_matrix = draft.cached_pool_matrix(perm, torch.float32) if perm is not None else None
+        kw = dict(perm=perm, query_pool=pool, scale=0.125 / 1.6, log_block_size=log_bias)
+        # reference on float32 copies: it then pools in float32, as the kernel does
+        ref = draft.draft_map_reference(q.float(), k.float(), pool=pool_matrix, **kw)
+        got = draft.draft_map(q, k, backend="triton", **kw)
+        out[name] = {
+            "probs_err": (got.probs - ref.probs).abs().max().item(),
+            "row_sum_err": (got.probs.sum(-1) - 1).abs().max().item(),
+            "q_sim_err": (got.q_similarity - ref.q_similarity).abs().max().item(),
+            "k_sim_err": (got.k_similarity - ref.k_similarity).abs().max().item(),
+            "shape_ok": got.probs.shape == ref.probs.shape and got.q_similarity.shape == ref.q_similarity.shape,
+            "finite": bool(torch.isfinite(got.probs).all()),
+        }
+    B, H, S, D, dtype, pool, order, log_bias, layout = ESTIMATE_CASE
+    q, k, perm = _inputs(B, H, S, D, dtype, order, layout, seed=1)
+    text = torch.zeros(-(-S // 128), dtype=torch.bool)
+    text[-1] = True
+    kw = dict(perm=perm, top_p=0.7, min_blocks_fraction=0.1, similarity_threshold=0.25, query_pool=pool,
+              temperature=0.5, text_blocks=text)
+    draft.DRAFT_MAP_BACKEND = "torch"
+    ref = draft.draft_estimate(q, k, pool=draft.cached_pool_matrix(perm, q.dtype), **kw)
+    draft.DRAFT_MAP_BACKEND = "auto"  # TRITON_INTERPRET=1: auto picks the kernel
+    got = draft.draft_estimate(q, k, **kw)
+    out["estimate"] = {
+        "probs_err": (got.probs - ref.probs).abs().max().item(),
+        "keep_equal": bool(torch.equal(got.keep, ref.keep)),
+        "protect_equal": bool(torch.equal(got.protect, ref.protect)),
+        "dense_rows_equal": bool(torch.equal(got.dense_rows, ref.dense_rows)),
+        "dense_cols_equal": bool(torch.equal(got.dense_cols, ref.dense_cols)),
+        "some_dense": bool(got.dense_rows.any() or got.dense_cols.any()),
+        "some_skipped": bool((~got.keep).any()),
+    }
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(interp_results: dict, case: str) -> None:
+    r = interp_results[case]
+    assert r["shape_ok"] and r["finite"], r
+    # float32 arithmetic in another summation order: probabilities agree to ~1e-6
+    assert r["probs_err"] < 2e-5, r
+    assert r["row_sum_err"] < 1e-5, r
+    assert r["q_sim_err"] < 1e-5 and r["k_sim_err"] < 1e-5, r
+
+
+def test_kernel_estimate_selects_as_reference(interp_results: dict) -> None:
+    r = interp_results["estimate"]
+    assert r["probs_err"] < 2e-5, r
+    assert r["keep_equal"] and r["protect_equal"] and r["dense_rows_equal"] and r["dense_cols_equal"], r
+    assert r["some_skipped"], r  # the case exercises the selection, not only "keep everything"
+
+
+def _qk(D=64, S=200, dtype=torch.float32):
+    return torch.randn(1, 2, S, D, dtype=dtype), torch.randn(1, 2, S, D, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(query_pool=3), "query_pool must be a divisor of 128"),
+        (dict(query_pool=256), "query_pool must be a divisor of 128"),
+        (dict(block=64), "block must be 128"),
+        (dict(perm=torch.arange(199)), r"perm shape must be \(200,\) or \(1, 2, 200\)"),
+        (dict(perm=torch.arange(200).float()), "perm dtype must be torch.int32 or torch.int64"),
+        (dict(scale=0.0), "scale must be a finite number > 0"),
+    ],
+)
+def test_kernel_bad_input_is_a_clear_error(kwargs: dict, match: str) -> None:
+    pytest.importorskip("triton")
+    from dit_accel.kernels.draft_map import draft_map_triton
+
+    q, k = _qk()
+    args = dict(scale=0.1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        draft_map_triton(q, k, **args)
+
+
+def test_kernel_rejects_unsupported_tensors() -> None:
+    pytest.importorskip("triton")
+    from dit_accel.kernels.draft_map import draft_map_triton
+
+    q, k = _qk(D=72)
+    with pytest.raises(ValueError, match=r"head dim must be one of \(64, 128\)"):
+        draft_map_triton(q, k, scale=0.1)
+    q, k = _qk()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        draft_map_triton(q.double(), k.double(), scale=0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        draft_map_triton(q, k[:, :, :100], scale=0.1)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            draft_map_triton(q, k, scale=0.1)
+
+
+def test_dispatcher_backend_choice() -> None:
+    from dit_accel.attention import draft
+
+    q, k = _qk(D=72)  # no kernel for head dim 72 and none on CPU: the reference runs under "auto"
+    assert not draft.draft_map_kernel_applies(q)
+    got = draft.draft_map(q, k, query_pool=4, scale=0.1)
+    ref = draft.draft_map_reference(q, k, query_pool=4, scale=0.1)
+    assert torch.equal(got.probs, ref.probs)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\)"):
+        draft.draft_map(q, k, scale=0.1, backend="cuda")
+
+
+if __name__ == "__main__":
+    _interp_main()
