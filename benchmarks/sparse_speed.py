@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_accel.attention.draft import permute_tokens  # noqa: E402
+from dit_accel.attention import draft as draft_module  # noqa: E402
+from dit_accel.attention.draft import cached_pool_matrix, draft_map, permute_tokens, top_p_keep  # noqa: E402
 from dit_accel.attention.methods import SparsePlan, get_method  # noqa: E402
 from dit_accel.attention.oracle import block_mass  # noqa: E402
 from dit_accel.attention.route import kernel_index  # noqa: E402
@@ -171,8 +173,138 @@ def random_mask(nb: int, density: float, device: torch.device, seed: int = 0):
     return keep.view(1, 1, nb, nb).to(device)
 
 
+BREAKDOWN_LABELS = ("draft/balanced", "combo-reuse/balanced")
+"""Methods whose planning is broken down into map / top-p / protect / BlockMask / rest (``--breakdown``)."""
+
+MAP_VARIANTS = ((32, 3), (64, 2), (64, 3), (128, 3))
+"""(``draft_map.MAP_ROWS``, ``draft_map.MAP_STAGES``) timed in the breakdown (the kernel's tuning knobs)."""
+
+
+def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
+    """Planning cost per call of a method with plan reuse: one refresh plan every ``refresh_period`` computed
+    calls (the method's own setting), reused plans in between; per refresh period and over the 42 sparse calls
+    of a 50-step generation (the first sparse call is a refresh). Shares are of the sparse attention call
+    without permutation (``attn_unpermuted_ms`` of the refresh row)."""
+    period = refresh["refresh_period"]
+    n_ref = -(-SPARSE_CALLS_PER_GENERATION // period)
+    row = dict(base, row="amortised", label=label, refresh_period=period, drift_check=refresh.get("drift_check"),
+               refresh_plan_ms=refresh["plan_ms"], reuse_plan_ms=reuse["plan_ms"],
+               refresh_plan_ms_torch_map=refresh["plan_ms_torch_map"], reuse_plan_ms_torch_map=reuse["plan_ms_torch_map"])
+    for key, ref_ms, reuse_ms in (("", refresh["plan_ms"], reuse["plan_ms"]),
+                                  ("_torch_map", refresh["plan_ms_torch_map"], reuse["plan_ms_torch_map"])):
+        per_period = (ref_ms + (period - 1) * reuse_ms) / period
+        per_generation = (n_ref * ref_ms + (SPARSE_CALLS_PER_GENERATION - n_ref) * reuse_ms) / SPARSE_CALLS_PER_GENERATION
+        row[f"plan_ms_per_call{key}"] = per_period
+        row[f"plan_ms_per_call_50_steps{key}"] = per_generation
+        if "attn_unpermuted_ms" in refresh:
+            attn = refresh["attn_unpermuted_ms"]
+            row["attn_unpermuted_ms"] = attn
+            row[f"refresh_plan_share{key}"] = ref_ms / attn
+            row[f"plan_share_per_call{key}"] = per_period / attn
+            row[f"plan_share_50_steps{key}"] = per_generation / attn
+    return row
+
+
+def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Tensor, k: torch.Tensor, grid,
+                   device: torch.device, reps: int) -> dict:
+    """Where one (refresh) plan's time goes: the draft map (fused kernel and torch reference), top-p, the
+    protect masks (rest of the estimate), the BlockMask, and the rest of ``plan`` (order, state, ...); plus the
+    map kernel at its tuning variants (:data:`MAP_VARIANTS`)."""
+    from dit_accel.kernels import draft_map as draft_map_kernel
+
+    S = q.shape[-2]
+    stateful = name in ("temporal_skip", "combo")
+    method = get_method(name, **dict(VALVES_OFF, **options, **({"calibrate": False} if stateful else {})))
+    cfg = method.cfg
+    ctx, call = hand_call(grid, S, 1)
+    perm = method.order(q, k, call)
+    scale = 1.0 / math.sqrt(q.shape[-1]) / cfg.temperature
+    kw = dict(perm=perm, query_pool=cfg.query_pool, scale=scale, log_block_size=cfg.log_block_size)
+    pool = cached_pool_matrix(perm, q.dtype)
+    row = dict(base, row="plan_breakdown", label=label, perm_kind=None if perm is None else "shared")
+    uses_kernel = draft_module.draft_map_kernel_applies(q)
+    if uses_kernel:
+        row["map_ms"] = time_ms(lambda: draft_map(q, k, backend="triton", **kw), device, reps)
+    row["map_ms_torch"] = time_ms(lambda: draft_map(q, k, pool=pool, backend="torch", **kw), device, reps)
+    probs = draft_map(q, k, pool=pool, **kw).probs
+    nb = probs.shape[-1]
+    min_blocks = max(1, math.ceil(cfg.resolved("min_blocks_fraction") * nb))
+    row["top_p_ms"] = time_ms(lambda: top_p_keep(probs, cfg.resolved("top_p"), min_blocks), device, reps)
+    row["estimate_ms"] = time_ms(lambda: method.estimate(q, k, perm, None), device, reps)
+    keep = method.estimate(q, k, perm, None).keep
+    row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
+
+    def plan_once():
+        ctx.reset_state()
+        _, c = hand_call(grid, S, 2, ctx)
+        return method.plan(q, k, c)
+
+    row["plan_ms"] = time_ms(plan_once, device, reps)
+    map_ms = row.get("map_ms", row["map_ms_torch"])
+    row["protect_ms"] = row["estimate_ms"] - map_ms - row["top_p_ms"]
+    row["rest_ms"] = row["plan_ms"] - row["estimate_ms"] - row["block_mask_ms"]
+    if uses_kernel:
+        saved = (draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES)
+        variants = {}
+        try:
+            for rows, stages in MAP_VARIANTS:
+                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = rows, stages
+                variants[f"rows{rows}_stages{stages}"] = time_ms(lambda: draft_map(q, k, backend="triton", **kw), device, reps)
+        finally:
+            draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = saved
+        row["map_ms_variants"] = variants
+        row["map_defaults"] = {"MAP_ROWS": saved[0], "MAP_STAGES": saved[1], "KEY_CHUNK": draft_map_kernel.KEY_CHUNK}
+    return row
+
+
+def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.device) -> dict:
+    """The fused kernel against the torch reference on these inputs (bf16 on the GPU), model order and tile
+    order: max abs error of the map and the similarities, against the reference as the methods run it (block
+    means by a GEMM in the input dtype with a tile order) and against a float32 reference (float32 copies);
+    agreement of the keep masks of ``draft_estimate`` (balanced thresholds) between the two backends."""
+    from dit_accel.attention.tiling import sequence_order
+
+    S = q.shape[-2]
+    out = dict(base, row="map_check")
+    if not draft_module.draft_map_kernel_applies(q):
+        out["skipped"] = "the kernel does not apply on this device/shape"
+        return out
+    method = get_method("draft", quality="balanced")
+    cfg = method.cfg
+    scale = 1.0 / math.sqrt(q.shape[-1]) / cfg.temperature
+    ctx, call = hand_call(grid, S, 1)
+    for order, perm in (("model", None), ("tile", sequence_order(call.layout, S, q.device))):
+        kw = dict(perm=perm, query_pool=cfg.query_pool, scale=scale, log_block_size=cfg.log_block_size)
+        got = draft_map(q, k, backend="triton", **kw)
+        ref = draft_map(q, k, pool=cached_pool_matrix(perm, q.dtype), backend="torch", **kw)
+        ref32 = draft_map(q.float(), k.float(), pool=cached_pool_matrix(perm, torch.float32), backend="torch", **kw)
+        res = {}
+        for tag, r in (("ref", ref), ("ref_fp32", ref32)):
+            res[f"probs_max_abs_err_vs_{tag}"] = (got.probs - r.probs).abs().max().item()
+            res[f"probs_max_rel_err_vs_{tag}"] = ((got.probs - r.probs).abs() / r.probs.clamp_min(1e-6)).max().item()
+            res[f"q_sim_max_abs_err_vs_{tag}"] = (got.q_similarity - r.q_similarity).abs().max().item()
+            res[f"k_sim_max_abs_err_vs_{tag}"] = (got.k_similarity - r.k_similarity).abs().max().item()
+        res["probs_row_sum_max_err"] = (got.probs.sum(-1) - 1).abs().max().item()
+        res["probs_max"] = got.probs.max().item()
+        keeps = {}
+        for backend in ("triton", "torch"):
+            draft_module.DRAFT_MAP_BACKEND = backend
+            try:
+                keeps[backend] = method.estimate(q, k, perm, None).keep
+            finally:
+                draft_module.DRAFT_MAP_BACKEND = "auto"
+        res["keep_agreement"] = keeps["triton"].eq(keeps["torch"]).float().mean().item()
+        res["keep_equal"] = bool(torch.equal(keeps["triton"], keeps["torch"]))
+        res["keep_density_kernel"] = keeps["triton"].float().mean().item()
+        res["keep_density_torch"] = keeps["torch"].float().mean().item()
+        out[order] = res
+        del got, ref, ref32
+    return out
+
+
 def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtype, reps: int, skip_attention: bool,
-                log: list, labels: set[str] | None = None, skip_fixed: bool = False) -> None:
+                log: list, labels: set[str] | None = None, skip_fixed: bool = False, breakdown: bool = False,
+                check: bool = False) -> None:
     """All rows of one shape, appended to ``log``."""
     grid, heads, dim = shape["grid"], shape["heads"], shape["head_dim"]
     S = grid[0] * grid[1] * grid[2]
@@ -230,11 +362,18 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                     _, call = hand_call(grid, S, step[0], ctx)
                     return method.plan(q, k, call)
             plan_ms = time_ms(plan_once, device, reps)
+            # the same plan with the draft map on the torch reference (the session-2 code path): before/after
+            draft_module.DRAFT_MAP_BACKEND = "torch"
+            try:
+                plan_ms_torch_map = time_ms(plan_once, device, reps)
+            finally:
+                draft_module.DRAFT_MAP_BACKEND = "auto"
             result = plan_once()
             plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
             perm = plan.perm
             row = dict(base, row="method", label=mlabel, method=name, options=options, phase=phase,
-                       density=block_mask_density(plan.mask), plan_ms=plan_ms,
+                       density=block_mask_density(plan.mask), plan_ms=plan_ms, plan_ms_torch_map=plan_ms_torch_map,
+                       map_kernel=draft_module.draft_map_kernel_applies(q),
                        perm_kind=None if perm is None else ("shared" if perm.dim() == 1 else "per_head"))
 
             index = None if perm is None else kernel_index(perm, q.device)
@@ -250,6 +389,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                     base_ms = attn_ms
                 row.update(attn_ms=attn_ms, attn_unpermuted_ms=base_ms, perm_ms=attn_ms - base_ms,
                            overhead=(plan_ms + attn_ms - base_ms) / base_ms,
+                           plan_share=plan_ms / base_ms, plan_share_torch_map=plan_ms_torch_map / base_ms,
                            speedup_vs_dense=dense_ms / (plan_ms + attn_ms), attn_speedup_vs_dense=dense_ms / attn_ms)
             if stateful and phase == "refresh":
                 qp, kp = (permute_tokens(t, perm) for t in (q, k))
@@ -258,8 +398,22 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                 row["calibrate_ms"] = cal_ms
                 if not skip_attention:
                     row["calibrate_share"] = cal_ms / (SPARSE_CALLS_PER_GENERATION * row["attn_ms"])
+            if stateful:
+                row["refresh_period"] = method.cfg.resolved("refresh_period")
+                row["drift_check"] = method.cfg.drift_check
             log.append(row)
             print({k_: v_ for k_, v_ in row.items() if k_ not in ("grid", "options")}, flush=True)
+        if stateful and len(phases) == 2:
+            log.append(amortised_row(base, mlabel, log[-2], log[-1]))
+            print(log[-1], flush=True)
+    if breakdown:
+        for mlabel, name, options in METHODS:
+            if mlabel in BREAKDOWN_LABELS and (not labels or mlabel in labels):
+                log.append(plan_breakdown(base, mlabel, name, options, q, k, grid, device, reps))
+                print(log[-1], flush=True)
+    if check:
+        log.append(map_check(base, q, k, grid, device))
+        print(log[-1], flush=True)
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -276,6 +430,8 @@ def main() -> None:
     parser.add_argument("--labels", default="", help="comma list of METHODS labels to time (default: all)")
     parser.add_argument("--skip-fixed", action="store_true", help="no fixed-density rows")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable timings on a shared machine)")
+    parser.add_argument("--breakdown", action="store_true", help=f"planning breakdown rows for {BREAKDOWN_LABELS}")
+    parser.add_argument("--check", action="store_true", help="draft-map kernel vs torch reference on the inputs")
     parser.add_argument("--name", default=None, help="basename of the JSON (default sparse_speed[_tiny|_cpu])")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -293,7 +449,8 @@ def main() -> None:
     with torch.no_grad():
         for s in shapes:
             bench_shape(s, SHAPES[s], device, dtype, args.reps, args.skip_attention, results["rows"],
-                        {x.strip() for x in args.labels.split(",") if x.strip()} or None, args.skip_fixed)
+                        {x.strip() for x in args.labels.split(",") if x.strip()} or None, args.skip_fixed,
+                        args.breakdown, args.check)
             (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / (name + '.json')}", flush=True)

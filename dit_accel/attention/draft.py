@@ -461,11 +461,13 @@ class PlannedMethod(ConfiguredMethod):
                  text_blocks: torch.Tensor | None) -> DraftEstimate:
         """The draft estimate of this call in the order ``perm``, with the configured thresholds."""
         cfg = self.cfg
+        # the kernel gathers through perm itself: the averaging matrix is only built for the torch reference
+        kernel = DRAFT_MAP_BACKEND == "triton" or (DRAFT_MAP_BACKEND == "auto" and draft_map_kernel_applies(q))
         return draft_estimate(
             q,
             k,
             perm=perm,
-            pool=cached_pool_matrix(perm, q.dtype),
+            pool=None if kernel else cached_pool_matrix(perm, q.dtype),
             top_p=cfg.resolved("top_p"),
             min_blocks_fraction=cfg.resolved("min_blocks_fraction"),
             similarity_threshold=cfg.resolved("similarity_threshold"),

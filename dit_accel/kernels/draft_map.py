@@ -18,8 +18,10 @@ order costs no permuted copy. The torch reference is :func:`dit_accel.attention.
 (the dispatcher :func:`dit_accel.attention.draft.draft_map` picks this kernel on CUDA and under
 ``TRITON_INTERPRET=1``, the reference on CPU).
 
-Numerics: sums and dots in float32; on the GPU the two small GEMMs use ``tf32x3`` (three tf32 passes,
-about float32 accuracy: plain tf32 would move logits of ~10 by ~1e-2). Head dims other than 64 and 128
+Numerics: sums and dots in float32. On the GPU the score GEMM (float32 sub-query means x float32 key means)
+uses ``tf32x3`` (three tf32 passes, about float32 accuracy: plain tf32 would move logits of ~10 by ~1e-2);
+the sub-query sums of 16-bit inputs are one native MMA of a 0/1 matrix (exact products, float32
+accumulation), of float32 inputs a ``tf32x3`` one. Head dims other than 64 and 128
 are not handled here (the tiles assume a power-of-two head dim and only these were checked): the
 dispatcher runs the reference for them.
 """
@@ -53,6 +55,9 @@ each program reads the key means once for several query blocks (fewer L2 reads a
 KEY_CHUNK = 64
 """Key blocks per step of the sweeps over the key means."""
 
+MAP_STAGES = 3
+"""Software-pipeline stages of the sweeps (key-mean chunks in flight)."""
+
 
 @triton.jit
 def _block_stats_and_map_kernel(
@@ -64,6 +69,7 @@ def _block_stats_and_map_kernel(
     BLOCK: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, QPB: tl.constexpr,
     STRIDE: tl.constexpr, KB: tl.constexpr, BK: tl.constexpr,
     HAS_INDEX: tl.constexpr, WITH_MAP: tl.constexpr, LOG_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    POOL_F32: tl.constexpr,
 ):
     """One program: ``QPB`` consecutive blocks of one (batch, head). Stores each block's similarity; without
     ``WITH_MAP`` also its mean (key pass), with it the draft map rows of these blocks (query pass)."""
@@ -76,8 +82,9 @@ def _block_stats_and_map_kernel(
     r = tl.arange(0, BLOCK)
     d = tl.arange(0, D)
     x_base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    row = tl.arange(0, M)
-    qs = tl.zeros((M, D), dtype=tl.float32)
+    if WITH_MAP:
+        row = tl.arange(0, M)
+        qs = tl.zeros((M, D), dtype=tl.float32)
     for i in range(QPB):
         blk = pid * QPB + i
         tokens = blk * BLOCK + r
@@ -85,8 +92,8 @@ def _block_stats_and_map_kernel(
         tokens = tl.minimum(tokens, S - 1)
         if HAS_INDEX:
             tokens = tl.load(idx_ptr + b.to(tl.int64) * sib + h.to(tl.int64) * sih + tokens)
-        x = tl.load(x_base + tokens.to(tl.int64)[:, None] * sxs + d[None, :]).to(tl.float32)
-        x = tl.where(valid[:, None], x, 0.0)
+        x_in = tl.load(x_base + tokens.to(tl.int64)[:, None] * sxs + d[None, :])
+        x = tl.where(valid[:, None], x_in.to(tl.float32), 0.0)
         count = tl.maximum(tl.minimum(S - blk * BLOCK, BLOCK), 1).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         # self-similarity: mean cosine of every STRIDE-th valid token to the block mean
@@ -98,13 +105,19 @@ def _block_stats_and_map_kernel(
         in_range = blk < NB
         tl.store(sim_out_ptr + bh * NB + blk, sim, mask=in_range)
         if WITH_MAP:
-            # rows of block i: sub-query means = pool (M, BLOCK) @ x (BLOCK, D), 1/count on its tokens
+            # rows of block i: sub-query sums = ones (M, BLOCK) @ x (BLOCK, D) on the block's valid tokens. The
+            # 0/1 matrix is exact in any dtype, so 16-bit inputs take one native MMA with float32 accumulation
+            # (exact products); then a division by the token count, as the reference's float32 mean.
             sub = row - i * NSUB
             sub_count = tl.minimum(tl.maximum(S - (blk * BLOCK + sub * POOL), 0), POOL)
             mine = (sub >= 0) & (sub < NSUB)
             inv = tl.where(mine, 1.0 / tl.maximum(sub_count, 1).to(tl.float32), 0.0)
-            pool = tl.where((r[None, :] // POOL == sub[:, None]) & valid[None, :], inv[:, None], 0.0)
-            qs += tl.dot(pool, x, input_precision=PRECISION)
+            ones = (r[None, :] // POOL == sub[:, None]) & valid[None, :]
+            if POOL_F32:
+                sums = tl.dot(ones.to(tl.float32), x, input_precision=PRECISION)
+            else:
+                sums = tl.dot(ones.to(x_in.dtype), x_in, out_dtype=tl.float32)
+            qs += sums * inv[:, None]
         else:
             tl.store(mean_out_ptr + (bh * NB + blk).to(tl.int64) * D + d, mean, mask=(d < D) & in_range)
     if WITH_MAP:
@@ -224,9 +237,12 @@ def draft_map_triton(
         idx = perm if perm.stride(-1) == 1 else perm.contiguous()
         sib, sih = (0, 0) if idx.dim() == 1 else (idx.stride(0), idx.stride(1))
     precision = "ieee" if _is_interpreting() else "tf32x3"
+    # 16-bit inputs pool by a native MMA, except in the interpreter (its bf16 dot is wrong, /work/shared/cpu.md)
+    pool_f32 = q.dtype == torch.float32 or _is_interpreting()
     warps = 8 if D == 128 else 4
     common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=KEY_CHUNK, HAS_INDEX=perm is not None,
-                  LOG_BIAS=bool(log_block_size), PRECISION=precision, num_warps=warps)
+                  LOG_BIAS=bool(log_block_size), PRECISION=precision, POOL_F32=pool_f32,
+                  num_warps=warps, num_stages=MAP_STAGES)
     _block_stats_and_map_kernel[(nb, B * H)](
         k, idx, k_means, k_means, k_sim, probs, S, H, nb, k.stride(0), k.stride(1), k.stride(2), sib, sih, 1.0,
         POOL=block, QPB=1, WITH_MAP=False, **common)
