@@ -9,6 +9,14 @@ pipeline instance a subclass of its own class (same name) whose ``__call__`` doe
 calls the original: ``pipe(...)`` looks ``__call__`` up on the type, so an instance attribute would
 not be used. ``remove`` puts back the original processor objects, removes the hook (and the hook
 registry if we created it) and restores the pipeline's class.
+
+Token order (``token_order=``): the sparse methods that plan in 3D-tile order (``permuted``, ``combo``,
+``window``, ``oracle``) either fold the tile permutation into every attention call (``"call"``) or, for
+families whose self-attention sees only video tokens (Wan), permute the token sequence once per
+transformer forward, at the first block's entry, and restore it at the last block's exit (``"forward"``:
+every attention call then runs the kernel without a token index; see
+:mod:`dit_accel.attention.token_order`). ``"auto"`` (the default) picks ``"forward"`` where it is
+supported and saves work, else ``"call"``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ from diffusers.hooks.hooks import HookRegistry
 
 from dit_accel.attention.methods import AttentionMethod, get_method
 from dit_accel.attention.route import ModuleBinding
+from dit_accel.attention.token_order import (
+    TokenOrderAttachment,
+    install_token_order,
+    resolve_token_order,
+    validate_token_order,
+)
 from dit_accel.context import ContextHook, StepClock, TransformerContext
 from dit_accel.pipelines.base import Family
 from dit_accel.pipelines.families import detect_family, supported_transformer_classes
@@ -60,6 +74,8 @@ class _Attachment:
     handle: "AccelHandle"
     cache: Any | None = None
     """The ``dit_accel.caching.CacheAttachment`` on this transformer, if a cache was applied."""
+    token_order: TokenOrderAttachment | None = None
+    """The forward token order on this transformer (``token_order="forward"``), else ``None``."""
 
 
 class AccelHandle:
@@ -72,7 +88,10 @@ class AccelHandle:
     ``density`` (fraction of 128x128 tiles computed; 1.0 for dense), ``plan_ms`` (host time of
     ``plan``), ``backend`` (``"block_sparse"`` or the dense backend name), ``dense_reason``
     (``None`` when sparse, else ``"mask"``, ``"short_sequence"``, ``"head_dim"``, ``"method"``,
-    ``"dropout_or_causal"``), ``seq_len`` and ``text_tokens``.
+    ``"dropout_or_causal"``), ``seq_len``, ``text_tokens``, and, only when the tokens were permuted,
+    ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
+    index; ``"folded"``: the permutation was folded into the kernel; ``"forward+folded"``: a k-means order
+    relative to the tile order).
     """
 
     def __init__(
@@ -82,12 +101,15 @@ class AccelHandle:
         preset: Any | None,
         cache: Any | None,
         clock: StepClock,
+        token_order: str = "call",
     ) -> None:
         self.target = target
         self.method = method
         self.preset = preset
         self.cache = cache
         """The feature-cache config (``dit_accel.caching.CacheConfig``) or ``None``."""
+        self.token_order_option = token_order
+        """The ``token_order`` option ``apply`` was given (``"auto"``, ``"forward"`` or ``"call"``)."""
         self.clock = clock
         self._attachments: list[_Attachment] = []
         self._pipeline_class: type | None = None
@@ -98,6 +120,18 @@ class AccelHandle:
     def contexts(self) -> dict[str, TransformerContext]:
         """Per-transformer contexts by attribute name (``"transformer"``, ``"transformer_2"``)."""
         return {a.name: a.context for a in self._attachments}
+
+    @property
+    def token_orders(self) -> dict[str, str]:
+        """Token order in effect per transformer attribute name: ``"forward"`` or ``"call"``."""
+        return {a.name: ("forward" if a.token_order is not None else "call") for a in self._attachments}
+
+    def token_order_summary(self) -> dict[str, Any]:
+        """Per transformer: ``{"token_order": "call"}``, or for ``"forward"`` the tile and how many forwards ran
+        permuted (``"forward"``) or in the model's order, by reason (``"no_grid"``, ``"no_tile"``,
+        ``"context_parallel"``, ``"not_outermost"``, ``"inputs"``)."""
+        return {a.name: (a.token_order.summary() if a.token_order is not None else {"token_order": "call"})
+                for a in self._attachments}
 
     @property
     def families(self) -> dict[str, str]:
@@ -152,6 +186,8 @@ class AccelHandle:
             a.context.reset_stats()
             if a.cache is not None:
                 a.cache.reset_stats()
+            if a.token_order is not None:
+                a.token_order.reset_stats()
 
     def cache_stats(self) -> list[dict[str, Any]]:
         """Feature-cache records of all transformers (keys: see ``dit_accel.caching.install_cache``)."""
@@ -182,6 +218,7 @@ class AccelHandle:
             "cache": None if self.cache is None else self.cache.scheduler,
             "cache_config": None if self.cache is None else dataclasses.asdict(self.cache),
             "families": self.families,
+            "token_order": self.token_orders,
             "dense_backend": dense_backend_name(),
         }
 
@@ -305,6 +342,9 @@ def _attach(name: str, transformer: torch.nn.Module, family: Family, handle: Acc
 
 def _detach(attachment: _Attachment) -> None:
     transformer = attachment.transformer
+    if attachment.token_order is not None:
+        attachment.token_order.remove()
+        attachment.token_order = None
     if attachment.cache is not None:
         attachment.cache.remove()
         attachment.cache = None
@@ -373,17 +413,31 @@ def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMet
 
 
 # --- public functions -------------------------------------------------------------------------------
-def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | AttentionMethod | None = None, cache: Any | None = None) -> AccelHandle:
+def apply(
+    pipe_or_transformer: Any,
+    preset: str | None = None,
+    attention: str | AttentionMethod | None = None,
+    cache: Any | None = None,
+    token_order: str = "auto",
+) -> AccelHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
 
     ``preset`` names a preset (``dit_accel.presets``); ``attention`` (a method name or an
     :class:`AttentionMethod`) and ``cache`` (a scheduler name from :func:`available_caches` or a
     ``dit_accel.caching.CacheConfig``) override the preset's; a name equal to the preset's keeps the
     preset's options. With no preset and no attention the
-    stock processors stay and only the context (steps, branches, layout) is recorded. Applying again
-    first removes the previous application. Raises ``TypeError``/``ValueError`` naming the bad value
-    and the allowed ones; nothing is changed when it raises.
+    stock processors stay and only the context (steps, branches, layout) is recorded.
+
+    ``token_order`` (``"auto"``, ``"forward"`` or ``"call"``): where the 3D-tile permutation of the methods
+    that plan in tile order is applied: ``"forward"`` once per transformer forward (first block in, last
+    block out; Wan family only), ``"call"`` folded into every attention call; ``"auto"`` is ``"forward"``
+    for a Wan transformer running such a method, else ``"call"``. Outputs agree up to float reassociation
+    (see :mod:`dit_accel.attention.token_order`); :meth:`AccelHandle.token_orders` tells which one runs.
+
+    Applying again first removes the previous application. Raises ``TypeError``/``ValueError`` naming the
+    bad value and the allowed ones; nothing is changed when it raises.
     """
+    validate_token_order(token_order)
     resolved_preset, method, cache_config = _resolve(preset, attention, cache)
     target = pipe_or_transformer
     if _is_pipeline(target):
@@ -396,6 +450,7 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
             f"supported transformer classes: {supported_transformer_classes()}"
         )
     families = [(name, tr, detect_family(tr)) for name, tr in transformers]
+    orders = {name: resolve_token_order(token_order, family.name, method) for name, _, family in families}
 
     remove(target)
     for _, tr, _ in families:
@@ -407,7 +462,7 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
         num_steps_fn=(lambda: _pipeline_num_steps(target)) if is_pipe else None,
         host_timestep_fn=_HostTimestep(target) if is_pipe else None,
     )
-    handle = AccelHandle(target, method, resolved_preset, cache_config, clock)
+    handle = AccelHandle(target, method, resolved_preset, cache_config, clock, token_order)
     try:
         for name, tr, family in families:
             attachment = _attach(name, tr, family, handle)
@@ -418,6 +473,11 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
 
                 # after the context hook, so steps and branches are known before block 0 runs
                 attachment.cache = install_cache(tr, attachment.context, cache_config)
+            if orders[name] == "forward":
+                # last, so its block hooks are the outermost: the cache sees the sequence in tile order
+                attachment.token_order = install_token_order(
+                    tr, attachment.context, family.name, getattr(method, "token_order_tile", None)
+                )
         if is_pipe:
             handle._pipeline_class = type(target)
             target.__dict__[_HANDLE_ATTR] = handle
@@ -427,7 +487,7 @@ def apply(pipe_or_transformer: Any, preset: str | None = None, attention: str | 
     except Exception:
         handle.remove()
         raise
-    logger.info("dit_accel applied: %s", {n: f.name for n, _, f in families} | {"method": repr(method)})
+    logger.info("dit_accel applied: %s", {n: f.name for n, _, f in families} | {"method": repr(method), "token_order": orders})
     return handle
 
 
@@ -472,7 +532,8 @@ def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod =
 
     Attaches the context hook if the transformer has none yet (bare-transformer mode: steps are
     counted from timesteps, guidance branches from call order); ``dit_accel.remove(transformer)``
-    undoes it and restores the processors the transformer had at that moment.
+    undoes it and restores the processors the transformer had at that moment. The token order is
+    ``"call"`` here (the permutation folded into each attention call); ``apply`` installs ``"forward"``.
     """
     family = detect_family(transformer)
     resolved = get_method(method, **method_config)

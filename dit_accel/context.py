@@ -49,7 +49,9 @@ Branch = str
 class TokenLayout:
     """Token layout of one attention sequence.
 
-    The visual tokens are in row-major ``(f, h, w)`` order in every supported family.
+    The visual tokens arrive in row-major ``(f, h, w)`` order in every supported family; while the
+    once-per-forward token order (:mod:`dit_accel.attention.token_order`) holds the sequence in 3D-tile
+    order, ``tile_order`` names that order's tile.
     """
 
     grid: tuple[int, int, int] | None
@@ -61,6 +63,9 @@ class TokenLayout:
     """Number of text tokens in this sequence (0 for video/image-only self-attention)."""
     text_position: TextPosition = "none"
     """Where those text tokens sit: ``"first"`` (CogVideoX, FLUX), ``"last"`` (HunyuanVideo, SD3) or ``"none"``."""
+    tile_order: tuple[int, int, int] | None = None
+    """Tile ``(tf, th, tw)`` of the 3D-tile order the visual tokens are already in (``tiling.visual_order``
+    of ``grid`` and this tile), or ``None`` when they are in row-major order."""
 
     @property
     def visual_tokens(self) -> int | None:
@@ -206,6 +211,11 @@ class TransformerContext:
         self.text_valid: tuple[int, ...] | None = None
         self.branches: tuple[Branch, ...] = ()
         self.cache_context_name: str | None = None
+        self.token_order_tile: tuple[int, int, int] | None = None
+        """Tile of the 3D-tile order the blocks' token sequence is in during this forward (set and cleared by
+        the token-order hook, ``dit_accel.attention.token_order``); ``None``: row-major order."""
+        self.forward_index = -1
+        """Number of transformer forwards begun so far, minus one (tells a hook which forward it is in)."""
         self.stats_enabled = True
         self._store: dict[tuple[int, int, Branch], dict[str, Any]] = {}
         self._stats: list[dict[str, Any]] = []
@@ -248,6 +258,8 @@ class TransformerContext:
     # --- per forward ------------------------------------------------------------------------------
     def begin_forward(self, inputs: ForwardInputs, timestep: float, cache_context: Any | None) -> None:
         """Update the context at the start of one transformer forward."""
+        self.forward_index += 1
+        self.token_order_tile = None  # the token-order hook sets it again when block 0 permutes
         self.grid = inputs.grid
         self.patch_size = inputs.patch_size
         self.text_tokens = inputs.text_tokens
@@ -283,7 +295,8 @@ class TransformerContext:
     def layout(self, seq_len: int, text_tokens: int, text_position: TextPosition) -> TokenLayout:
         """Layout of a sequence of ``seq_len`` tokens with ``text_tokens`` text tokens at ``text_position``.
 
-        The grid is kept only when the visual part holds exactly ``F'*H'*W'`` tokens.
+        The grid is kept only when the visual part holds exactly ``F'*H'*W'`` tokens; the tile order only
+        then, and only for sequences without text tokens (the forward token order permutes video-only ones).
         """
         grid = self.grid
         if grid is not None and grid[0] * grid[1] * grid[2] != seq_len - text_tokens:
@@ -293,6 +306,7 @@ class TransformerContext:
             patch_size=self.patch_size,
             text_tokens=text_tokens,
             text_position=text_position if text_tokens > 0 else "none",
+            tile_order=self.token_order_tile if grid is not None and text_tokens == 0 else None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -307,6 +321,7 @@ class TransformerContext:
             "step": self.clock.step,
             "num_steps": self.clock.num_steps,
             "branches": self.branches,
+            "token_order_tile": self.token_order_tile,
         }
 
 

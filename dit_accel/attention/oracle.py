@@ -18,7 +18,7 @@ import torch
 from dit_accel.attention.draft import PlannedMethod, permute_tokens, top_p_keep
 from dit_accel.attention.methods import register_method
 from dit_accel.attention.sparse_base import BLOCK, SparseConfig, add_call_stats, check_range
-from dit_accel.attention.tiling import sequence_order
+from dit_accel.attention.tiling import in_tile_order, raster_order, sequence_order
 
 if TYPE_CHECKING:
     from dit_accel.context import AttentionCall
@@ -93,12 +93,22 @@ class OracleMethod(PlannedMethod):
         """Token order recorded in statistics."""
         return self.cfg.order
 
+    @property
+    def plans_in_tile_order(self) -> bool:
+        """Whether blocks are formed in the 3D-tile order (``order="tile"``): then the forward token order
+        saves the per-call permutation (``dit_accel.attention.token_order``)."""
+        return self.cfg.order == "tile"
+
+    token_order_tile = None
+    """Tile of the order this method plans in (``None``: chosen from the grid)."""
+
     def order(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> torch.Tensor | None:
-        """Tile order (``None`` when the grid is unknown or ``order="none"``)."""
+        """Tile order; ``order="none"``: the model's row-major order. ``None`` when the sequence already is in
+        the wanted order or the grid is unknown (tile order: recorded as ``order_fallback``)."""
         if self.cfg.order == "none":
-            return None
+            return raster_order(ctx.layout, q.shape[-2], q.device)
         perm = sequence_order(ctx.layout, q.shape[-2], q.device)
-        if perm is None:
+        if perm is None and not in_tile_order(ctx.layout):
             add_call_stats(ctx, order_fallback=True)
         return perm
 

@@ -12,7 +12,9 @@ Orders:
   are evenly spaced keys in tile order, so the result is deterministic.
 
 Text tokens of joint-attention families stay in place (their rows and columns are always kept).
-The route applies the permutation once per call to q, k and v (a gather) and undoes it on the output.
+The route folds the permutation into the kernel's loads and stores (``q_index``/``kv_index``). When the
+forward token order (:mod:`dit_accel.attention.token_order`) already holds the sequence in the tile
+order, the tile order is the identity: no index at all (k-means orders are then relative to it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from dit_accel.attention.draft import DraftConfig, PlannedMethod
 from dit_accel.attention.methods import register_method
 from dit_accel.attention.sparse_base import BLOCK, add_call_stats, branch_rows, check_range
-from dit_accel.attention.tiling import sequence_order, validate_tile, visual_order
+from dit_accel.attention.tiling import in_tile_order, sequence_order, validate_tile, visual_order
 
 if TYPE_CHECKING:
     from dit_accel.context import AttentionCall
@@ -101,26 +103,40 @@ class PermutedMixin:
         """Token order recorded in statistics: the configured ``order``."""
         return self.cfg.order
 
+    plans_in_tile_order = True
+    """Plans in the 3D-tile order (k-means: relative to it), so the forward token order saves the per-call
+    permutation (``dit_accel.attention.token_order``)."""
+
+    @property
+    def token_order_tile(self) -> tuple[int, int, int] | None:
+        """Tile of the order this method plans in (``None``: chosen from the grid)."""
+        return self.cfg.tile
+
     def order(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> torch.Tensor | None:
-        """Tile-order permutation ``(S,)``, or the k-means permutation ``(B, H, S)``; ``None`` when the grid is
-        unknown or too small for a tile (identity order; recorded as ``order_fallback`` in statistics)."""
+        """Tile-order permutation ``(S,)``, or the k-means permutation ``(B, H, S)``; ``None`` when the sequence
+        already is in the tile order (forward token order), or when the grid is unknown or too small for a tile
+        (identity order; recorded as ``order_fallback`` in statistics)."""
         cfg = self.cfg
         S = q.shape[-2]
         tile_perm = sequence_order(ctx.layout, S, q.device, cfg.tile)
-        if tile_perm is None:
+        if tile_perm is None and not in_tile_order(ctx.layout, cfg.tile):
             add_call_stats(ctx, order_fallback=True)
             return None
         if cfg.order == "tile":
             return tile_perm
         return self._kmeans_order(k, ctx, tile_perm)
 
-    def _kmeans_order(self, k: torch.Tensor, ctx: "AttentionCall", tile_perm: torch.Tensor) -> torch.Tensor:
+    def _kmeans_order(self, k: torch.Tensor, ctx: "AttentionCall", tile_perm: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         B, H, S, D = k.shape
         vis = ctx.layout.visual_slice(S)
-        tile_vis = tile_perm[vis] - vis.start  # visual tokens in tile order, as visual indices
+        if tile_perm is None:  # already in tile order
+            tile_vis = torch.arange(vis.stop - vis.start, device=k.device)
+            k_tile = k[:, :, vis]
+        else:
+            tile_vis = tile_perm[vis] - vis.start  # visual tokens in tile order, as visual indices
+            k_tile = k[:, :, vis].index_select(2, tile_vis)
         n_vis = tile_vis.numel()
-        k_tile = k[:, :, vis].index_select(2, tile_vis)
         clusters = cfg.clusters if cfg.clusters is not None else max(1, -(-n_vis // BLOCK))
         clusters = min(clusters, n_vis)
         perm = torch.arange(S, device=k.device).repeat(B, H, 1)

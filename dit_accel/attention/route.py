@@ -5,7 +5,10 @@ tensors. Dense is used for: cross-attention, calls with an attention mask (excep
 hides trailing padded text keys, which is removed by truncation), dropout or causal attention,
 sequences shorter than the method's ``min_seq_len``, head dims the sparse kernel does not take,
 and calls the method declines (``plan`` returned ``None``). Each self-attention call appends one
-record to the transformer context's statistics.
+record to the transformer context's statistics; when the tokens were permuted, its ``token_order`` key
+says how: ``"forward"`` (the sequence arrived in tile order, the kernel ran without an index: the
+fast TMA path), ``"folded"`` (a per-call permutation folded into the kernel's loads and stores) or
+``"forward+folded"`` (both: a k-means order relative to the tile order); no key when nothing was permuted.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def _run_sparse(
     v: torch.Tensor,
     scale: float | None,
 ) -> torch.Tensor:
+    """The block-sparse kernel on ``plan``; a permutation in the plan is passed as the kernel's token index.
+    ``plan.perm`` is ``None`` when the sequence already is in the planned order (forward token order)."""
     from dit_accel.kernels import block_sparse_attention
 
     perm = plan.perm
@@ -174,8 +179,11 @@ def attend(
         else:
             plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
 
+    token_order = "forward" if layout.tile_order is not None else None
     if plan is not None:
         out = _run_sparse(binding.method, call, plan, q, k, v, scale)
+        if plan.perm is not None:
+            token_order = "forward+folded" if token_order == "forward" else "folded"
         density: torch.Tensor | float = block_mask_density_tensor(plan.mask)
         backend = SPARSE_BACKEND
     else:
@@ -200,6 +208,8 @@ def attend(
         "seq_len": seq_len,
         "text_tokens": layout.text_tokens,
     }
+    if token_order is not None:
+        record["token_order"] = token_order
     if call is not None:
         # Keys a method added for this call (sparse_base.add_call_stats): refresh, skipped tiles, ...
         record.update(getattr(call, "extra_stats", {}))

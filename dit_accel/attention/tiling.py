@@ -14,6 +14,11 @@ when no tile fits, e.g. fewer than 64 visual tokens) the order is the identity: 
 fallback, never an error.
 
 Text tokens of joint-attention families stay where they are.
+
+Orders are relative to the order the sequence is in: row-major, or already the tile order when the
+once-per-forward token order (:mod:`dit_accel.attention.token_order`) permuted the blocks' input
+(``TokenLayout.tile_order``). Then :func:`sequence_order` is the identity (``None``) and the kernel
+runs without a token index.
 """
 
 from __future__ import annotations
@@ -112,9 +117,22 @@ def visual_order(grid: tuple[int, int, int], tile: tuple[int, int, int] | None =
 
 
 @functools.lru_cache(maxsize=64)
-def _sequence_order_cached(grid: tuple[int, int, int], tile: tuple[int, int, int] | None, seq_len: int, start: int,
+def tile_permutation(grid: tuple[int, int, int], tile: tuple[int, int, int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, inverse)`` of the visual tile order on ``device`` (int64, cached per grid, tile and device):
+    ``perm`` as :func:`visual_order`, ``inverse[j]`` = position in tile order of raster token ``j``."""
+    perm = _visual_tile_order(tuple(int(g) for g in grid), tuple(tile))
+    return perm.to(device), torch.argsort(perm).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _sequence_order_cached(grid: tuple[int, int, int], tile: tuple[int, int, int] | None,
+                           current: tuple[int, int, int] | None, seq_len: int, start: int,
                            device: str) -> torch.Tensor | None:
-    vis = visual_order(grid, tile)
+    if current is not None:
+        # raster -> target order, then raster index -> position in the current (tile) order
+        vis = tile_permutation(grid, current, "cpu")[1][visual_order(grid, tile)]
+    else:
+        vis = visual_order(grid, tile)
     if vis is None:
         return None
     perm = torch.arange(seq_len)
@@ -122,24 +140,74 @@ def _sequence_order_cached(grid: tuple[int, int, int], tile: tuple[int, int, int
     return perm.to(device)
 
 
+def _target_tile(layout, tile: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    if tile is not None:
+        return tuple(tile)
+    choice = choose_tile(tuple(layout.grid))
+    return None if choice is None else choice.tile
+
+
+def in_tile_order(layout, tile: tuple[int, int, int] | None = None) -> bool:
+    """Whether the sequence already is in the tile order of ``tile`` (``None``: the tile chosen from the grid),
+    i.e. the forward token order put it there (``layout.tile_order``)."""
+    current = getattr(layout, "tile_order", None)
+    return layout.grid is not None and current is not None and current == _target_tile(layout, tile)
+
+
 def sequence_order(layout, seq_len: int, device: torch.device, tile: tuple[int, int, int] | None = None
                    ) -> torch.Tensor | None:
-    """Tile-order permutation ``(seq_len,)`` of a whole attention sequence (text tokens in place), or
-    ``None`` (identity) when the grid is unknown or no tile fits. Cached per (grid, tile, layout, device)."""
+    """Permutation ``(seq_len,)`` from the sequence's current order into the 3D-tile order of ``tile``
+    (``None``: chosen from the grid), text tokens in place: ``perm[i]`` = current position of the i-th token
+    in tile order. The current order is row-major, or a tile order when ``layout.tile_order`` is set (the
+    forward token order, :mod:`dit_accel.attention.token_order`).
+
+    ``None`` (identity) when the grid is unknown, no tile fits, or the sequence already is in that tile order
+    (:func:`in_tile_order` tells the last case apart). Cached per (grid, tile, current order, layout, device),
+    so the same tensor object comes back for every call of a grid.
+    """
     if layout.grid is None:
         return None
+    target = _target_tile(layout, tile)
+    if target is None:
+        return None
+    current = getattr(layout, "tile_order", None)
+    if current == target:
+        return None
     vis = layout.visual_slice(seq_len)
-    return _sequence_order_cached(tuple(layout.grid), tile, seq_len, vis.start, str(device))
+    return _sequence_order_cached(tuple(layout.grid), target, current, seq_len, vis.start, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _raster_order_cached(grid: tuple[int, int, int], current: tuple[int, int, int], seq_len: int, start: int,
+                         device: str) -> torch.Tensor:
+    inverse = tile_permutation(grid, current, "cpu")[1]
+    perm = torch.arange(seq_len)
+    perm[start : start + inverse.numel()] = inverse + start
+    return perm.to(device)
+
+
+def raster_order(layout, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Permutation ``(seq_len,)`` from the sequence's current order back into row-major order (``perm[i]`` =
+    current position of the i-th token in raster order), or ``None`` when it already is row-major (always,
+    unless the forward token order holds it in tile order). Cached like :func:`sequence_order`."""
+    current = getattr(layout, "tile_order", None)
+    if layout.grid is None or current is None:
+        return None
+    vis = layout.visual_slice(seq_len)
+    return _raster_order_cached(tuple(layout.grid), tuple(current), seq_len, vis.start, str(device))
 
 
 def token_coords(layout, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Float ``(seq_len, 3)`` latent ``(f, h, w)`` of every token in the original order; text tokens NaN.
-    ``None`` when the grid is unknown."""
+    """Float ``(seq_len, 3)`` latent ``(f, h, w)`` of every token in the sequence's current order (row-major,
+    or the tile order ``layout.tile_order``); text tokens NaN. ``None`` when the grid is unknown."""
     if layout.grid is None:
         return None
     F, H, W = layout.grid
     coords = torch.full((seq_len, 3), float("nan"), device=device)
     idx = torch.arange(F * H * W, device=device)
+    current = getattr(layout, "tile_order", None)
+    if current is not None:
+        idx = tile_permutation(tuple(layout.grid), tuple(current), str(torch.device(device)))[0]
     vis = layout.visual_slice(seq_len)
     coords[vis, 0] = (idx // (H * W)).float()
     coords[vis, 1] = (idx // W % H).float()

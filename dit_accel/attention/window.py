@@ -6,7 +6,9 @@ and columns, Chebyshev) of its own box (gap between the boxes, 0 when they overl
 ``decay="radial"`` the spatial radius halves each time the frame distance doubles (Radial
 Attention's energy decay). The mask depends only on the grid, never on the content. Text rows and
 columns and the diagonal are always kept. Without a grid the call runs dense (documented fallback,
-recorded as ``sparse_off="no_grid"``).
+recorded as ``sparse_off="no_grid"``). Under the forward token order (the sequence already in tile
+order) the order is the identity and the boxes come from the tokens' coordinates in that order, so the
+mask is the same.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class WindowMethod(PlannedMethod):
     name = "window"
     config_class = WindowConfig
     order_name = "tile"
+    plans_in_tile_order = True
+    """Plans in the 3D-tile order (chosen from the grid), so the forward token order saves the permutation."""
+    token_order_tile = None
+    """Tile of the order this method plans in (``None``: chosen from the grid)."""
 
     def _plan(self, q, k, ctx: "AttentionCall"):
         if ctx.layout.grid is None:
@@ -77,13 +83,13 @@ class WindowMethod(PlannedMethod):
         return super()._plan(q, k, ctx)
 
     def order(self, q, k, ctx):
-        """Tile order of the sequence (identity when no tile fits)."""
+        """Tile order of the sequence (identity when no tile fits or the sequence already is in it)."""
         return sequence_order(ctx.layout, q.shape[-2], q.device)
 
     def select(self, q, k, ctx, perm, text_blocks):
         """The window mask (the same for every batch row and head)."""
         S = q.shape[-2]
-        coords = token_coords(ctx.layout, S, q.device)
+        coords = token_coords(ctx.layout, S, q.device)  # in the sequence's current order
         if perm is not None:
             coords = coords.index_select(0, perm)
         lo, hi = block_boxes(coords)
