@@ -9,6 +9,9 @@ columns and the diagonal are always kept. Without a grid the call runs dense (do
 recorded as ``sparse_off="no_grid"``). Under the forward token order (the sequence already in tile
 order) the order is the identity and the boxes come from the tokens' coordinates in that order, so the
 mask is the same.
+
+Because the mask depends only on the layout, the plan (BlockMask and order) is built once per layout
+and device and reused by every layer and step (:data:`PLAN_CACHE_SIZE` layouts kept per method).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from dit_accel.attention.tiling import block_boxes, sequence_order, token_coords
 
 if TYPE_CHECKING:
     from dit_accel.context import AttentionCall
+
+PLAN_CACHE_SIZE = 8
+"""Layouts (grid, token order, text layout, length, device) whose window plan a method keeps."""
 
 DECAYS = ("none", "radial")
 """Window shapes: a box (STA) or a box whose spatial radius shrinks with frame distance (Radial)."""
@@ -77,10 +83,22 @@ class WindowMethod(PlannedMethod):
     """Tile of the order this method plans in (``None``: chosen from the grid)."""
 
     def _plan(self, q, k, ctx: "AttentionCall"):
-        if ctx.layout.grid is None:
+        layout = ctx.layout
+        if layout.grid is None:
             add_call_stats(ctx, sparse_off="no_grid")
             return None
-        return super()._plan(q, k, ctx)
+        # Content-independent: one plan per layout, shared by all layers, heads and steps.
+        key = (layout, q.shape[-2], str(q.device))
+        cache = self.__dict__.setdefault("_plans", {})
+        plan = cache.get(key)
+        if plan is None:
+            plan = super()._plan(q, k, ctx)
+            if len(cache) >= PLAN_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = plan
+        else:
+            add_call_stats(ctx, order=self.order_name)
+        return plan
 
     def order(self, q, k, ctx):
         """Tile order of the sequence (identity when no tile fits or the sequence already is in it)."""
