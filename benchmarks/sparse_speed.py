@@ -176,8 +176,8 @@ def random_mask(nb: int, density: float, device: torch.device, seed: int = 0):
 BREAKDOWN_LABELS = ("draft/balanced", "combo-reuse/balanced")
 """Methods whose planning is broken down into map / top-p / protect / BlockMask / rest (``--breakdown``)."""
 
-MAP_VARIANTS = ((32, 3), (64, 2), (64, 3), (128, 3))
-"""(``draft_map.MAP_ROWS``, ``draft_map.MAP_STAGES``) timed in the breakdown (the kernel's tuning knobs)."""
+MAP_VARIANTS = ((64, 3, "tf32"), (128, 2, "tf32"), (128, 3, "tf32"), (128, 3, "tf32x3"))
+"""(``draft_map.MAP_ROWS``, ``MAP_STAGES``, ``SCORE_PRECISION``) timed in the breakdown (the kernel's knobs)."""
 
 
 def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
@@ -207,9 +207,10 @@ def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
 
 def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Tensor, k: torch.Tensor, grid,
                    device: torch.device, reps: int) -> dict:
-    """Where one (refresh) plan's time goes: the draft map (fused kernel and torch reference), top-p, the
-    protect masks (rest of the estimate), the BlockMask, and the rest of ``plan`` (order, state, ...); plus the
-    map kernel at its tuning variants (:data:`MAP_VARIANTS`)."""
+    """Where one (refresh) plan's time goes: the draft map (fused kernel and torch reference), the selection
+    (top-p + protect kernel; torch ``top_p_keep``), the whole estimate and plan on both backends, the
+    BlockMask, and the rest of ``plan`` (order, state, ...); plus the map kernel at its tuning variants
+    (:data:`MAP_VARIANTS`)."""
     from dit_accel.kernels import draft_map as draft_map_kernel
 
     S = q.shape[-2]
@@ -229,31 +230,45 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
     probs = draft_map(q, k, pool=pool, **kw).probs
     nb = probs.shape[-1]
     min_blocks = max(1, math.ceil(cfg.resolved("min_blocks_fraction") * nb))
-    row["top_p_ms"] = time_ms(lambda: top_p_keep(probs, cfg.resolved("top_p"), min_blocks), device, reps)
-    row["estimate_ms"] = time_ms(lambda: method.estimate(q, k, perm, None), device, reps)
-    keep = method.estimate(q, k, perm, None).keep
-    row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
+    top_p = cfg.resolved("top_p")
+    row["top_p_ms_torch"] = time_ms(lambda: top_p_keep(probs, top_p, min_blocks), device, reps)
+    if uses_kernel:
+        sims = draft_map(q, k, backend="triton", **kw)
+        thr = cfg.resolved("similarity_threshold")
+        row["select_ms"] = time_ms(lambda: draft_map_kernel.select_blocks_triton(
+            probs, sims.q_similarity, sims.k_similarity, top_p=top_p, min_blocks=min_blocks,
+            similarity_threshold=thr), device, reps)
 
     def plan_once():
         ctx.reset_state()
         _, c = hand_call(grid, S, 2, ctx)
         return method.plan(q, k, c)
 
-    row["plan_ms"] = time_ms(plan_once, device, reps)
-    map_ms = row.get("map_ms", row["map_ms_torch"])
-    row["protect_ms"] = row["estimate_ms"] - map_ms - row["top_p_ms"]
+    for suffix, backend in (("", "auto"), ("_torch", "torch")):
+        draft_module.DRAFT_MAP_BACKEND = backend
+        try:
+            row[f"estimate_ms{suffix}"] = time_ms(lambda: method.estimate(q, k, perm, None), device, reps)
+            keep = method.estimate(q, k, perm, None).keep
+            row[f"plan_ms{suffix}"] = time_ms(plan_once, device, reps)
+        finally:
+            draft_module.DRAFT_MAP_BACKEND = "auto"
+    row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
+    # estimate = map + selection (top-p + protect) + small ops; plan = estimate + BlockMask + rest (order, state)
     row["rest_ms"] = row["plan_ms"] - row["estimate_ms"] - row["block_mask_ms"]
+    row["rest_ms_torch"] = row["plan_ms_torch"] - row["estimate_ms_torch"] - row["block_mask_ms"]
     if uses_kernel:
-        saved = (draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES)
+        saved = (draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION)
         variants = {}
         try:
-            for rows, stages in MAP_VARIANTS:
-                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = rows, stages
-                variants[f"rows{rows}_stages{stages}"] = time_ms(lambda: draft_map(q, k, backend="triton", **kw), device, reps)
+            for rows, stages, precision in MAP_VARIANTS:
+                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION = rows, stages, precision
+                variants[f"rows{rows}_stages{stages}_{precision}"] = time_ms(
+                    lambda: draft_map(q, k, backend="triton", **kw), device, reps)
         finally:
-            draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = saved
+            draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION = saved
         row["map_ms_variants"] = variants
-        row["map_defaults"] = {"MAP_ROWS": saved[0], "MAP_STAGES": saved[1], "KEY_CHUNK": draft_map_kernel.KEY_CHUNK}
+        row["map_defaults"] = {"MAP_ROWS": saved[0], "MAP_STAGES": saved[1], "SCORE_PRECISION": saved[2],
+                               "KEY_CHUNK": draft_map_kernel.KEY_CHUNK}
     return row
 
 

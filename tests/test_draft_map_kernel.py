@@ -96,7 +96,36 @@ def _interp_main() -> None:
         "some_dense": bool(got.dense_rows.any() or got.dense_cols.any()),
         "some_skipped": bool((~got.keep).any()),
     }
+    out["select"] = _select_cases()
     print(json.dumps(out))
+
+
+def _select_cases() -> dict:
+    """The top-p + protect kernel against top_p_keep and the torch protect masks (random maps: no ties)."""
+    from dit_accel.attention.draft import top_p_keep
+    from dit_accel.kernels.draft_map import select_blocks_triton
+
+    g = torch.Generator().manual_seed(2)
+    res = {}
+    for name, (B, H, nb, top_p, min_blocks, text_on) in {
+        "ragged_text": (1, 1, 12, 0.8, 3, True),
+        "small_no_text": (2, 1, 4, 0.5, 1, False),
+        "keep_all": (1, 1, 9, 1.0, 1, False),
+        "min_blocks": (1, 1, 6, 0.3, 4, False),
+    }.items():
+        probs = torch.softmax(3 * torch.randn(B, H, nb, nb, generator=g), -1)
+        q_sim, k_sim = torch.rand(B, H, nb, generator=g), torch.rand(B, H, nb, generator=g)
+        text = (torch.arange(nb) >= nb - 2) if text_on else None
+        keep, protect = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
+                                             similarity_threshold=0.15, text_blocks=text)
+        ref_protect = torch.eye(nb, dtype=torch.bool) | (q_sim < 0.15)[..., None] | (k_sim < 0.15)[..., None, :]
+        if text is not None:
+            ref_protect = ref_protect | text[:, None] | text[None, :]
+        ref_keep = top_p_keep(probs, top_p, min_blocks) | ref_protect
+        res[name] = {"keep_equal": bool(torch.equal(keep, ref_keep)), "protect_equal": bool(torch.equal(protect, ref_protect)),
+                     "topp_only_equal": bool(torch.equal(keep & ~protect, top_p_keep(probs, top_p, min_blocks) & ~ref_protect)),
+                     "skips": int((~keep).sum())}
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +152,29 @@ def test_kernel_estimate_selects_as_reference(interp_results: dict) -> None:
     assert r["probs_err"] < 2e-5, r
     assert r["keep_equal"] and r["protect_equal"] and r["dense_rows_equal"] and r["dense_cols_equal"], r
     assert r["some_skipped"], r  # the case exercises the selection, not only "keep everything"
+
+
+@pytest.mark.parametrize("case", ["ragged_text", "small_no_text", "keep_all", "min_blocks"])
+def test_select_kernel_matches_top_p_keep_and_protect(interp_results: dict, case: str) -> None:
+    r = interp_results["select"][case]
+    assert r["keep_equal"] and r["protect_equal"] and r["topp_only_equal"], r
+    assert (r["skips"] == 0) == (case == "keep_all"), r
+
+
+def test_select_kernel_bad_input_is_a_clear_error() -> None:
+    pytest.importorskip("triton")
+    from dit_accel.kernels.draft_map import select_blocks_triton
+
+    probs, sim = torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4)
+    with pytest.raises(ValueError, match="probs must be a"):
+        select_blocks_triton(probs.double(), sim, sim, top_p=0.5, min_blocks=1, similarity_threshold=0.0)
+    with pytest.raises(ValueError, match=r"similarities must be \(1, 1, 4\)"):
+        select_blocks_triton(probs, sim[..., :3], sim, top_p=0.5, min_blocks=1, similarity_threshold=0.0)
+    with pytest.raises(ValueError, match=r"text_blocks must be \(4,\)"):
+        select_blocks_triton(probs, sim, sim, top_p=0.5, min_blocks=1, similarity_threshold=0.0,
+                             text_blocks=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="top_p must be > 0"):
+        select_blocks_triton(probs, sim, sim, top_p=0.0, min_blocks=1, similarity_threshold=0.0)
 
 
 def _qk(D=64, S=200, dtype=torch.float32):

@@ -293,11 +293,22 @@ def draft_map_reference(
 
 
 DRAFT_MAP_BACKENDS = ("auto", "triton", "torch")
-"""``auto``: the fused Triton kernel where it applies (CUDA, or CPU under ``TRITON_INTERPRET=1``; head dim 64
-or 128; float16/bfloat16/float32; 128-token blocks), else the torch reference."""
+"""Backends of the draft map and of :func:`draft_estimate`'s selection. ``auto``: the Triton kernels of
+:mod:`dit_accel.kernels.draft_map` (map; top-p + protected tiles) where they apply (CUDA, or CPU under
+``TRITON_INTERPRET=1``; head dim 64 or 128; float16/bfloat16/float32; 128-token blocks), else the torch
+reference (:func:`draft_map_reference`, :func:`top_p_keep`)."""
 
 DRAFT_MAP_BACKEND = "auto"
-"""Backend of :func:`draft_map` when the call names none (benchmarks set ``torch`` to time the reference)."""
+"""Backend of :func:`draft_estimate` and of :func:`draft_map` when the call names none (benchmarks set
+``torch`` to time the reference path)."""
+
+
+def draft_map_uses_kernel(q: torch.Tensor, block: int = BLOCK) -> bool:
+    """Whether :func:`draft_estimate` runs the Triton kernels (map and selection) for ``q`` under
+    :data:`DRAFT_MAP_BACKEND`."""
+    if DRAFT_MAP_BACKEND not in DRAFT_MAP_BACKENDS:
+        raise ValueError(f"DRAFT_MAP_BACKEND must be one of {DRAFT_MAP_BACKENDS}, got {DRAFT_MAP_BACKEND!r}")
+    return DRAFT_MAP_BACKEND == "triton" or (DRAFT_MAP_BACKEND == "auto" and draft_map_kernel_applies(q, block))
 
 
 def draft_map_kernel_applies(q: torch.Tensor, block: int = BLOCK) -> bool:
@@ -366,13 +377,21 @@ def draft_estimate(
     """
     D = q.shape[-1]
     scale = (1.0 / math.sqrt(D) if scale is None else scale) / temperature
+    kernel = draft_map_uses_kernel(q, block)
     probs, q_sim, k_sim = draft_map(q, k, perm=perm, pool=pool, query_pool=min(query_pool, block), scale=scale,
-                                    log_block_size=log_block_size, block=block)
+                                    log_block_size=log_block_size, block=block, backend="triton" if kernel else "torch")
     nb = probs.shape[-1]
     min_blocks = max(1, math.ceil(min_blocks_fraction * nb))
-    keep = top_p_keep(probs, top_p, min_blocks)
     dense_rows = q_sim < similarity_threshold
     dense_cols = k_sim < similarity_threshold
+    if kernel:
+        # top-p (bisection, no sort) and the protected tiles in one pass over the map
+        from dit_accel.kernels.draft_map import select_blocks_triton
+
+        keep, protect = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
+                                             similarity_threshold=similarity_threshold, text_blocks=text_blocks)
+        return DraftEstimate(probs, keep, protect, dense_rows, dense_cols)
+    keep = top_p_keep(probs, top_p, min_blocks)
     always = torch.eye(nb, dtype=torch.bool, device=q.device)
     if text_blocks is not None:
         always = always | text_blocks.view(nb, 1) | text_blocks.view(1, nb)
@@ -462,7 +481,7 @@ class PlannedMethod(ConfiguredMethod):
         """The draft estimate of this call in the order ``perm``, with the configured thresholds."""
         cfg = self.cfg
         # the kernel gathers through perm itself: the averaging matrix is only built for the torch reference
-        kernel = DRAFT_MAP_BACKEND == "triton" or (DRAFT_MAP_BACKEND == "auto" and draft_map_kernel_applies(q))
+        kernel = draft_map_uses_kernel(q)
         return draft_estimate(
             q,
             k,

@@ -18,9 +18,9 @@ order costs no permuted copy. The torch reference is :func:`dit_accel.attention.
 (the dispatcher :func:`dit_accel.attention.draft.draft_map` picks this kernel on CUDA and under
 ``TRITON_INTERPRET=1``, the reference on CPU).
 
-Numerics: sums and dots in float32. On the GPU the score GEMM (float32 sub-query means x float32 key means)
-uses ``tf32x3`` (three tf32 passes, about float32 accuracy: plain tf32 would move logits of ~10 by ~1e-2);
-the sub-query sums of 16-bit inputs are one native MMA of a 0/1 matrix (exact products, float32
+Numerics: sums in float32. On the GPU the score GEMM (float32 sub-query means x float32 key means) runs in
+:data:`SCORE_PRECISION` (tf32 by default: the map is within ~1e-3 relative of the float32 reference, below
+the 16-bit rounding of the reference's own GEMM-pooled means in a tile order); the sub-query sums of 16-bit inputs are one native MMA of a 0/1 matrix (exact products, float32
 accumulation), of float32 inputs a ``tf32x3`` one. Head dims other than 64 and 128
 are not handled here (the tiles assume a power-of-two head dim and only these were checked): the
 dispatcher runs the reference for them.
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "check_draft_map_inputs", "draft_map_triton"]
+__all__ = ["DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "check_draft_map_inputs", "draft_map_triton", "select_blocks_triton"]
 
 DRAFT_MAP_HEAD_DIMS = (64, 128)
 """Head dims the kernel takes (others: the torch reference)."""
@@ -48,8 +48,8 @@ KERNEL_BLOCK = 128
 SIMILARITY_STRIDE = 4
 """Every 4th token of a block enters the similarity check (32 of 128, as the reference samples)."""
 
-MAP_ROWS = 64
-"""Sub-query rows per program: ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so
+MAP_ROWS = 128
+"""Sub-query rows per program (128: fastest of 32/64/128 on the H100, sparse_speed_gpu_s3.json): ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so
 each program reads the key means once for several query blocks (fewer L2 reads at 600 key blocks)."""
 
 KEY_CHUNK = 64
@@ -57,6 +57,11 @@ KEY_CHUNK = 64
 
 MAP_STAGES = 3
 """Software-pipeline stages of the sweeps (key-mean chunks in flight)."""
+
+SCORE_PRECISION = "tf32"
+"""Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; logits off by ~1e-3 relative,
+map entries by ~1e-3 relative) or ``tf32x3`` (three passes, float32 accuracy, ~1.4-3x slower map:
+sparse_speed_gpu_s3.json). The interpreter computes in float32."""
 
 
 @triton.jit
@@ -69,7 +74,7 @@ def _block_stats_and_map_kernel(
     BLOCK: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr, QPB: tl.constexpr,
     STRIDE: tl.constexpr, KB: tl.constexpr, BK: tl.constexpr,
     HAS_INDEX: tl.constexpr, WITH_MAP: tl.constexpr, LOG_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    POOL_F32: tl.constexpr,
+    SCORE_PREC: tl.constexpr, POOL_F32: tl.constexpr,
 ):
     """One program: ``QPB`` consecutive blocks of one (batch, head). Stores each block's similarity; without
     ``WITH_MAP`` also its mean (key pass), with it the draft map rows of these blocks (query pass)."""
@@ -132,7 +137,7 @@ def _block_stats_and_map_kernel(
             kb = c + tl.arange(0, BK)
             kvalid = kb < KB
             km = tl.load(kmean_base + kb[:, None] * D + d[None, :], mask=kvalid[:, None], other=0.0)
-            s = tl.dot(qs, tl.trans(km), input_precision=PRECISION) * scale_log2
+            s = tl.dot(qs, tl.trans(km), input_precision=SCORE_PREC) * scale_log2
             if LOG_BIAS:
                 s += tl.log2(tl.maximum(tl.minimum(S - kb * BLOCK, BLOCK), 1).to(tl.float32))[None, :]
             s = tl.where(kvalid[None, :], s, float("-inf"))
@@ -146,7 +151,7 @@ def _block_stats_and_map_kernel(
             kb = c + tl.arange(0, BK)
             kvalid = kb < KB
             km = tl.load(kmean_base + kb[:, None] * D + d[None, :], mask=kvalid[:, None], other=0.0)
-            s = tl.dot(qs, tl.trans(km), input_precision=PRECISION) * scale_log2
+            s = tl.dot(qs, tl.trans(km), input_precision=SCORE_PREC) * scale_log2
             if LOG_BIAS:
                 s += tl.log2(tl.maximum(tl.minimum(S - kb * BLOCK, BLOCK), 1).to(tl.float32))[None, :]
             s = tl.where(kvalid[None, :], s, float("-inf"))
@@ -237,20 +242,113 @@ def draft_map_triton(
         idx = perm if perm.stride(-1) == 1 else perm.contiguous()
         sib, sih = (0, 0) if idx.dim() == 1 else (idx.stride(0), idx.stride(1))
     precision = "ieee" if _is_interpreting() else "tf32x3"
+    score_precision = "ieee" if _is_interpreting() else SCORE_PRECISION
     # 16-bit inputs pool by a native MMA, except in the interpreter (its bf16 dot is wrong, /work/shared/cpu.md)
     pool_f32 = q.dtype == torch.float32 or _is_interpreting()
     warps = 8 if D == 128 else 4
     common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=KEY_CHUNK, HAS_INDEX=perm is not None,
-                  LOG_BIAS=bool(log_block_size), PRECISION=precision, POOL_F32=pool_f32,
+                  LOG_BIAS=bool(log_block_size), PRECISION=precision, SCORE_PREC=score_precision,
+                  POOL_F32=pool_f32,
                   num_warps=warps, num_stages=MAP_STAGES)
     _block_stats_and_map_kernel[(nb, B * H)](
         k, idx, k_means, k_means, k_sim, probs, S, H, nb, k.stride(0), k.stride(1), k.stride(2), sib, sih, 1.0,
         POOL=block, QPB=1, WITH_MAP=False, **common)
     nsub = block // query_pool
-    qpb = max(1, MAP_ROWS // nsub)
-    if qpb * nsub < 16:  # tl.dot needs at least 16 rows
-        qpb = 16 // nsub
+    # query blocks per program: MAP_ROWS sub-query rows, no more blocks than there are, >= 16 rows for tl.dot
+    qpb = max(min(max(1, MAP_ROWS // nsub), triton.next_power_of_2(nb)), 16 // nsub, 1)
     _block_stats_and_map_kernel[(triton.cdiv(nb, qpb), B * H)](
         q, idx, k_means, k_means, q_sim, probs, S, H, nb, q.stride(0), q.stride(1), q.stride(2), sib, sih,
         float(scale) * math.log2(math.e), POOL=query_pool, QPB=qpb, WITH_MAP=True, **common)
     return probs, q_sim, k_sim
+
+
+@triton.jit
+def _select_blocks_kernel(
+    probs_ptr, qsim_ptr, ksim_ptr, text_ptr, keep_ptr, protect_ptr,
+    QB, KB, top_p, min_blocks, sim_threshold,
+    KB_P2: tl.constexpr, HAS_TEXT: tl.constexpr, KEEP_ALL: tl.constexpr,
+):
+    """One program: one row (query block) of the map. Top-p selection by bisection on the float32 bit pattern
+    of the threshold (exact: the largest ``t`` whose entries ``>= t`` hold ``top_p`` of the row's mass and are
+    at least ``min_blocks``), plus the protected tiles."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    row = bh.to(tl.int64) * QB + qb
+    kb = tl.arange(0, KB_P2)
+    valid = kb < KB
+    p = tl.load(probs_ptr + row * KB + kb, mask=valid, other=0.0)
+    if KEEP_ALL:
+        sel = valid
+    else:
+        # probabilities are >= 0, so their bit patterns order as int32; padding gets -1 (never selected)
+        bits = tl.where(valid, p.to(tl.int32, bitcast=True), -1)
+        target = top_p * tl.sum(p, axis=0)
+        hi = tl.max(bits, axis=0) + 1  # t past the largest entry selects nothing: fails
+        lo = hi * 0  # t = 0.0 selects every entry: holds (min_blocks <= KB, checked by the caller)
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            sel = bits >= mid
+            mass = tl.sum(tl.where(sel, p, 0.0), axis=0)
+            count = tl.sum(sel.to(tl.int32), axis=0)
+            ok = (mass >= target) & (count >= min_blocks)
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        sel = bits >= lo
+    ksim = tl.load(ksim_ptr + bh.to(tl.int64) * KB + kb, mask=valid, other=1.0)
+    qsim = tl.load(qsim_ptr + row)
+    # as int32 flags (the interpreter cannot OR a scalar bool into a bool vector)
+    protect = (kb == qb).to(tl.int32) + (ksim < sim_threshold).to(tl.int32) + (qsim < sim_threshold).to(tl.int32)
+    if HAS_TEXT:
+        protect += tl.load(text_ptr + kb, mask=valid, other=0).to(tl.int32) + tl.load(text_ptr + qb).to(tl.int32)
+    protect = protect > 0
+    tl.store(keep_ptr + row * KB + kb, (sel | protect).to(tl.int8), mask=valid)
+    tl.store(protect_ptr + row * KB + kb, protect.to(tl.int8), mask=valid)
+
+
+def select_blocks_triton(
+    probs: torch.Tensor,
+    q_similarity: torch.Tensor,
+    k_similarity: torch.Tensor,
+    *,
+    top_p: float,
+    min_blocks: int,
+    similarity_threshold: float,
+    text_blocks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p selection plus protected tiles of a draft map, in one pass over it (no sort).
+
+    Same selection as :func:`dit_accel.attention.draft.top_p_keep` (``probs`` ``(B, H, QB, KB)``, the fewest
+    highest entries of each row holding ``top_p`` of its mass, at least ``min_blocks``) except where entries
+    tie at the threshold (the reference keeps ``n`` of them in sort order, this keeps all) or the row's mass
+    lands within float32 rounding of the ``top_p`` boundary (the two sum in different orders). Protected:
+    the diagonal, rows with ``q_similarity`` and columns with ``k_similarity`` below ``similarity_threshold``,
+    rows and columns of ``text_blocks`` ``(KB,)`` bool.
+
+    Returns:
+        ``(keep, protect)`` bool ``(B, H, QB, KB)``; ``keep`` includes ``protect``.
+    """
+    if probs.dim() != 4 or probs.dtype != torch.float32:
+        raise ValueError(f"probs must be a (B, H, QB, KB) float32 tensor, got {probs.dtype} {tuple(probs.shape)}")
+    B, H, QB, KB = probs.shape
+    if QB != KB:
+        raise ValueError(f"probs must be square per head (self-attention blocks), got {QB} x {KB}")
+    if tuple(q_similarity.shape) != (B, H, QB) or tuple(k_similarity.shape) != (B, H, KB):
+        raise ValueError(f"similarities must be ({B}, {H}, {QB}) and ({B}, {H}, {KB}), got "
+                         f"{tuple(q_similarity.shape)} and {tuple(k_similarity.shape)}")
+    if text_blocks is not None and tuple(text_blocks.shape) != (KB,):
+        raise ValueError(f"text_blocks must be ({KB},) bool, got {tuple(text_blocks.shape)}")
+    if not (0.0 < top_p):
+        raise ValueError(f"top_p must be > 0, got {top_p!r}")
+    if not (probs.is_cuda or _is_interpreting()):
+        raise ValueError(f"the Triton selection needs CUDA tensors (or TRITON_INTERPRET=1), got device {probs.device}")
+    min_blocks = max(1, int(min_blocks))
+    keep_all = top_p >= 1.0 or min_blocks >= KB
+    probs, q_similarity, k_similarity = (t.contiguous().float() for t in (probs, q_similarity, k_similarity))
+    keep = torch.empty(B, H, QB, KB, device=probs.device, dtype=torch.int8)
+    protect = torch.empty_like(keep)
+    text = keep if text_blocks is None else text_blocks.to(torch.int8).contiguous()
+    _select_blocks_kernel[(QB, B * H)](
+        probs, q_similarity, k_similarity, text, keep, protect, QB, KB, float(top_p), min_blocks,
+        float(similarity_threshold), KB_P2=triton.next_power_of_2(KB), HAS_TEXT=text_blocks is not None,
+        KEEP_ALL=keep_all, num_warps=4 if KB <= 1024 else 8)
+    return keep.view(torch.bool), protect.view(torch.bool)
