@@ -319,7 +319,7 @@ def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.
 
 def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtype, reps: int, skip_attention: bool,
                 log: list, labels: set[str] | None = None, skip_fixed: bool = False, breakdown: bool = False,
-                check: bool = False) -> None:
+                check: bool = False, skip_calibrate: bool = False) -> None:
     """All rows of one shape, appended to ``log``."""
     grid, heads, dim = shape["grid"], shape["heads"], shape["head_dim"]
     S = grid[0] * grid[1] * grid[2]
@@ -406,7 +406,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                            overhead=(plan_ms + attn_ms - base_ms) / base_ms,
                            plan_share=plan_ms / base_ms, plan_share_torch_map=plan_ms_torch_map / base_ms,
                            speedup_vs_dense=dense_ms / (plan_ms + attn_ms), attn_speedup_vs_dense=dense_ms / attn_ms)
-            if stateful and phase == "refresh":
+            if stateful and phase == "refresh" and not skip_calibrate:
                 qp, kp = (permute_tokens(t, perm) for t in (q, k))
                 cal_ms = time_ms(lambda: block_mass(qp, kp), device, max(1, reps // 4))
                 del qp, kp
@@ -447,6 +447,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable timings on a shared machine)")
     parser.add_argument("--breakdown", action="store_true", help=f"planning breakdown rows for {BREAKDOWN_LABELS}")
     parser.add_argument("--check", action="store_true", help="draft-map kernel vs torch reference on the inputs")
+    parser.add_argument("--skip-calibrate", action="store_true", help="no calibrate_ms (exact block mass) timing")
     parser.add_argument("--name", default=None, help="basename of the JSON (default sparse_speed[_tiny|_cpu])")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -465,7 +466,7 @@ def main() -> None:
         for s in shapes:
             bench_shape(s, SHAPES[s], device, dtype, args.reps, args.skip_attention, results["rows"],
                         {x.strip() for x in args.labels.split(",") if x.strip()} or None, args.skip_fixed,
-                        args.breakdown, args.check)
+                        args.breakdown, args.check, args.skip_calibrate)
             (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / (name + '.json')}", flush=True)
