@@ -19,11 +19,18 @@ order costs no permuted copy. The torch reference is :func:`dit_accel.attention.
 ``TRITON_INTERPRET=1``, the reference on CPU).
 
 Numerics: sums in float32. On the GPU the score GEMM (float32 sub-query means x float32 key means) runs in
-:data:`SCORE_PRECISION` (tf32 by default: the map is within ~1e-3 relative of the float32 reference, below
-the 16-bit rounding of the reference's own GEMM-pooled means in a tile order); the sub-query sums of 16-bit inputs are one native MMA of a 0/1 matrix (exact products, float32
-accumulation), of float32 inputs a ``tf32x3`` one. Head dims other than 64 and 128
-are not handled here (the tiles assume a power-of-two head dim and only these were checked): the
-dispatcher runs the reference for them.
+:data:`SCORE_PRECISION` (tf32 by default: the map is within 1.6e-3 relative of the float32 reference, less
+than the reference itself moves, 6.7e-3, when it pools a tile order by a bf16 GEMM); the sub-query sums of
+16-bit inputs are one native MMA of a 0/1 matrix (exact products, float32 accumulation), of float32 inputs
+a ``tf32x3`` one. Head dims other than 64 and 128 are not handled here (the tiles assume a power-of-two
+head dim and only these were checked): the dispatcher runs the reference for them.
+
+A second kernel, :func:`select_blocks_triton`, makes the selection from the map in one pass (top-p by an
+exact bisection on the threshold instead of a sort, plus the protected tiles).
+
+Measured (H100, bf16, benchmarks/results/sparse_speed_gpu_s3.json): map 0.37 ms at Wan-1.3B 480p
+(torch reference 1.54 ms), 3.6-3.8 ms at Wan-14B 720p (13.8-14.6 ms); selection 0.08-0.09 / 0.40 ms (torch
+top-p alone 0.18-0.23 / 1.08 ms).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ SIMILARITY_STRIDE = 4
 """Every 4th token of a block enters the similarity check (32 of 128, as the reference samples)."""
 
 MAP_ROWS = 128
-"""Sub-query rows per program (128: fastest of 32/64/128 on the H100, sparse_speed_gpu_s3.json): ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so
+"""Sub-query rows per program (128: fastest of 64/128 on the H100, by 1.2-1.5x; sparse_speed_gpu_s3.json): ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so
 each program reads the key means once for several query blocks (fewer L2 reads at 600 key blocks)."""
 
 KEY_CHUNK = 64
@@ -59,9 +66,10 @@ MAP_STAGES = 3
 """Software-pipeline stages of the sweeps (key-mean chunks in flight)."""
 
 SCORE_PRECISION = "tf32"
-"""Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; logits off by ~1e-3 relative,
-map entries by ~1e-3 relative) or ``tf32x3`` (three passes, float32 accuracy, ~1.4-3x slower map:
-sparse_speed_gpu_s3.json). The interpreter computes in float32."""
+"""Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; map entries within 1.6e-3
+relative of the float32 reference at the Wan shapes) or ``tf32x3`` (three passes, float32 accuracy: within
+1e-6; the map takes 1.45x / 1.86x as long at Wan-1.3B 480p / 14B 720p; sparse_speed_gpu_s3.json). The
+interpreter computes in float32."""
 
 
 @triton.jit
