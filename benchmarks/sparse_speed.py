@@ -261,7 +261,8 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         variants = {}
         try:
             for rows, stages, precision in MAP_VARIANTS:
-                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION = rows, stages, precision
+                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = rows, stages
+                draft_map_kernel.SCORE_PRECISION = precision
                 variants[f"rows{rows}_stages{stages}_{precision}"] = time_ms(
                     lambda: draft_map(q, k, backend="triton", **kw), device, reps)
         finally:

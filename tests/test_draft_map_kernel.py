@@ -122,8 +122,10 @@ def _select_cases() -> dict:
         if text is not None:
             ref_protect = ref_protect | text[:, None] | text[None, :]
         ref_keep = top_p_keep(probs, top_p, min_blocks) | ref_protect
-        res[name] = {"keep_equal": bool(torch.equal(keep, ref_keep)), "protect_equal": bool(torch.equal(protect, ref_protect)),
-                     "topp_only_equal": bool(torch.equal(keep & ~protect, top_p_keep(probs, top_p, min_blocks) & ~ref_protect)),
+        ref_top_p = top_p_keep(probs, top_p, min_blocks)
+        res[name] = {"keep_equal": bool(torch.equal(keep, ref_keep)),
+                     "protect_equal": bool(torch.equal(protect, ref_protect)),
+                     "topp_only_equal": bool(torch.equal(keep & ~protect, ref_top_p & ~ref_protect)),
                      "skips": int((~keep).sum())}
     return res
 
@@ -131,7 +133,8 @@ def _select_cases() -> dict:
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, str(HERE)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -41,7 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "check_draft_map_inputs", "draft_map_triton", "select_blocks_triton"]
+__all__ = [
+    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "check_draft_map_inputs", "draft_map_triton", "select_blocks_triton",
+]
 
 DRAFT_MAP_HEAD_DIMS = (64, 128)
 """Head dims the kernel takes (others: the torch reference)."""
@@ -56,8 +58,9 @@ SIMILARITY_STRIDE = 4
 """Every 4th token of a block enters the similarity check (32 of 128, as the reference samples)."""
 
 MAP_ROWS = 128
-"""Sub-query rows per program (128: fastest of 64/128 on the H100, by 1.2-1.5x; sparse_speed_gpu_s3.json): ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so
-each program reads the key means once for several query blocks (fewer L2 reads at 600 key blocks)."""
+"""Sub-query rows per program: ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so each
+program reads the key means once for several query blocks. 128 was the fastest of 64/128 on the H100 (by
+1.2-1.5x; sparse_speed_gpu_s3.json)."""
 
 KEY_CHUNK = 64
 """Key blocks per step of the sweeps over the key means."""
