@@ -24,6 +24,7 @@ from typing import Any, Sequence
 logger = logging.getLogger("dit_accel")
 
 from dit_accel.argtypes import non_negative_float, positive_int
+from dit_accel.attention.token_order import TOKEN_ORDERS
 from dit_accel.loading import DEVICES, DTYPES, TESTBED_MODEL
 
 
@@ -47,6 +48,7 @@ class GenerateArgs:
     preset: str | None
     attention: str | None
     cache: str | None
+    token_order: str
     output: Path
     fps: int
     device: str
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", default=None, help="speed preset name (see `dit-accel presets`)")
     gen.add_argument("--attention", default=None, help="attention method name; overrides the preset's")
     gen.add_argument("--cache", default=None, help="feature-cache scheduler name; overrides the preset's")
+    gen.add_argument("--token-order", choices=TOKEN_ORDERS, default="auto",
+                     help="where the 3D-tile token permutation runs: once per transformer forward (Wan family), "
+                          "in every attention call, or auto (default: forward where supported)")
     gen.add_argument("--output", "-o", type=Path, default=Path("outputs/out.mp4"), help="output .mp4 (video) or .png (image)")
     gen.add_argument("--fps", type=positive_int, default=8, help="frames per second of the mp4 (default 8)")
     gen.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
@@ -125,6 +130,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         preset=ns.preset,
         attention=ns.attention,
         cache=ns.cache,
+        token_order=ns.token_order,
         output=output,
         fps=ns.fps,
         device=ns.device,
@@ -248,7 +254,8 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
 
     try:
-        handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache)
+        handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
+                                 token_order=args.token_order)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
 

@@ -88,6 +88,8 @@ def test_generate_end_to_end_on_the_shipped_testbed(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert record["acceleration"]["preset"] == "balanced@3"
     assert record["acceleration"]["attention"] == "combo" and record["acceleration"]["cache"] is not None
+    # combo plans in tile order on a Wan transformer: "auto" permutes once per forward.
+    assert record["acceleration"]["token_order"] == {"transformer": "forward"}
     assert len(record["step_s"]) == 8
     # 512 tokens is below the sparse methods' min_seq_len: attention stays dense and says why.
     assert record["attention_stats"]["dense_reasons"] == {"short_sequence": record["attention_stats"]["attention_calls"]}
@@ -97,6 +99,10 @@ def test_generate_end_to_end_on_the_shipped_testbed(tmp_path: Path) -> None:
 
 def test_generate_rejects_unknown_preset_and_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["generate", "--model", "testbed", "--height", "64", "--width", "64", "--frames", "4", "--steps", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(base + ["--prompt", "a red circle", "--token-order", "sideways", "--output", str(tmp_path / "t.mp4")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
     assert cli.main(base + ["--prompt", "a red circle", "--preset", "warp", "--output", str(tmp_path / "a.mp4")]) == 2
     assert "unknown preset 'warp'" in capsys.readouterr().err
     assert cli.main(base + ["--prompt", "a purple circle moving left on a plain background", "--output", str(tmp_path / "b.mp4")]) == 2
