@@ -222,6 +222,18 @@ def test_kernel_rejects_unsupported_tensors() -> None:
             draft_map_triton(q, k, scale=0.1)
 
 
+def test_dispatcher_mirrors_the_kernel_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from dit_accel.attention import draft
+    from dit_accel.kernels.draft_map import DRAFT_MAP_DTYPES, DRAFT_MAP_HEAD_DIMS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # only read by the check; no kernel runs here
+    for d in (32, 64, 72, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            q = torch.empty(1, 1, 4, d, dtype=dtype)
+            assert draft.draft_map_kernel_applies(q) == (d in DRAFT_MAP_HEAD_DIMS and dtype in DRAFT_MAP_DTYPES)
+
+
 def test_dispatcher_backend_choice() -> None:
     from dit_accel.attention import draft
 

@@ -312,7 +312,9 @@ def draft_map_uses_kernel(q: torch.Tensor, block: int = BLOCK) -> bool:
 
 
 def draft_map_kernel_applies(q: torch.Tensor, block: int = BLOCK) -> bool:
-    """Whether the fused kernel takes this call (see :data:`DRAFT_MAP_BACKENDS`)."""
+    """Whether the fused kernel takes this call (see :data:`DRAFT_MAP_BACKENDS`). The head dims and dtypes are
+    the kernel module's ``DRAFT_MAP_HEAD_DIMS`` / ``DRAFT_MAP_DTYPES``, spelled out so that importing this
+    module does not import Triton (tests/test_draft_map_kernel.py checks they agree)."""
     on_triton = q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
     return (on_triton and block == 128 and q.shape[-1] in (64, 128)
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
