@@ -41,9 +41,10 @@ from typing import Any
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import ModelHook
 
 from dit_accel.attention.tiling import choose_tile, tile_permutation, validate_tile
+from dit_accel.block_hooks import InstalledHook, register_block_hook, remove_block_hooks
 from dit_accel.context import TransformerContext
 
 logger = logging.getLogger("dit_accel")
@@ -176,7 +177,7 @@ class TokenOrderAttachment:
         """Forwards per path: ``"forward"`` (permuted) or the reason it was not (``"no_grid"``, ``"no_tile"``,
         ``"context_parallel"``, ``"not_outermost"``, ``"inputs"``)."""
         self.hooks: list[TokenOrderBlockHook] = []
-        self._installed: list[tuple[torch.nn.Module, bool, bool]] = []
+        self._installed: list[InstalledHook] = []
         self._warned: set[str] = set()
         self.active = False
 
@@ -186,11 +187,7 @@ class TokenOrderAttachment:
         try:
             for index, block in enumerate(self.blocks):
                 hook = TokenOrderBlockHook(self, index, block)
-                created = not hasattr(block, "_diffusers_hook")
-                had_forward = "forward" in block.__dict__
-                registry = HookRegistry.check_if_exists_or_initialize(block)
-                registry.register_hook(hook, TOKEN_ORDER_HOOK_NAME)
-                self._installed.append((block, created, had_forward))
+                self._installed.append(register_block_hook(block, hook, TOKEN_ORDER_HOOK_NAME))
                 self.hooks.append(hook)
         except Exception:
             self.remove()
@@ -203,16 +200,7 @@ class TokenOrderAttachment:
 
     def remove(self) -> None:
         """Remove the block hooks (and the block registries this attachment created)."""
-        for block, created, had_forward in self._installed:
-            registry = getattr(block, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            registry.remove_hook(TOKEN_ORDER_HOOK_NAME, recurse=False)
-            if created and not registry.hooks:
-                del block._diffusers_hook
-                if not had_forward:
-                    block.__dict__.pop("forward", None)
-        self._installed.clear()
+        remove_block_hooks(self._installed, TOKEN_ORDER_HOOK_NAME)
         self.hooks.clear()
         root = getattr(self.transformer, "_diffusers_hook", None)
         if root is not None:

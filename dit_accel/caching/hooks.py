@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import ModelHook
 
 from dit_accel.caching.config import CacheConfig
 from dit_accel.caching.schedulers import (
@@ -54,6 +54,7 @@ from dit_accel.caching.schedulers import (
     Streams,
     build_scheduler,
 )
+from dit_accel.block_hooks import InstalledHook, register_block_hook, remove_block_hooks
 from dit_accel.context import TransformerContext
 
 logger = logging.getLogger("dit_accel")
@@ -604,7 +605,7 @@ class CacheAttachment:
     def __init__(self, transformer: torch.nn.Module, controller: CacheController) -> None:
         self.transformer = transformer
         self.controller = controller
-        self._installed: list[tuple[torch.nn.Module, bool, bool]] = []
+        self._installed: list[InstalledHook] = []
         self.active = False
 
     @property
@@ -626,16 +627,7 @@ class CacheAttachment:
 
     def remove(self) -> None:
         """Remove the block hooks (and the block registries this attachment created)."""
-        for block, created, had_forward in self._installed:
-            registry = getattr(block, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
-            if created and not registry.hooks:
-                del block._diffusers_hook
-                if not had_forward:
-                    block.__dict__.pop("forward", None)
-        self._installed.clear()
+        remove_block_hooks(self._installed, CACHE_HOOK_NAME)
         root = getattr(self.transformer, "_diffusers_hook", None)
         if root is not None:
             root.invalidate_child_registries_cache()
@@ -716,11 +708,7 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
         if output_module is not None:
             hooked.append((output_module, CacheOutputHook(controller)))
         for module, hook in hooked:
-            created = not hasattr(module, "_diffusers_hook")
-            had_forward = "forward" in module.__dict__
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.register_hook(hook, CACHE_HOOK_NAME)
-            attachment._installed.append((module, created, had_forward))
+            attachment._installed.append(register_block_hook(module, hook, CACHE_HOOK_NAME))
     except Exception:
         attachment.remove()
         raise
