@@ -18,6 +18,8 @@ order) with ``mask_mod=None`` (noop), and skip the transposed q-side indices (fo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
@@ -38,6 +40,12 @@ DEFAULT_BLOCK_SIZE = 128
 def num_blocks(length: int, block_size: int) -> int:
     """Number of blocks of ``block_size`` needed to cover ``length`` tokens (last block may be ragged)."""
     return (length + block_size - 1) // block_size
+
+
+@functools.lru_cache(maxsize=32)
+def _columns(count: int, device: torch.device) -> Tensor:
+    """``arange(count)`` int32 on ``device`` (cached: one tensor per block count and device, never written)."""
+    return torch.arange(count, dtype=torch.int32, device=device)
 
 
 def _check_lengths(q_len: int, kv_len: int, block_size: int) -> None:
@@ -100,9 +108,19 @@ def block_mask_from_bool(
             f"block_bool has shape {tuple(block_bool.shape)} but q_len={q_len}, kv_len={kv_len}, "
             f"block_size={block_size} need [B, H, {qb}, {kb}]"
         )
-    kv_num = block_bool.sum(dim=-1, dtype=torch.int32)
-    # Stable sort on "not selected" puts the selected key blocks first, in ascending index order.
-    kv_idx = torch.argsort((~block_bool).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    # Compaction without a sort (a segmented stable sort cost 0.11 ms at Wan-1.3B 480p on an H100): the
+    # selected key blocks first in ascending order, then the others in ascending order as padding, i.e. the
+    # permutation a stable sort on "not selected" gives. With ``before`` the number of selected columns up
+    # to and including column j, a selected j goes to ``before - 1`` and an unselected one after the
+    # ``kv_num`` selected ones, to ``kv_num + (j + 1 - before) - 1``. int32 arithmetic (half the memory
+    # traffic of int64); only the scatter needs int64 positions.
+    cols = _columns(kb, block_bool.device)
+    before = block_bool.cumsum(dim=-1, dtype=torch.int32)
+    kv_num = before[..., -1].clone(memory_format=torch.contiguous_format)  # a copy: before changes below
+    unselected = torch.sub(cols, before).add_(kv_num.unsqueeze(-1))
+    pos = torch.where(block_bool, before.sub_(1), unselected).long()
+    kv_idx = torch.empty(block_bool.shape, dtype=torch.int32, device=block_bool.device)
+    kv_idx.scatter_(-1, pos, cols.expand(block_bool.shape))
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
     )
