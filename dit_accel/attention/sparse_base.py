@@ -16,6 +16,7 @@ data, to be re-calibrated on the testbed (``benchmarks/sparse_quality.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -77,7 +78,13 @@ def quality_value(quality: float | str) -> float:
 
 def quality_thresholds(quality: float | str) -> dict[str, float]:
     """Thresholds for a quality knob value, interpolated in :data:`QUALITY_ANCHORS`."""
-    x = quality_value(quality)
+    return dict(_thresholds(quality_value(quality)))
+
+
+@functools.lru_cache(maxsize=64)
+def _thresholds(x: float) -> dict[str, float]:
+    # Cached: SparseConfig.resolved reads a threshold several times per attention call. Callers must not
+    # modify the returned dict (quality_thresholds hands out copies).
     for (x0, lo), (x1, hi) in zip(QUALITY_ANCHORS, QUALITY_ANCHORS[1:]):
         if x0 <= x <= x1:
             t = (x - x0) / (x1 - x0)
@@ -129,7 +136,7 @@ class SparseConfig:
     def resolved(self, name: str) -> Any:
         """The value of threshold ``name``: the field when set, else the quality knob's value."""
         value = getattr(self, name, None)
-        return quality_thresholds(self.quality)[name] if value is None else value
+        return _thresholds(quality_value(self.quality))[name] if value is None else value
 
 
 def warmup_steps(cfg: SparseConfig, num_steps: int | None) -> int:
@@ -189,13 +196,20 @@ def blocks_touching(token_mask: torch.Tensor, block: int = BLOCK) -> torch.Tenso
     return padded.view(nb, block).any(-1)
 
 
-def branch_rows(ctx: "AttentionCall", batch: int) -> dict[str, torch.Tensor]:
-    """Batch-row indices of each guidance branch of the call, in first-seen order."""
+def branch_rows(ctx: "AttentionCall", batch: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Batch-row indices (int64) of each guidance branch of the call, in first-seen order, on ``device`` (CPU
+    when ``None``). The tensors are cached per rows and device (treat them as read-only): indexing with them
+    costs no host-to-device copy, which would synchronise with the GPU, at every call."""
     branches = ctx.branches if len(ctx.branches) == batch else ("cond",) * batch
     rows: dict[str, list[int]] = {}
     for i, b in enumerate(branches):
         rows.setdefault(b, []).append(i)
-    return {b: torch.tensor(r, dtype=torch.long) for b, r in rows.items()}
+    return {b: _row_tensor(tuple(r), device) for b, r in rows.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _row_tensor(rows: tuple[int, ...], device: torch.device | None) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class ConfiguredMethod(AttentionMethod):

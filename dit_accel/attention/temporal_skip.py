@@ -101,8 +101,14 @@ def _rows_of(states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor],
     first = states[next(iter(groups))][key]
     out = first.new_empty((batch, *first.shape[1:]))
     for branch, rows in groups.items():
-        out[rows.to(out.device)] = states[branch][key]
+        out[rows] = states[branch][key]
     return out
+
+
+def _branch_part(t: torch.Tensor, rows: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rows ``rows`` of a per-call tensor for one branch's state: ``t`` itself when the call holds one
+    branch (its rows are then all of the batch, in order), so no copy is made."""
+    return t if len(groups) == 1 else t.index_select(0, rows)
 
 
 class TemporalSkipMixin:
@@ -130,8 +136,8 @@ class TemporalSkipMixin:
         if perm is not None and perm.dim() != 1:
             return  # a per-head (k-means) order changes at every refresh: the mass would not match it
         mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
-        for b, rows in branch_rows(ctx, q.shape[0]).items():
-            ctx.state(b).update(ts_mass=mass.index_select(0, rows.to(q.device)), ts_mass_perm=perm)
+        for b, rows in branch_rows(ctx, q.shape[0], q.device).items():
+            ctx.state(b).update(ts_mass=mass.index_select(0, rows), ts_mass_perm=perm)
         add_call_stats(ctx, calibrated=True)
 
     def _fresh_keep(self, est: DraftEstimate, states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor],
@@ -152,16 +158,39 @@ class TemporalSkipMixin:
             return True
         return state["ts_calls"] >= self.cfg.resolved("refresh_period")
 
+    @property
+    def _mask_reusable(self) -> bool:
+        """Whether a reuse call computes exactly the refresh call's mask, so that the BlockMask built on the
+        refresh is returned again: no drift check (the plan only changes on refresh) and no skipping (the
+        skip list stays empty; the base plan holds the protected tiles, so ``(base & ~skip) | protect`` is
+        the base)."""
+        return not self.cfg.drift_check and self.cfg.resolved("skip_threshold") == -math.inf
+
+    @staticmethod
+    def _cached_mask(states: dict[str, dict[str, Any]], groups: dict[str, torch.Tensor], key: tuple, seq_len: int
+                     ) -> "BlockMask | None":
+        """The BlockMask the last refresh built for the same branches in the same batch rows (``key``), or
+        ``None``."""
+        cached = states[next(iter(groups))].get("ts_mask")
+        if cached is None or cached[0] != key or tuple(cached[1].seq_lengths) != (seq_len, seq_len):
+            return None
+        if any(states[b].get("ts_mask") is not cached for b in groups):
+            return None
+        return cached[1]
+
     def _plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
         cfg = self.cfg
         B, H, S, _ = q.shape
         nb = -(-S // BLOCK)
         text = text_token_mask(ctx.layout, S, q.device)
         text_blocks = blocks_touching(text) if text is not None else None
-        groups = branch_rows(ctx, B)
+        groups = branch_rows(ctx, B, q.device)
         states = {b: ctx.state(b) for b in groups}
         refresh = any(self._refresh_due(states[b], len(r), H, nb) for b, r in groups.items())
+        reusable = self._mask_reusable
+        batch_key = (tuple(ctx.branches), B)  # decides which batch rows hold which branch (branch_rows)
         drift_rows: torch.Tensor | None = None
+        mask: "BlockMask | None" = None
         if refresh:
             perm = self.order(q, k, ctx)
             est = self.estimate(q, k, perm, text_blocks)
@@ -169,26 +198,33 @@ class TemporalSkipMixin:
             if cfg.calibrate and not all("ts_mass" in states[b] for b in groups):
                 self._calibrate(q, k, ctx, perm)  # no warm-up step calibrated this layer
             keep = self._fresh_keep(est, states, groups, perm, B)
+            # the row's estimated mass outside the plan: only the drift check reads it
+            outside = (est.probs * ~keep).sum(-1) if cfg.drift_check else None
             for b, rows in groups.items():
-                r = rows.to(q.device)
                 st = states[b]
-                st["ts_base"] = keep.index_select(0, r)
-                st["ts_protect"] = est.protect.index_select(0, r)
-                st["ts_outside"] = (est.probs * ~keep).sum(-1).index_select(0, r)
+                st["ts_base"] = _branch_part(keep, rows, groups)
+                st["ts_protect"] = _branch_part(est.protect, rows, groups)
+                if outside is not None:
+                    st["ts_outside"] = _branch_part(outside, rows, groups)
                 st["ts_skip"] = torch.zeros_like(st["ts_base"])
-                st["ts_perm"] = perm if perm is None or perm.dim() == 1 else perm.index_select(0, r)
+                st["ts_perm"] = perm if perm is None or perm.dim() == 1 else _branch_part(perm, rows, groups)
                 st["ts_calls"] = 0
                 st["ts_refreshes"] = st.get("ts_refreshes", 0) + 1
+                st.pop("ts_mask", None)
         else:
             perms = [states[b]["ts_perm"] for b in groups]
             if perms[0] is None or perms[0].dim() == 1:
                 perm = perms[0]
             else:
                 perm = _rows_of(states, groups, "ts_perm", B)
-            base = _rows_of(states, groups, "ts_base", B)
-            skip = _rows_of(states, groups, "ts_skip", B)
-            protect = _rows_of(states, groups, "ts_protect", B)
-            keep = (base & ~skip) | protect
+            if reusable:
+                mask = self._cached_mask(states, groups, batch_key, S)
+            if mask is None or stats_enabled(ctx):
+                base = _rows_of(states, groups, "ts_base", B)
+                skip = _rows_of(states, groups, "ts_skip", B)
+                protect = _rows_of(states, groups, "ts_protect", B)
+            if mask is None:
+                keep = (base & ~skip) | protect
             if cfg.drift_check:
                 est = self.estimate(q, k, perm, text_blocks)
                 # Drift is measured against the refresh plan, not against the skips: skipped tiles were
@@ -205,9 +241,9 @@ class TemporalSkipMixin:
                 reference = torch.where(drift_rows, (est.probs * ~(base | protect)).sum(-1), reference)
                 keep = (base & ~skip) | protect
                 for b, rows in groups.items():
-                    r = rows.to(q.device)
-                    states[b].update(ts_base=base.index_select(0, r), ts_skip=skip.index_select(0, r),
-                                     ts_protect=protect.index_select(0, r), ts_outside=reference.index_select(0, r))
+                    states[b].update(ts_base=_branch_part(base, rows, groups), ts_skip=_branch_part(skip, rows, groups),
+                                     ts_protect=_branch_part(protect, rows, groups),
+                                     ts_outside=_branch_part(reference, rows, groups))
             if stats_enabled(ctx):
                 values = [(base & skip & ~protect).sum()]
                 if drift_rows is not None:
@@ -221,7 +257,12 @@ class TemporalSkipMixin:
             st["ts_last_step"] = ctx.step
             st["ts_calls_total"] = st.get("ts_calls_total", 0) + 1
         add_call_stats(ctx, refresh=refresh)
-        mask = block_mask_from_bool(keep, S, S)
+        if mask is None:
+            mask = block_mask_from_bool(keep, S, S)
+            if refresh and reusable:
+                cached = (batch_key, mask)
+                for b in groups:
+                    states[b]["ts_mask"] = cached
         return mask if perm is None else SparsePlan(mask, perm)
 
     def observe(self, ctx: "AttentionCall", tile_stats: torch.Tensor) -> None:
@@ -229,19 +270,21 @@ class TemporalSkipMixin:
         threshold = self.cfg.resolved("skip_threshold")
         if threshold == -math.inf:
             return
-        groups = branch_rows(ctx, tile_stats.shape[0])
+        groups = branch_rows(ctx, tile_stats.shape[0], tile_stats.device)
+        with_stats = stats_enabled(ctx)
         new_total: list[torch.Tensor] = []
         for b, rows in groups.items():
             st = ctx.state(b)
             if "ts_skip" not in st:
                 continue
-            stats = tile_stats.index_select(0, rows.to(tile_stats.device))
+            stats = _branch_part(tile_stats, rows, groups)
             if stats.shape[1] != st["ts_skip"].shape[1]:
                 stats = stats.expand(-1, st["ts_skip"].shape[1], -1, -1)
             new = torch.isfinite(stats) & (stats < threshold) & ~st["ts_protect"]
             st["ts_skip"] = st["ts_skip"] | new
-            new_total.append(new.sum())
-        if new_total and stats_enabled(ctx):
+            if with_stats:
+                new_total.append(new.sum())
+        if new_total:
             add_call_stats(ctx, newly_skipped=int(torch.stack(new_total).sum()))
 
 
