@@ -205,6 +205,17 @@ def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
     return row
 
 
+def block_mask_by_sort(keep: torch.Tensor, seq_len: int):
+    """The BlockMask as ``block_mask_from_bool`` built it up to session 3 (a stable argsort on "not selected"),
+    kept here only to time it beside the sort-free compaction (same kv_num_blocks / kv_indices)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num = keep.sum(dim=-1, dtype=torch.int32)
+    kv_idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=128, seq_lengths=(seq_len, seq_len),
+                                    compute_q_blocks=False)
+
+
 def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Tensor, k: torch.Tensor, grid,
                    device: torch.device, reps: int) -> dict:
     """Where one (refresh) plan's time goes: the draft map (fused kernel and torch reference), the selection
@@ -253,6 +264,11 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         finally:
             draft_module.DRAFT_MAP_BACKEND = "auto"
     row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
+    # the session-3 BlockMask (stable argsort), timed beside the sort-free compaction: before/after in one run
+    row["block_mask_ms_sort"] = time_ms(lambda: block_mask_by_sort(keep, S), device, reps)
+    new_mask, sort_mask = block_mask_from_bool(keep, S, S), block_mask_by_sort(keep, S)
+    row["block_mask_equal_sort"] = bool(torch.equal(new_mask.kv_num_blocks, sort_mask.kv_num_blocks)
+                                        and torch.equal(new_mask.kv_indices, sort_mask.kv_indices))
     # estimate = map + selection (top-p + protect) + small ops; plan = estimate + BlockMask + rest (order, state)
     row["rest_ms"] = row["plan_ms"] - row["estimate_ms"] - row["block_mask_ms"]
     row["rest_ms_torch"] = row["plan_ms_torch"] - row["estimate_ms_torch"] - row["block_mask_ms"]
