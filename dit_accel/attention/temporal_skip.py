@@ -280,7 +280,9 @@ class TemporalSkipMixin:
             stats = _branch_part(tile_stats, rows, groups)
             if stats.shape[1] != st["ts_skip"].shape[1]:
                 stats = stats.expand(-1, st["ts_skip"].shape[1], -1, -1)
-            new = torch.isfinite(stats) & (stats < threshold) & ~st["ts_protect"]
+            # computed tiles (not -inf) below the threshold; same as isfinite(stats) & (stats < threshold),
+            # since threshold <= 0 here, in 3 device ops instead of 6 (isfinite is abs, ne, eq, and)
+            new = (stats > -math.inf) & (stats < threshold) & ~st["ts_protect"]
             st["ts_skip"] = st["ts_skip"] | new
             if with_stats:
                 new_total.append(new.sum())
