@@ -129,7 +129,7 @@ class AccelHandle:
     def token_order_summary(self) -> dict[str, Any]:
         """Per transformer: ``{"token_order": "call"}``, or for ``"forward"`` the tile and how many forwards ran
         permuted (``"forward"``) or in the model's order, by reason (``"no_grid"``, ``"no_tile"``,
-        ``"context_parallel"``, ``"not_outermost"``, ``"inputs"``)."""
+        ``"context_parallel"``, ``"grad_checkpointing"``, ``"not_outermost"``, ``"inputs"``)."""
         return {a.name: (a.token_order.summary() if a.token_order is not None else {"token_order": "call"})
                 for a in self._attachments}
 

@@ -85,7 +85,7 @@ def test_full_density_forward_equals_stock_and_records_the_path(pipe, stock):
     assert close(out, stock)
     sparse = [r for r in stats if r["backend"] == "block_sparse"]
     assert sparse and all(r["token_order"] == "forward" for r in sparse)
-    # 4 steps x (cond + uncond) forwards, every one permuted
+    # STEPS steps x (cond + uncond) forwards, every one permuted
     assert summary == {"transformer": {"token_order": "forward", "tile": None, "forwards": {"forward": 2 * STEPS}}}
     out_call, stats_call, summary_call, _ = _gen(pipe, dit_accel.get_method("combo", **FULL), "call")
     assert close(out_call, stock) and summary_call == {"transformer": {"token_order": "call"}}
@@ -206,3 +206,27 @@ def test_bad_token_order_values_are_rejected_and_change_nothing(pipe):
     assert dit_accel.get_handle(pipe) is None and dict(pipe.transformer.attn_processors) == processors
     assert all(not hasattr(b, "_diffusers_hook") for b in pipe.transformer.blocks)
     assert TOKEN_ORDERS == ("auto", "forward", "call") and TOKEN_ORDER_HOOK_NAME == "dit_accel_token_order"
+
+
+def test_gradient_checkpointing_falls_back_to_the_model_order():
+    """Backward recomputes blocks through their hooks after the forward ended; "forward" must step aside
+    (reason "grad_checkpointing") so gradients equal the stock model's."""
+    from conftest import _wan_inputs, _wan_model
+
+    torch.manual_seed(0)
+    model = _wan_model().float()
+    model.enable_gradient_checkpointing()
+    results = {}
+    for order in (None, "forward"):
+        x = _wan_inputs()
+        x["hidden_states"].requires_grad_(True)
+        handle = None if order is None else dit_accel.apply(model, attention=dit_accel.get_method("permuted", **FULL),
+                                                            token_order=order)
+        out = model(**x, return_dict=False)[0]
+        out.square().sum().backward()
+        results[order] = (out.detach(), x["hidden_states"].grad.clone())
+        if handle is not None:
+            forwards = handle.token_order_summary()["transformer"]["forwards"]
+            assert set(forwards) == {"grad_checkpointing"}  # the forward and its recomputation in backward
+            dit_accel.remove(model)
+    assert close(results["forward"][0], results[None][0]) and close(results["forward"][1], results[None][1])

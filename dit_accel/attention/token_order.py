@@ -175,7 +175,7 @@ class TokenOrderAttachment:
         self.state = TokenOrderState()
         self.counts: dict[str, int] = {}
         """Forwards per path: ``"forward"`` (permuted) or the reason it was not (``"no_grid"``, ``"no_tile"``,
-        ``"context_parallel"``, ``"not_outermost"``, ``"inputs"``)."""
+        ``"context_parallel"``, ``"grad_checkpointing"``, ``"not_outermost"``, ``"inputs"``)."""
         self.hooks: list[TokenOrderBlockHook] = []
         self._installed: list[InstalledHook] = []
         self._warned: set[str] = set()
@@ -257,6 +257,10 @@ class TokenOrderAttachment:
         ctx = self.context
         if getattr(self.transformer, "_parallel_config", None) is not None:
             return "context_parallel"  # the sequence is sharded across ranks
+        if torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False):
+            # Backward recomputes each block through its hooks after this forward's state is gone, so the
+            # recomputed blocks would see model-order rotary tables on tile-ordered tokens.
+            return "grad_checkpointing"
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return "inputs"
         grid = ctx.grid
