@@ -40,11 +40,10 @@ from dit_accel.attention.sparse_base import (
     ConfiguredMethod,
     SparseConfig,
     add_call_stats,
-    blocks_touching,
     check_range,
     safety_reason,
     stats_enabled,
-    text_token_mask,
+    text_blocks_of,
 )
 from dit_accel.kernels import block_mask_from_bool
 
@@ -462,10 +461,8 @@ class PlannedMethod(ConfiguredMethod):
 
     def _plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
         S = q.shape[-2]
-        text = text_token_mask(ctx.layout, S, q.device)
-        text_blocks = blocks_touching(text) if text is not None else None
         perm = self.order(q, k, ctx)
-        keep = self.select(q, k, ctx, perm, text_blocks)
+        keep = self.select(q, k, ctx, perm, text_blocks_of(ctx.layout, S, q.device))
         mask = block_mask_from_bool(keep, S, S)
         return mask if perm is None else SparsePlan(mask, perm)
 

@@ -187,6 +187,20 @@ def text_token_mask(layout: "TokenLayout", seq_len: int, device: torch.device) -
     return mask
 
 
+def text_blocks_of(layout: "TokenLayout", seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Bool ``(num_blocks,)``: True for the kernel blocks holding text tokens (``blocks_touching`` of
+    :func:`text_token_mask`); ``None`` without text. Cached per layout, length and device (treat it as
+    read-only): the planning path asks for it at every call."""
+    if layout.text_tokens <= 0:
+        return None
+    return _text_blocks(layout, seq_len, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _text_blocks(layout: "TokenLayout", seq_len: int, device: torch.device) -> torch.Tensor:
+    return blocks_touching(text_token_mask(layout, seq_len, device))
+
+
 def blocks_touching(token_mask: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Bool ``(num_blocks,)``: True for the blocks of ``block`` tokens that hold any True token."""
     n = token_mask.shape[-1]

@@ -45,12 +45,11 @@ from dit_accel.attention.oracle import block_mass
 from dit_accel.attention.sparse_base import (
     BLOCK,
     add_call_stats,
-    blocks_touching,
     branch_rows,
     check_range,
     safety_reason,
     stats_enabled,
-    text_token_mask,
+    text_blocks_of,
     warmup_steps,
 )
 from dit_accel.kernels import block_mask_from_bool
@@ -182,8 +181,7 @@ class TemporalSkipMixin:
         cfg = self.cfg
         B, H, S, _ = q.shape
         nb = -(-S // BLOCK)
-        text = text_token_mask(ctx.layout, S, q.device)
-        text_blocks = blocks_touching(text) if text is not None else None
+        text = text_blocks_of(ctx.layout, S, q.device)
         groups = branch_rows(ctx, B, q.device)
         states = {b: ctx.state(b) for b in groups}
         refresh = any(self._refresh_due(states[b], len(r), H, nb) for b, r in groups.items())
@@ -193,7 +191,7 @@ class TemporalSkipMixin:
         mask: "BlockMask | None" = None
         if refresh:
             perm = self.order(q, k, ctx)
-            est = self.estimate(q, k, perm, text_blocks)
+            est = self.estimate(q, k, perm, text)
             self.record_estimate(ctx, est)
             if cfg.calibrate and not all("ts_mass" in states[b] for b in groups):
                 self._calibrate(q, k, ctx, perm)  # no warm-up step calibrated this layer
@@ -226,7 +224,7 @@ class TemporalSkipMixin:
             if mask is None:
                 keep = (base & ~skip) | protect
             if cfg.drift_check:
-                est = self.estimate(q, k, perm, text_blocks)
+                est = self.estimate(q, k, perm, text)
                 # Drift is measured against the refresh plan, not against the skips: skipped tiles were
                 # judged by the kernel's exact statistics, the draft map would only second-guess them.
                 # The reference is the row's estimated mass outside the plan when it was made (with a
