@@ -412,5 +412,7 @@ class _NoState:
 
 
 def timed() -> float:
-    """Monotonic clock in milliseconds (planning time; host-side, so asynchronous GPU work is not included)."""
+    """Monotonic clock in milliseconds, for ``plan_ms``: host time around a plan. GPU work the plan only queues
+    is not included, but a device synchronisation inside the plan (the run statistics read the draft estimate
+    on refresh calls) makes it include everything queued before, so ``plan_ms`` is an upper bound."""
     return time.perf_counter() * 1000.0
