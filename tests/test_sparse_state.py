@@ -153,3 +153,31 @@ def test_cached_steps_keep_the_skip_state_coherent(pipe):
 
 
 CAPTION_CACHED = "a small green square moving right on a plain background"
+
+
+@pytest.mark.parametrize("token_order", ["call", "forward"])
+def test_new_grid_with_the_same_block_count_replans(token_order):
+    """A bare transformer called at another grid whose sequence has as many 128-token blocks as the previous
+    call's (same step and branch state) must re-plan, not reuse a plan made for other tokens."""
+    from conftest import _wan_model, run_model
+
+    sparse = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0)
+
+    def inputs(f: int, h: int, w: int) -> dict:
+        g = torch.Generator().manual_seed(1)
+        return dict(hidden_states=torch.randn(1, 4, f, 2 * h, 2 * w, generator=g), timestep=torch.tensor([500.0]),
+                    encoder_hidden_states=torch.randn(1, 12, 16, generator=g))
+
+    torch.manual_seed(0)
+    model = _wan_model()
+    method = dit_accel.get_method("combo", top_p=0.6, min_blocks_fraction=0.1, similarity_threshold=-1.0, **sparse)
+    handle = dit_accel.apply(model, attention=method, token_order=token_order)
+    try:
+        # the last two: 200 and 256 tokens, 2 blocks each, same timestep
+        for grid in [(2, 10, 10), (3, 12, 16), (2, 10, 10), (4, 8, 8)]:
+            handle.reset_stats()
+            run_model(model, inputs(*grid))
+        records = [r for r in handle.stats() if r["backend"] == "block_sparse"]
+        assert records and all(r["refresh"] for r in records)
+    finally:
+        dit_accel.remove(model)

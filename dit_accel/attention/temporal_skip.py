@@ -151,10 +151,12 @@ class TemporalSkipMixin:
         min_blocks = max(1, math.ceil(self.cfg.resolved("min_blocks_fraction") * nb))
         return top_p_keep(0.5 * (mass + est.probs), self.cfg.resolved("top_p"), min_blocks) | est.protect
 
-    def _refresh_due(self, state: dict[str, Any], rows: int, heads: int, nb: int) -> bool:
+    def _refresh_due(self, state: dict[str, Any], rows: int, heads: int, nb: int, sequence: tuple) -> bool:
         base = state.get("ts_base")
         if base is None or tuple(base.shape) != (rows, heads, nb, nb):
             return True
+        if state.get("ts_sequence") != sequence:
+            return True  # same block count, other sequence length or grid: the stored plan is for other tokens
         return state["ts_calls"] >= self.cfg.resolved("refresh_period")
 
     @property
@@ -184,7 +186,8 @@ class TemporalSkipMixin:
         text = text_blocks_of(ctx.layout, S, q.device)
         groups = branch_rows(ctx, B, q.device)
         states = {b: ctx.state(b) for b in groups}
-        refresh = any(self._refresh_due(states[b], len(r), H, nb) for b, r in groups.items())
+        sequence = (S, ctx.layout)
+        refresh = any(self._refresh_due(states[b], len(r), H, nb, sequence) for b, r in groups.items())
         reusable = self._mask_reusable
         batch_key = (tuple(ctx.branches), B)  # decides which batch rows hold which branch (branch_rows)
         drift_rows: torch.Tensor | None = None
@@ -207,6 +210,7 @@ class TemporalSkipMixin:
                 st["ts_skip"] = torch.zeros_like(st["ts_base"])
                 st["ts_perm"] = perm if perm is None or perm.dim() == 1 else _branch_part(perm, rows, groups)
                 st["ts_calls"] = 0
+                st["ts_sequence"] = sequence
                 st["ts_refreshes"] = st.get("ts_refreshes", 0) + 1
                 st.pop("ts_mask", None)
         else:
