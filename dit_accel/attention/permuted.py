@@ -140,8 +140,7 @@ class PermutedMixin:
         clusters = cfg.clusters if cfg.clusters is not None else max(1, -(-n_vis // BLOCK))
         clusters = min(clusters, n_vis)
         perm = torch.arange(S, device=k.device).repeat(B, H, 1)
-        for branch, rows in branch_rows(ctx, B).items():
-            rows = rows.to(k.device)
+        for branch, rows in branch_rows(ctx, B, k.device).items():
             state = ctx.state(branch)
             x = k_tile.index_select(0, rows)
             cents = state.get("kmeans_centroids")
