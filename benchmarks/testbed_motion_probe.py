@@ -2,23 +2,29 @@
 
     python benchmarks/testbed_motion_probe.py   # writes benchmarks/results/testbed_motion_probe.json
 
-One large red square on a plain background, "moving right/left/up/down", same seed; the centroid of the red
-pixels in every frame (x to the right, y down, pixels) and the net displacement from the first to the last
-frame where the square is visible. A jump of more than a quarter of the frame between consecutive frames is
-counted as a teleport (real straight moves cover at most 0.038 frame sides per frame).
+One large red square on a plain background, "moving right/left/up/down", each from the same initial noise
+(one generator per caption, same seed); the centroid of the red pixels in every frame (x to the right, y down,
+pixels), the net displacement from the first to the last frame where the square is visible, and the
+displacement along the prompted direction frame by frame. Real straight moves cover at most 0.038 frame sides
+per frame (`data.STRAIGHT_SPEED`); a step of more than three times that between consecutive frames is counted
+as a jump (a teleport or a split blob).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dit_accel.testbed import load_testbed_pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_accel.testbed import load_testbed_pipeline  # noqa: E402
+from dit_accel.testbed.data import STRAIGHT_SPEED  # noqa: E402
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -44,17 +50,21 @@ def main() -> None:
     pipe = load_testbed_pipeline(device="cpu")
     captions = [f"a large red square moving {d} on a plain background" for d in DIRECTIONS]
     videos = pipe(captions, num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=args.steps,
-                  generator=torch.Generator().manual_seed(args.seed), output_type="np").frames
+                  generator=[torch.Generator().manual_seed(args.seed) for _ in captions], output_type="np").frames
     rows = []
     for (name, (ex, ey)), video in zip(DIRECTIONS.items(), videos):
         track = red_centroids(video)
         seen = [c for c in track if c is not None]
         dx, dy = (seen[-1][0] - seen[0][0], seen[-1][1] - seen[0][1]) if len(seen) > 1 else (0.0, 0.0)
-        jumps = sum(1 for a, b in zip(track, track[1:]) if a and b and np.hypot(b[0] - a[0], b[1] - a[1]) > args.size / 4)
+        jump_px = 3 * STRAIGHT_SPEED[1] * args.size
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(track, track[1:]) if a and b]
+        jumps = sum(1 for sx, sy in steps if np.hypot(sx, sy) > jump_px)
+        along = [round(sx * ex + sy * ey, 1) for sx, sy in steps]
         rows.append({"caption": f"moving {name}", "net_dx": round(dx, 1), "net_dy": round(dy, 1),
-                     "along_prompt_px": round(dx * ex + dy * ey, 1), "teleports": jumps,
+                     "along_prompt_px": round(dx * ex + dy * ey, 1), "jumps": jumps, "jump_threshold_px": round(jump_px, 1),
+                     "along_prompt_per_frame_px": along,
                      "frames_visible": len(seen), "track": [None if c is None else [round(c[0], 1), round(c[1], 1)] for c in track]})
-        print(rows[-1]["caption"], "net", rows[-1]["net_dx"], rows[-1]["net_dy"], "teleports", jumps, flush=True)
+        print(rows[-1]["caption"], "net", rows[-1]["net_dx"], rows[-1]["net_dy"], "jumps", jumps, "along per frame", along, flush=True)
     args.out.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
                                     "torch": torch.__version__, "settings": vars(args) | {"out": str(args.out)},
                                     "rows": rows}, indent=1))
