@@ -135,7 +135,8 @@ def _block_stats_and_map_kernel(
                 sums = tl.dot(ones.to(x_in.dtype), x_in, out_dtype=tl.float32)
             qs += sums * inv[:, None]
         else:
-            tl.store(mean_out_ptr + (bh * NB + blk).to(tl.int64) * D + d, mean, mask=(d < D) & in_range)
+            # the block test broadcast to a vector: a vector & scalar-bool mask is rejected by Triton 3.9's interpreter
+            tl.store(mean_out_ptr + (bh * NB + blk).to(tl.int64) * D + d, mean, mask=(d < D) & (d * 0 + blk < NB))
     if WITH_MAP:
         row_blk = pid * QPB + row // NSUB
         row_count = tl.minimum(tl.maximum(S - (row_blk * BLOCK + (row % NSUB) * POOL), 0), POOL).to(tl.float32)
