@@ -76,6 +76,18 @@ interpreter computes in float32."""
 
 
 @triton.jit
+def _key_chunk_scores(qs, kmean_base, kb, kvalid, d, S, scale_log2, BLOCK: tl.constexpr, D: tl.constexpr,
+                      LOG_BIAS: tl.constexpr, SCORE_PREC: tl.constexpr):
+    """Base-2 draft logits of the sub-queries ``qs`` against the key-block means ``kb`` (one chunk of a sweep):
+    scaled scores, plus log2 of the blocks' token counts with ``LOG_BIAS``; -inf past the last key block."""
+    km = tl.load(kmean_base + kb[:, None] * D + d[None, :], mask=kvalid[:, None], other=0.0)
+    s = tl.dot(qs, tl.trans(km), input_precision=SCORE_PREC) * scale_log2
+    if LOG_BIAS:
+        s += tl.log2(tl.maximum(tl.minimum(S - kb * BLOCK, BLOCK), 1).to(tl.float32))[None, :]
+    return tl.where(kvalid[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _block_stats_and_map_kernel(
     x_ptr, idx_ptr, kmean_ptr, mean_out_ptr, sim_out_ptr, probs_ptr,
     S, H, NB,
@@ -148,11 +160,7 @@ def _block_stats_and_map_kernel(
         for c in range(0, KB, BK):
             kb = c + tl.arange(0, BK)
             kvalid = kb < KB
-            km = tl.load(kmean_base + kb[:, None] * D + d[None, :], mask=kvalid[:, None], other=0.0)
-            s = tl.dot(qs, tl.trans(km), input_precision=SCORE_PREC) * scale_log2
-            if LOG_BIAS:
-                s += tl.log2(tl.maximum(tl.minimum(S - kb * BLOCK, BLOCK), 1).to(tl.float32))[None, :]
-            s = tl.where(kvalid[None, :], s, float("-inf"))
+            s = _key_chunk_scores(qs, kmean_base, kb, kvalid, d, S, scale_log2, BLOCK, D, LOG_BIAS, SCORE_PREC)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
             m = m_new
@@ -162,11 +170,7 @@ def _block_stats_and_map_kernel(
         for c in range(0, KB, BK):
             kb = c + tl.arange(0, BK)
             kvalid = kb < KB
-            km = tl.load(kmean_base + kb[:, None] * D + d[None, :], mask=kvalid[:, None], other=0.0)
-            s = tl.dot(qs, tl.trans(km), input_precision=SCORE_PREC) * scale_log2
-            if LOG_BIAS:
-                s += tl.log2(tl.maximum(tl.minimum(S - kb * BLOCK, BLOCK), 1).to(tl.float32))[None, :]
-            s = tl.where(kvalid[None, :], s, float("-inf"))
+            s = _key_chunk_scores(qs, kmean_base, kb, kvalid, d, S, scale_log2, BLOCK, D, LOG_BIAS, SCORE_PREC)
             p = tl.exp2(s - m[:, None]) * coef[:, None]
             out = tl.sum(tl.reshape(p, (QPB, NSUB, BK)), axis=1)
             ptrs = probs_base + out_blk.to(tl.int64)[:, None] * KB + kb[None, :]
