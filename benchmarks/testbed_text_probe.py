@@ -24,10 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dit_accel.testbed import captions, data, load_testbed_pipeline  # noqa: E402
 from dit_accel.testbed.train import encode_videos, flow_matching_loss  # noqa: E402
 
-REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "up-left": "down-right",
-           "down-right": "up-left", "up-right": "down-left", "down-left": "up-right"}
-
-
 def shifted(words: tuple[str, ...]) -> dict[str, str]:
     """Each word mapped to the next one of its attribute's vocabulary."""
     return {w: words[(i + 1) % len(words)] for i, w in enumerate(words)}
@@ -52,7 +48,7 @@ def main() -> None:
     latents = encode_videos(pipe.vae, batch.video, torch.device("cpu"))
     variants = {
         "true": batch.captions,
-        "directions_reversed": [edit(c, REVERSE) for c in batch.captions],
+        "directions_reversed": [captions.reverse_directions(c) for c in batch.captions],
         "colours_shifted": [edit(c, shifted(captions.ATTRIBUTES["color"])) for c in batch.captions],
         "shapes_shifted": [edit(c, shifted(captions.ATTRIBUTES["shape"])) for c in batch.captions],
         "empty": [""] * len(batch.captions),

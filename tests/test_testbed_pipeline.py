@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,8 @@ def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
     assert any((a - b).abs().max() > 0 for a, b in zip(before, p.transformer.parameters()))
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "dit"] == [1, 2]
+    (session,) = [r for r in records if r["stage"] == "dit_session"]
+    assert math.isfinite(session["val_loss"]) and math.isfinite(session["val_direction_sensitivity"])
     state2, _ = train_dit(p, cfg, torch.device("cpu"), checkpoint=tmp_path / "ckpt.pt", resume_full=True)
     assert state2.step == 4  # resumed at step 2
     export_pipeline(p, ema, tmp_path / "export", info={"dit": {"step": state2.step}})
@@ -171,3 +174,13 @@ def test_shipped_weights_load_offline_and_generate_deterministically(monkeypatch
     b = shipped(CAPTION, generator=torch.Generator().manual_seed(1), **kwargs).frames
     assert a.shape == (1, 2, 32, 32, 3) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+
+
+def test_reverse_directions_swaps_only_direction_words() -> None:
+    from dit_accel.testbed.captions import parse_caption, reverse_directions
+
+    caption = "a small red circle moving up-left and a blue star bouncing on a striped background"
+    flipped = reverse_directions(caption)
+    assert flipped == "a small red circle moving down-right and a blue star bouncing on a striped background"
+    assert reverse_directions(flipped) == caption
+    assert parse_caption(flipped)["background"] == parse_caption(caption)["background"]

@@ -63,6 +63,18 @@ MAX_OBJECTS: int = 3
 DIRECTIONS: tuple[str, ...] = ATTRIBUTES["motion"][:8]
 """The motions spoken as ``"moving <direction>"``."""
 
+_OPPOSITE_DIRECTION: dict[str, str] = {
+    "left": "right", "right": "left", "up": "down", "down": "up",
+    "up-left": "down-right", "down-right": "up-left", "up-right": "down-left", "down-left": "up-right",
+}
+
+
+def reverse_directions(caption: str) -> str:
+    """``caption`` with every direction word replaced by its opposite (``left`` <-> ``right``, ``up-left`` <->
+    ``down-right``, ...); other words unchanged. Used to measure whether a model uses the direction words."""
+    return " ".join(_OPPOSITE_DIRECTION.get(w, w) for w in caption.split())
+
+
 _FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "and", "on", "background", "moving")
 
 VOCAB: tuple[str, ...] = (
