@@ -4,6 +4,9 @@
 
 Grey: training loss per log line (25 steps, mixed sizes, so noisy); blue: its moving mean over 20 lines;
 red dots: the end-of-session validation loss (held-out captions at 256x256x16, fixed noise). Log scale.
+Dashed lines: where a session changed the sigma distribution (`high_sigma_share` of the session lines, 0 when
+absent): the training loss averages over other noise levels from there on, so its level is not comparable
+across such a line; the validation loss is (same batch, same sigmas).
 """
 
 from __future__ import annotations
@@ -18,21 +21,28 @@ from PIL import Image, ImageDraw
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def read_log(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, training loss) of the DiT log lines and (end step, validation loss) of the session lines."""
-    train, val = [], []
+def read_log(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, training loss) of the DiT log lines, (end step, validation loss) of the session lines, and
+    (first step, new share) of each session whose `high_sigma_share` differs from the session before it."""
+    train, val, changes = [], [], []
+    share = 0.0
     for line in path.read_text().splitlines():
         row = json.loads(line)
         if row.get("stage") == "dit":
             train.append((int(row["step"]), float(row["loss"])))
         elif row.get("stage") == "dit_session":
             val.append((int(row["end_step"]), float(row["val_loss"])))
+            new = float(row.get("high_sigma_share", 0.0))
+            if new != share:
+                changes.append((int(row["end_step"]) - int(row["steps"]), new))
+                share = new
     train.sort()
-    return train, val
+    return train, val, changes
 
 
-def draw(train: list[tuple[int, float]], val: list[tuple[int, float]], out: Path, size: tuple[int, int] = (900, 500)) -> None:
-    """Write the PNG: steps on x, log10 loss on y."""
+def draw(train: list[tuple[int, float]], val: list[tuple[int, float]], out: Path,
+         changes: tuple[tuple[int, float], ...] = (), size: tuple[int, int] = (900, 500)) -> None:
+    """Write the PNG: steps on x, log10 loss on y, a dashed line at each recipe change."""
     w, h = size
     left, right, top, bottom = 70, 20, 30, 50
     img = Image.new("RGB", size, "white")
@@ -64,6 +74,11 @@ def draw(train: list[tuple[int, float]], val: list[tuple[int, float]], out: Path
     smooth = [(train[i][0], sum(v for _, v in train[max(0, i - window + 1): i + 1]) / len(train[max(0, i - window + 1): i + 1]))
               for i in range(len(train))]
     d.line([xy(s, v) for s, v in smooth], fill=(30, 90, 200), width=2)
+    for i, (step, share) in enumerate(changes):
+        x, _ = xy(step, 10 ** hi)
+        for y0 in range(top, h - bottom, 8):
+            d.line([x, y0, x, min(y0 + 4, h - bottom)], fill=(120, 120, 120))
+        d.text((x + 4, top + 4 + 14 * i), f"high-noise share {share:g}", fill=(90, 90, 90))
     for s, v in val:
         x, y = xy(s, v)
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(210, 40, 40))
@@ -76,10 +91,10 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=RESULTS / "testbed_loss_log.jsonl")
     parser.add_argument("--out", type=Path, default=RESULTS / "testbed_loss.png")
     args = parser.parse_args()
-    train, val = read_log(args.log)
+    train, val, changes = read_log(args.log)
     if not train:
         raise SystemExit(f"no DiT training lines in {args.log}")
-    draw(train, val, args.out)
+    draw(train, val, args.out, tuple(changes))
     print(f"wrote {args.out} ({len(train)} training lines, {len(val)} validation points)")
 
 

@@ -68,6 +68,23 @@ def test_render_from_labels_matches_caption_content():
     assert reddest > 0.6  # a saturated red object is drawn
 
 
+def test_object_mask_covers_the_objects_and_nothing_else():
+    batch = make_batch(4, 3, 32, 32, seed=21)
+    mask = batch.object_mask
+    assert mask.shape == (4, 1, 3, 32, 32) and mask.min() >= 0 and mask.max() <= 1
+    # Every scene has at least one object, fully covering some pixel in every frame.
+    assert (mask.amax(dim=(-1, -2)) > 0.99).all()
+    # Asking for the mask does not change the video.
+    video, _ = render_from_labels(batch.labels, 3, 32, 32, seed=5, return_mask=True)
+    assert torch.equal(video, render_from_labels(batch.labels, 3, 32, 32, seed=5))
+    # One white object on a plain dark background: the mask is where the pixel is bright (edges aside).
+    labels = caption_labels(["a large white square moving left on a plain background"])
+    video, mask = render_from_labels(labels, 2, 64, 64, seed=3, return_mask=True)
+    bright = video.mean(dim=1, keepdim=True) > 0.0
+    assert (bright != (mask > 0.5)).float().mean() < 0.01
+    assert 0.02 < (mask > 0.5).float().mean() < 0.2  # a small object, not the frame
+
+
 def test_straight_motion_moves_in_the_named_direction():
     captions = [f"a large white square moving {d} on a plain background" for d in ("left", "right", "up", "down")]
     video = render_from_labels(caption_labels(captions), 8, 64, 64, seed=5)

@@ -148,7 +148,9 @@ def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "dit"] == [1, 2]
     (session,) = [r for r in records if r["stage"] == "dit_session"]
-    assert math.isfinite(session["val_loss"]) and math.isfinite(session["val_direction_sensitivity"])
+    for key in ("val_loss", "val_direction_sensitivity", "val_high_loss", "val_high_direction_sensitivity"):
+        assert math.isfinite(session[key]), key
+    assert session["val_high_loss"] > 0 and session["high_sigma_share"] == cfg.high_sigma_share
     state2, _ = train_dit(p, cfg, torch.device("cpu"), checkpoint=tmp_path / "ckpt.pt", resume_full=True)
     assert state2.step == 4  # resumed at step 2
     export_pipeline(p, ema, tmp_path / "export", info={"dit": {"step": state2.step}})
@@ -161,6 +163,47 @@ def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
     lat = torch.randn(1, 4, 2, 8, 8)
     loss = flow_matching_loss(loaded, lat, [CAPTION], torch.tensor([0.5]), torch.randn_like(lat))
     assert torch.isfinite(loss)
+
+
+def test_sigma_sampler_high_noise_share() -> None:
+    from dit_accel.testbed.train import sample_sigmas
+
+    cpu = torch.device("cpu")
+    plain = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0))
+    # A share of 0 draws exactly what sessions 1-3 drew.
+    torch.testing.assert_close(sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=0.0), plain)
+    high = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=1.0, high_range=(0.9, 1.0))
+    assert ((high >= 0.9) & (high < 1.0)).all()
+    mixed = sample_sigmas(20000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=0.3, high_range=(0.85, 1.0))
+    # ~3 % of the shifted logit-normal lies above 0.95; the uniform share adds 0.3 * 1/3.
+    assert 0.11 < (mixed > 0.95).float().mean() < 0.16 and 0.025 < (plain > 0.95).float().mean() < 0.04
+    with pytest.raises(ValueError, match="high_share"):
+        sample_sigmas(4, 3.0, cpu, high_share=1.5)
+    with pytest.raises(ValueError, match="high_range"):
+        sample_sigmas(4, 3.0, cpu, high_share=0.5, high_range=(0.9, 0.8))
+
+
+def test_weighted_loss_is_the_mean_over_weighted_pixels() -> None:
+    from dit_accel.testbed.train import flow_matching_loss, object_weight
+
+    p = tiny_pipeline()
+    lat, noise, sig = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 4, 2, 8, 8), torch.tensor([0.7])
+    full = flow_matching_loss(p, lat, [CAPTION], sig, noise)
+    torch.testing.assert_close(flow_matching_loss(p, lat, [CAPTION], sig, noise, weight=torch.ones(1, 1, 2, 8, 8)), full)
+    with torch.no_grad():
+        x_t = 0.3 * lat + 0.7 * noise
+        pred = p.transformer(hidden_states=x_t, timestep=sig * 1000, encoder_hidden_states=p.encode_text([CAPTION], "cpu"),
+                             return_dict=False)[0]
+    err = (pred - (noise - lat)) ** 2
+    w = torch.zeros(1, 1, 2, 8, 8)
+    w[..., :4, :] = 1
+    expected = err[..., :4, :].mean()
+    with torch.no_grad():
+        torch.testing.assert_close(flow_matching_loss(p, lat, [CAPTION], sig, noise, weight=w), expected)
+    # object_weight: a latent pixel counts as soon as an object touches one of its pixels.
+    cov = torch.zeros(1, 1, 1, 8, 8)
+    cov[..., 0, 0] = 0.5
+    torch.testing.assert_close(object_weight(cov, 4), torch.tensor([[[[[1.0, 0.0], [0.0, 0.0]]]]]))
 
 
 def test_shipped_weights_load_offline_and_generate_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:

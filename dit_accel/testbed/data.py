@@ -73,6 +73,9 @@ class VideoBatch:
     labels: dict[str, torch.Tensor]
     """``shape``/``color``/``size``/``motion``: LongTensor (B, MAX_OBJECTS), -1 where no object (caption order);
     ``background``/``count``: LongTensor (B,). On the batch's device."""
+    object_mask: torch.Tensor | None = None
+    """(B, 1, T, H, W) float32 in [0, 1]: per pixel, the largest anti-aliased coverage of any object (0 on pure
+    background). Training uses it to weight the loss on objects; ``None`` only for hand-built batches."""
 
 
 # --------------------------------------------------------------------------------------------- randomness
@@ -421,9 +424,11 @@ def render_from_labels(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     device: str | torch.device = "cpu",
-) -> torch.Tensor:
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Render scenes with the given labels (layout of ``VideoBatch.labels``); positions, speeds, textures and
-    colour shades are drawn from ``generator``/``seed``. Returns (B, 3, T, H, W) float32 in [-1, 1]."""
+    colour shades are drawn from ``generator``/``seed``. Returns (B, 3, T, H, W) float32 in [-1, 1], and with
+    ``return_mask`` also the objects' coverage (B, 1, T, H, W) in [0, 1] (see ``VideoBatch.object_mask``)."""
     _check_size(frames, height, width)
     draw = _Draw(_resolve_generator(generator, seed))
     labels = {k: v.detach().cpu().long() for k, v in labels.items()}
@@ -453,6 +458,7 @@ def render_from_labels(
     video = base + weight[:, None] * (second - base)
 
     # Objects, last first so the first-mentioned one is on top.
+    coverage = torch.zeros(b, frames, height, width, device=device)
     for j in reversed(range(n)):
         alpha = torch.zeros(b, frames, height, width, device=device)
         for k, kind in enumerate(ATTRIBUTES["shape"]):
@@ -472,7 +478,9 @@ def render_from_labels(
             alpha[idx.to(device)] = _coverage(d_px)
         rgb = geo.rgb[:, j].to(device).view(b, 3, 1, 1, 1)
         video = video + alpha[:, None] * (rgb - video)
-    return (video * 2.0 - 1.0).clamp(-1.0, 1.0)
+        coverage = torch.maximum(coverage, alpha)
+    video = (video * 2.0 - 1.0).clamp(-1.0, 1.0)
+    return (video, coverage[:, None]) if return_mask else video
 
 
 def make_batch(
@@ -495,7 +503,8 @@ def make_batch(
     _check_size(frames, height, width)
     g = _resolve_generator(generator, seed)
     labels = sample_labels(batch_size, generator=g, split=split)
-    video = render_from_labels(labels, frames, height, width, generator=g, device=device)
+    video, mask = render_from_labels(labels, frames, height, width, generator=g, device=device, return_mask=True)
     captions = [make_caption(s) for s in scenes_from_labels(labels)]
     device = torch.device(device)
-    return VideoBatch(video=video, captions=captions, labels={k: v.to(device) for k, v in labels.items()})
+    return VideoBatch(video=video, captions=captions, labels={k: v.to(device) for k, v in labels.items()},
+                      object_mask=mask)
