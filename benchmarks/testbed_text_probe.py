@@ -6,7 +6,11 @@ Held-out real videos (the generator's, with their captions) are noised at fixed 
 the rectified-flow loss of the shipped DiT is measured with: the true caption; every direction word reversed
 (left <-> right, up <-> down, up-left <-> down-right, ...); every colour word replaced by the next colour;
 every shape word replaced by the next shape; the empty caption. A word the model relies on raises the loss
-when it is edited; a word it ignores leaves the loss where it is.
+when it is edited; a word it ignores leaves the loss where it is. Each loss is also read on object pixels alone
+(latent pixels an object touches, `train.object_weight`), with the objects' share of the whole loss: where the
+direction words could matter, and whether the background drowns the objects out.
+
+    python benchmarks/testbed_text_probe.py --sigmas 0.3 0.5 0.7 0.9 0.95 0.98 --out benchmarks/results/testbed_text_probe_s5.json
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_accel.testbed import captions, data, load_testbed_pipeline  # noqa: E402
-from dit_accel.testbed.train import encode_videos, flow_matching_loss  # noqa: E402
+from dit_accel.testbed.train import encode_videos, object_weight, velocity_error, weighted_mean  # noqa: E402
+
 
 def shifted(words: tuple[str, ...]) -> dict[str, str]:
     """Each word mapped to the next one of its attribute's vocabulary."""
@@ -32,6 +37,14 @@ def shifted(words: tuple[str, ...]) -> dict[str, str]:
 def edit(caption: str, mapping: dict[str, str]) -> str:
     """The caption with every word found in ``mapping`` replaced."""
     return " ".join(mapping.get(w, w) for w in caption.split())
+
+
+def pipe_step() -> int | None:
+    """DiT training step of the shipped weights (from training_info.json), for the record."""
+    from dit_accel.testbed import WEIGHTS_DIR
+    from dit_accel.testbed.train import read_training_info
+
+    return read_training_info(WEIGHTS_DIR).get("dit", {}).get("step")
 
 
 def main() -> None:
@@ -55,18 +68,30 @@ def main() -> None:
     }
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(latents.shape, generator=g)
+    weight = object_weight(batch.object_mask, batch.video.shape[-1] // latents.shape[-1])
     rows: dict[str, dict[str, float]] = {name: {} for name in variants}
+    objects: dict[str, dict[str, float]] = {name: {} for name in variants}
     with torch.no_grad():
         for sigma in args.sigmas:
             sig = torch.full((latents.shape[0],), sigma)
             for name, caps in variants.items():
-                rows[name][str(sigma)] = round(flow_matching_loss(pipe, latents, caps, sig, noise).item(), 5)
-            print(sigma, {n: rows[n][str(sigma)] for n in variants}, flush=True)
-    relative = {name: {s: round(v / rows["true"][s] - 1.0, 4) for s, v in r.items()} for name, r in rows.items()}
+                err = velocity_error(pipe, latents, caps, sig, noise)
+                rows[name][str(sigma)] = round(weighted_mean(err).item(), 5)
+                objects[name][str(sigma)] = round(weighted_mean(err, weight).item(), 5)
+            print(sigma, {n: (rows[n][str(sigma)], objects[n][str(sigma)]) for n in variants}, flush=True)
+
+    def increase(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        return {name: {s: round(v / table["true"][s] - 1.0, 4) for s, v in r.items()} for name, r in table.items()}
+
+    # Objects' share of the whole loss (true captions): object-pixel mean x object-pixel count / total.
+    object_fraction = weight.mean().item()
+    share = {s: round(objects["true"][s] * object_fraction / rows["true"][s], 4) for s in rows["true"]}
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "cpu", "torch": torch.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "captions": variants, "loss": rows, "loss_increase_vs_true": relative}, indent=1))
+        "weights_step": pipe_step(), "captions": variants, "loss": rows, "loss_increase_vs_true": increase(rows),
+        "object_pixel_fraction": round(object_fraction, 4), "object_loss": objects,
+        "object_loss_increase_vs_true": increase(objects), "object_share_of_loss": share}, indent=1))
     print(f"wrote {args.out}")
 
 

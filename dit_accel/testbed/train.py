@@ -289,20 +289,31 @@ def sample_sigmas(n: int, shift: float, device: torch.device, generator: torch.G
     return torch.where(pick, uniform, sigmas).clamp_max(1.0 - 1e-4)
 
 
-def flow_matching_loss(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str],
-                       sigmas: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Rectified-flow MSE of the transformer's velocity on normalised latents (B, C, T, h, w); with `weight`
-    (broadcastable to the latents, e.g. (B, 1, T, h, w)), the weighted mean over where it is non-zero."""
+def velocity_error(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str], sigmas: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """Squared error (float32, shape of the latents) of the transformer's rectified-flow velocity on normalised
+    latents (B, C, T, h, w) noised to `sigmas` with `noise`."""
     s = sigmas.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * latents + s * noise
     text = pipe.encode_text(caption_list, latents.device)
     pred = pipe.transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=text,
                             return_dict=False)[0]
-    err = (pred.float() - (noise - latents).float()) ** 2
+    return (pred.float() - (noise - latents).float()) ** 2
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `err`; with `weight` (broadcastable to it, e.g. (B, 1, T, h, w)), the weighted mean."""
     if weight is None:
         return err.mean()
     w = weight.to(err.dtype).expand_as(err)
     return (err * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def flow_matching_loss(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str],
+                       sigmas: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Rectified-flow MSE of the transformer's velocity on normalised latents (B, C, T, h, w); with `weight`,
+    the weighted mean (see `weighted_mean`)."""
+    return weighted_mean(velocity_error(pipe, latents, caption_list, sigmas, noise), weight)
 
 
 @torch.no_grad()
