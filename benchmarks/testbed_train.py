@@ -201,7 +201,8 @@ def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path)
 
 
 def stage_dit(device: torch.device, out: Path, resume: Path | None, minutes: float, total_minutes: float,
-              log: Path, high_sigma_share: float = DiTTrainConfig.high_sigma_share) -> None:
+              log: Path, high_sigma_share: float = DiTTrainConfig.high_sigma_share,
+              direction_contrast: float = DiTTrainConfig.direction_contrast) -> None:
     """DiT training session; exports EMA weights to `out/export` at every checkpoint and at the end."""
     export = out / "export"
     source = resume if resume is not None else out
@@ -217,7 +218,8 @@ def stage_dit(device: torch.device, out: Path, resume: Path | None, minutes: flo
         if export.exists():
             shutil.rmtree(export)
         shutil.copytree(folder, export)
-    cfg = DiTTrainConfig(seconds=60 * minutes, total_seconds=60 * total_minutes, high_sigma_share=high_sigma_share)
+    cfg = DiTTrainConfig(seconds=60 * minutes, total_seconds=60 * total_minutes, high_sigma_share=high_sigma_share,
+                         direction_contrast=direction_contrast)
 
     def dit_info(state: DiTState) -> dict:
         return {"step": state.step, "elapsed_s": round(state.elapsed_s, 1), "samples": state.samples,
@@ -252,6 +254,8 @@ def main() -> None:
     parser.add_argument("--total-minutes", type=float, default=14.0, help="planned DiT minutes over all sessions")
     parser.add_argument("--high-sigma-share", type=float, default=DiTTrainConfig.high_sigma_share,
                         help="share of DiT samples with sigma uniform in the high-noise range (0: sessions 1-3)")
+    parser.add_argument("--direction-contrast", type=float, default=DiTTrainConfig.direction_contrast,
+                        help="weight of the direction-contrastive term (0: off; see DiTTrainConfig.direction_contrast)")
     parser.add_argument("--ae-minutes", type=float, default=2.0)
     parser.add_argument("--classifier-minutes", type=float, default=1.5)
     args = parser.parse_args()
@@ -277,7 +281,8 @@ def main() -> None:
         elif stage == "classifier":
             stage_classifier(device, args.out, args.classifier_minutes, log)
         elif stage == "dit":
-            stage_dit(device, args.out, args.resume, args.minutes, args.total_minutes, log, args.high_sigma_share)
+            stage_dit(device, args.out, args.resume, args.minutes, args.total_minutes, log, args.high_sigma_share,
+                      args.direction_contrast)
         print(f"=== stage {stage} done in {time.perf_counter() - t:.1f} s ===", flush=True)
 
 

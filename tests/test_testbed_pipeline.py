@@ -206,6 +206,52 @@ def test_weighted_loss_is_the_mean_over_weighted_pixels() -> None:
     torch.testing.assert_close(object_weight(cov, 4), torch.tensor([[[[[1.0, 0.0], [0.0, 0.0]]]]]))
 
 
+def test_direction_contrast_is_a_hinge_on_the_reversed_caption_gap() -> None:
+    from dit_accel.testbed.train import direction_contrast_loss, has_direction, velocity_error
+
+    assert has_direction(CAPTION) and not has_direction("a red circle bouncing on a plain background")
+    assert not has_direction("")
+    p = tiny_pipeline()
+    lat, noise, sig = torch.randn(2, 4, 2, 8, 8), torch.randn(2, 4, 2, 8, 8), torch.tensor([0.9, 0.97])
+    weight = torch.zeros(2, 1, 2, 8, 8)
+    weight[:, :, :, 2:6, 2:6] = 1
+    caps = [CAPTION, "a large white square moving up-left on a plain background"]
+    with torch.no_grad():
+        loss, gap = direction_contrast_loss(p, lat, caps, weight, sig, noise, margin=0.5)
+
+        def per_video(c: list[str]) -> torch.Tensor:
+            err = velocity_error(p, lat, c, sig, noise)[:, :, :, 2:6, 2:6]
+            return err.mean(dim=(1, 2, 3, 4))
+
+        true = per_video(caps)
+        rev = per_video([captions.reverse_directions(c) for c in caps])
+    expected_gap = rev / true - 1
+    torch.testing.assert_close(gap, expected_gap.mean())
+    torch.testing.assert_close(loss, torch.relu(0.5 - expected_gap).mean())
+    # Once the gap exceeds the margin the term is zero (nothing to push).
+    with torch.no_grad():
+        none, _ = direction_contrast_loss(p, lat, caps, weight, sig, noise, margin=-1.0)
+    assert none.item() == 0.0
+    # Its gradient reaches the model (the text path included) when the margin is not met.
+    loss, _ = direction_contrast_loss(p, lat, caps, weight, sig, noise, margin=0.5)
+    loss.backward()
+    assert p.text_encoder.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_training_with_the_direction_contrast_logs_the_gap(tmp_path: Path) -> None:
+    from dit_accel.testbed.train import DiTTrainConfig, train_dit
+
+    p = tiny_pipeline()
+    cfg = DiTTrainConfig(seconds=60, total_seconds=60, max_steps=3, buckets=((32, 2, 8),), curriculum=((1.01, (1.0,)),),
+                         validation_size=(32, 2), log_every=1, text_dropout=0.0, direction_contrast=1.0)
+    train_dit(p, cfg, torch.device("cpu"), log_path=tmp_path / "log.jsonl", seed=3)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    gaps = [r["direction_gap"] for r in records if r["stage"] == "dit" and "direction_gap" in r]
+    assert gaps and all(math.isfinite(g) for g in gaps)
+    (session,) = [r for r in records if r["stage"] == "dit_session"]
+    assert session["direction_contrast"] == 1.0
+
+
 def test_shipped_weights_load_offline_and_generate_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shipped = load_testbed_pipeline()

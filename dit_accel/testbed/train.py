@@ -228,6 +228,14 @@ class DiTTrainConfig:
     on, 0.3: 14 % of samples above sigma 0.95 instead of 3 %."""
     high_sigma_range: tuple[float, float] = (0.85, 1.0)
     """(low, high) of the uniform high-noise component."""
+    direction_contrast: float = 0.0
+    """Weight of the direction-contrastive term (`direction_contrast_loss`; 0: off, as in sessions 1-4). Each step
+    it takes up to a quarter of the batch whose captions name a direction, noises them at a sigma drawn from
+    `high_sigma_range`, and asks the object-pixel loss with every direction word reversed to exceed the loss with
+    the true caption by `direction_contrast_margin` (relative). Costs two more forward/backward passes of those
+    videos. Built after session 4 found the DiT ignoring direction words; not yet trained with."""
+    direction_contrast_margin: float = 0.02
+    """Relative gap (reversed / true - 1) above which the contrastive term stops pushing."""
     buckets: tuple[tuple[int, int, int], ...] = (
         (128, 8, 32), (128, 16, 16), (192, 12, 8), (256, 8, 8), (256, 16, 4), (256, 32, 2))
     """(side px, frames, batch) shapes; each about 55-65K tokens a step."""
@@ -371,6 +379,32 @@ def object_weight(object_mask: torch.Tensor, factor: int) -> torch.Tensor:
     return (pooled > 0.01).float()
 
 
+def direction_contrast_loss(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str],
+                            weight: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor,
+                            margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge on the direction-word gap: mean over videos of ``relu(margin - (l_rev / l_true - 1))``, where
+    ``l_true`` / ``l_rev`` are a video's object-pixel losses (`weight`, (B, 1, T, h, w)) with its caption and with
+    every direction word reversed. Zero once reversing the directions costs at least `margin` of the loss; below
+    that its gradient lowers ``l_true`` and raises ``l_rev``, i.e. makes the prediction follow the direction word.
+    Returns (loss, mean gap). Captions must name a direction (see `has_direction`)."""
+    reversed_captions = [captions.reverse_directions(c) for c in caption_list]
+    w = weight.to(torch.float32)
+    area = w.sum(dim=(1, 2, 3, 4)).clamp_min(1e-8) * latents.shape[1]
+
+    def per_video(caps: list[str]) -> torch.Tensor:
+        err = velocity_error(pipe, latents, caps, sigmas, noise)
+        return (err * w).sum(dim=(1, 2, 3, 4)) / area
+
+    true, rev = per_video(caption_list), per_video(reversed_captions)
+    gap = rev / true.detach() - true / true.detach()  # value rev/true - 1; gradient through both losses
+    return torch.relu(margin - gap).mean(), gap.detach().mean()
+
+
+def has_direction(caption: str) -> bool:
+    """Whether a caption names a direction (reversing its directions changes it)."""
+    return captions.reverse_directions(caption) != caption
+
+
 def save_checkpoint(path: Path, pipe: TestbedPipeline, ema: EMA, opt: torch.optim.Optimizer, state: DiTState,
                     rng: random.Random, data_gen: torch.Generator) -> None:
     """Full training state (models, EMA, optimizer, progress, RNG) to one file."""
@@ -433,6 +467,7 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
     session_start_step, session_t0 = state.step, time.perf_counter()
     wall0 = last_ck = session_t0  # wall0: this session's budget; session_t0: time not yet added to state
     losses: list[float] = []
+    gaps: list[torch.Tensor] = []  # direction gaps of the contrastive term, between log lines
     bucket_counts: dict[str, int] = {}
     while True:
         now = time.perf_counter()
@@ -453,8 +488,21 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
             group["lr"] = lr
         with autocast(device), fast_attention(device):
             loss = flow_matching_loss(pipe, latents, caption_list, sigmas, noise)
+            total = loss
+            picked = ([i for i, c in enumerate(caption_list) if has_direction(c)][: max(1, batch_size // 4)]
+                      if cfg.direction_contrast > 0 else [])
+            if picked:
+                idx = torch.tensor(picked, device=device)
+                low, high = cfg.high_sigma_range
+                sig_c = low + (high - low) * torch.rand(len(picked), generator=noise_gen, device=device)
+                contrast, gap = direction_contrast_loss(
+                    pipe, latents[idx], [caption_list[i] for i in picked],
+                    object_weight(batch.object_mask[idx], side // latents.shape[-1]), sig_c.clamp_max(1.0 - 1e-4),
+                    noise[idx], cfg.direction_contrast_margin)
+                total = loss + cfg.direction_contrast * contrast
+                gaps.append(gap)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
@@ -467,10 +515,12 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
             mean_loss = torch.stack(losses).mean().item()
             losses.clear()
             t_now = time.perf_counter()
+            extra = {"direction_gap": round(torch.stack(gaps).mean().item(), 5)} if gaps else {}
+            gaps.clear()
             log_line(log_path, {"stage": "dit", "step": state.step, "elapsed_s": round(state.elapsed_s + t_now - session_t0, 1),
                                 "loss": round(mean_loss, 5), "lr": round(lr, 7), "grad_norm": round(float(grad_norm), 3),
                                 "bucket": f"{side}x{frames}x{batch_size}", "samples": state.samples,
-                                "tokens": state.tokens})
+                                "tokens": state.tokens, **extra})
         if checkpoint is not None and time.perf_counter() - last_ck > cfg.checkpoint_every_s:
             state.elapsed_s += time.perf_counter() - session_t0
             session_t0 = time.perf_counter()
@@ -486,7 +536,8 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
     # ignores them.
     summary = {"steps": state.step - session_start_step, "end_step": state.step, "elapsed_s": round(state.elapsed_s, 1),
                "val_size": list(cfg.validation_size), "bucket_counts": bucket_counts,
-               "high_sigma_share": cfg.high_sigma_share, **{k: round(v, 5) for k, v in val.items()}}
+               "high_sigma_share": cfg.high_sigma_share, "direction_contrast": cfg.direction_contrast,
+               **{k: round(v, 5) for k, v in val.items()}}
     state.sessions.append(summary)
     log_line(log_path, {"stage": "dit_session", **summary})
     if checkpoint is not None:
