@@ -224,8 +224,8 @@ class DiTTrainConfig:
     """Timestep shift of the sigma distribution (same as the sampling scheduler's)."""
     high_sigma_share: float = 0.3
     """Share of samples whose sigma is drawn uniformly from `high_sigma_range` instead of the shifted
-    logit-normal (see `sample_sigmas`). Sessions 1-3 trained with 0 (the logit-normal alone); from session 4
-    on, 0.3: 14 % of samples above sigma 0.95 instead of 3 %."""
+    logit-normal (see `sample_sigmas`). Sessions 1-3 trained with 0 (the logit-normal alone), session 4 with 0.3
+    then 0.4; at 0.3, 14 % of samples lie above sigma 0.95 instead of 3 %."""
     high_sigma_range: tuple[float, float] = (0.85, 1.0)
     """(low, high) of the uniform high-noise component."""
     direction_contrast: float = 0.0
