@@ -25,8 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_accel.testbed import captions, data, load_testbed_pipeline  # noqa: E402
-from dit_accel.testbed.train import encode_videos, object_weight, velocity_error, weighted_mean  # noqa: E402
+from dit_accel.testbed import WEIGHTS_DIR, captions, data, load_testbed_pipeline  # noqa: E402
+from dit_accel.testbed.train import (  # noqa: E402
+    encode_videos,
+    object_weight,
+    read_training_info,
+    velocity_error,
+    weighted_mean,
+)
 
 
 def shifted(words: tuple[str, ...]) -> dict[str, str]:
@@ -41,9 +47,6 @@ def edit(caption: str, mapping: dict[str, str]) -> str:
 
 def pipe_step() -> int | None:
     """DiT training step of the shipped weights (from training_info.json), for the record."""
-    from dit_accel.testbed import WEIGHTS_DIR
-    from dit_accel.testbed.train import read_training_info
-
     return read_training_info(WEIGHTS_DIR).get("dit", {}).get("step")
 
 

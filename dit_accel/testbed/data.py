@@ -75,7 +75,8 @@ class VideoBatch:
     ``background``/``count``: LongTensor (B,). On the batch's device."""
     object_mask: torch.Tensor | None = None
     """(B, 1, T, H, W) float32 in [0, 1]: per pixel, the largest anti-aliased coverage of any object (0 on pure
-    background). Training uses it to weight the loss on objects; ``None`` only for hand-built batches."""
+    background). Read by training's validation and direction-contrastive term and by the text probe (losses on
+    object pixels); ``None`` only for hand-built batches."""
 
 
 # --------------------------------------------------------------------------------------------- randomness
@@ -458,7 +459,7 @@ def render_from_labels(
     video = base + weight[:, None] * (second - base)
 
     # Objects, last first so the first-mentioned one is on top.
-    coverage = torch.zeros(b, frames, height, width, device=device)
+    coverage = torch.zeros(b, frames, height, width, device=device) if return_mask else None
     for j in reversed(range(n)):
         alpha = torch.zeros(b, frames, height, width, device=device)
         for k, kind in enumerate(ATTRIBUTES["shape"]):
@@ -478,9 +479,10 @@ def render_from_labels(
             alpha[idx.to(device)] = _coverage(d_px)
         rgb = geo.rgb[:, j].to(device).view(b, 3, 1, 1, 1)
         video = video + alpha[:, None] * (rgb - video)
-        coverage = torch.maximum(coverage, alpha)
+        if coverage is not None:
+            coverage = torch.maximum(coverage, alpha)
     video = (video * 2.0 - 1.0).clamp(-1.0, 1.0)
-    return (video, coverage[:, None]) if return_mask else video
+    return (video, coverage[:, None]) if coverage is not None else video
 
 
 def make_batch(

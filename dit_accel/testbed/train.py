@@ -309,12 +309,14 @@ def velocity_error(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: l
     return (pred.float() - (noise - latents).float()) ** 2
 
 
-def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of `err`; with `weight` (broadcastable to it, e.g. (B, 1, T, h, w)), the weighted mean."""
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None = None, *, per_sample: bool = False) -> torch.Tensor:
+    """Mean of `err`; with `weight` (broadcastable to it, e.g. (B, 1, T, h, w)), the weighted mean. With
+    `per_sample`, one mean per leading index (shape (B,))."""
+    dims = tuple(range(1, err.dim())) if per_sample else tuple(range(err.dim()))
     if weight is None:
-        return err.mean()
+        return err.mean(dim=dims)
     w = weight.to(err.dtype).expand_as(err)
-    return (err * w).sum() / w.sum().clamp_min(1e-8)
+    return (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
 
 
 def flow_matching_loss(pipe: TestbedPipeline, latents: torch.Tensor, caption_list: list[str],
@@ -388,14 +390,8 @@ def direction_contrast_loss(pipe: TestbedPipeline, latents: torch.Tensor, captio
     that its gradient lowers ``l_true`` and raises ``l_rev``, i.e. makes the prediction follow the direction word.
     Returns (loss, mean gap). Captions must name a direction (see `has_direction`)."""
     reversed_captions = [captions.reverse_directions(c) for c in caption_list]
-    w = weight.to(torch.float32)
-    area = w.sum(dim=(1, 2, 3, 4)).clamp_min(1e-8) * latents.shape[1]
-
-    def per_video(caps: list[str]) -> torch.Tensor:
-        err = velocity_error(pipe, latents, caps, sigmas, noise)
-        return (err * w).sum(dim=(1, 2, 3, 4)) / area
-
-    true, rev = per_video(caption_list), per_video(reversed_captions)
+    true, rev = (weighted_mean(velocity_error(pipe, latents, caps, sigmas, noise), weight, per_sample=True)
+                 for caps in (caption_list, reversed_captions))
     gap = rev / true.detach() - true / true.detach()  # value rev/true - 1; gradient through both losses
     return torch.relu(margin - gap).mean(), gap.detach().mean()
 
