@@ -1,5 +1,6 @@
 """The fused draft-map kernel (dit_accel/kernels/draft_map.py) against its torch reference
-(dit_accel.attention.draft.draft_map_reference).
+(dit_accel.attention.draft.draft_map_reference), and the selection kernel against ``top_p_keep`` plus the protect
+masks, its BlockMask rows (``indices=True``) against ``block_mask_from_bool`` of the same selection, bit for bit.
 
 The kernel runs in the Triton interpreter in ONE subprocess started with TRITON_INTERPRET=1 (this file run as
 a script: the variable must be set before Triton kernels are defined and must not leak into other tests);
@@ -34,6 +35,19 @@ CASES: dict[str, tuple] = {
 # draft_estimate with both backends (text blocks, similarity threshold, top-p): selections must agree
 ESTIMATE_CASE = (1, 2, 6 * 128 + 20, 64, "float32", 4, "roll", True, "bshd")
 
+# selection kernel on random maps, name: (B, H, blocks, top_p, min_blocks, text, similarity threshold, map)
+SELECT_CASES: dict[str, tuple] = {
+    "ragged_text": (1, 1, 12, 0.8, 3, True, 0.15, "random"),
+    "small_no_text": (2, 1, 4, 0.5, 1, False, 0.15, "random"),
+    "keep_all": (1, 1, 9, 1.0, 1, False, 0.15, "random"),
+    "min_blocks": (1, 1, 6, 0.3, 4, False, 0.15, "random"),
+    "diagonal_only": (1, 2, 7, 0.5, 1, False, -1.0, "peaked"),  # no protection but the diagonal
+    "dense_rows_cols": (2, 3, 11, 0.4, 1, False, 0.5, "random"),  # many full rows (low similarity)
+    "text_heads_batch": (2, 3, 13, 0.6, 2, True, 0.05, "random"),
+    "single_block": (1, 2, 1, 0.5, 1, False, 0.15, "random"),
+    "wide_row": (1, 1, 70, 0.7, 1, False, -1.0, "random"),  # 128 lanes for 70 columns
+}
+
 
 def _inputs(B, H, S, D, dtype, order, layout, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +74,7 @@ def _interp_main() -> None:
         raise SystemExit("run with TRITON_INTERPRET=1")
     torch.set_num_threads(1)
     from dit_accel.attention import draft
+    from dit_accel.kernels import block_mask_from_bool
 
     out = {}
     for name, (B, H, S, D, dtype, pool, order, log_bias, layout) in CASES.items():
@@ -96,37 +111,124 @@ def _interp_main() -> None:
         "some_dense": bool(got.dense_rows.any() or got.dense_cols.any()),
         "some_skipped": bool((~got.keep).any()),
     }
+    # the BlockMask rows written by the selection kernel (ragged last block, text block, dense rows/columns)
+    got_rows = draft.draft_estimate(q, k, block_indices=True, **kw)
+    ref_mask = block_mask_from_bool(ref.keep, S, S)
+    out["estimate"].update(
+        rows_keep_equal=bool(torch.equal(got_rows.keep, got.keep)),
+        rows_num_equal=bool(torch.equal(got_rows.kv_num_blocks, ref_mask.kv_num_blocks)),
+        rows_idx_equal=bool(torch.equal(got_rows.kv_indices, ref_mask.kv_indices)),
+        no_rows_unasked=got.kv_indices is None and got.kv_num_blocks is None,
+        torch_path_no_rows=ref.kv_indices is None,
+    )
     out["select"] = _select_cases()
+    out["plans"] = _plan_cases()
     print(json.dumps(out))
 
 
+def _plan_cases() -> dict:
+    """``draft`` and ``combo`` plans (the combo refresh call) on the kernel path, whose BlockMask comes from the
+    selection kernel's rows, against ``block_mask_from_bool`` of the estimate's ``keep`` and against the whole
+    plan on the torch path. Grid (3, 10, 10): 300 tokens, 3 blocks, the last one ragged (44 tokens)."""
+    import sparse_helpers as helpers
+
+    from dit_accel.attention import draft, temporal_skip
+    from dit_accel.attention.methods import get_method
+    from dit_accel.attention.sparse_base import text_blocks_of
+    from dit_accel.kernels import block_mask_from_bool
+
+    grid = (3, 10, 10)
+    S = 300
+    valves_off = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0)
+    res = {}
+    for name, method_name, batch, options in (
+        ("draft", "draft", 1, dict(top_p=0.6, similarity_threshold=0.0)),
+        ("draft_batch2", "draft", 2, dict(top_p=0.6, similarity_threshold=0.0)),
+        ("permuted", "permuted", 1, dict(top_p=0.6, similarity_threshold=0.0)),
+        ("combo_reuse_batch2", "combo", 2, dict(top_p=0.6, similarity_threshold=0.0, drift_check=False,
+                                                skip_threshold=float("-inf"))),
+        ("combo_drift", "combo", 1, dict(top_p=0.6, similarity_threshold=0.0, skip_threshold=-8.0)),
+    ):
+        q, k = helpers.smooth_qk(grid, heads=2, dim=64, seed=3)
+        if batch == 2:
+            q2, k2 = helpers.smooth_qk(grid, heads=2, dim=64, seed=4)
+            q, k = torch.cat([q, q2]), torch.cat([k, k2])
+        masks, compactions = {}, {}
+        for backend in ("auto", "torch"):  # auto: the kernels (TRITON_INTERPRET=1)
+            draft.DRAFT_MAP_BACKEND = backend
+            method = get_method(method_name, **valves_off, **options)
+            ctx = helpers.hand_context(grid)
+            call = helpers.call_at(ctx, 0, S, batch=batch)
+            # count the compaction passes the plan runs (none on the kernel path: the kernel wrote the rows)
+            calls = []
+            for module in (draft, temporal_skip):
+                module.block_mask_from_bool = lambda *a, _calls=calls, **kw: _calls.append(1) or block_mask_from_bool(*a, **kw)
+            try:
+                plan = method.plan(q, k, call)
+            finally:
+                draft.block_mask_from_bool = temporal_skip.block_mask_from_bool = block_mask_from_bool
+            compactions[backend] = len(calls)
+            mask, perm = (plan.mask, plan.perm) if hasattr(plan, "mask") else (plan, None)
+            masks[backend] = mask
+            if backend == "auto":
+                est = method.estimate(q, k, perm, text_blocks_of(call.layout, S, q.device))
+                ref = block_mask_from_bool(est.keep, S, S)
+        draft.DRAFT_MAP_BACKEND = "auto"
+        got, torch_mask = masks["auto"], masks["torch"]
+        res[name] = {
+            "num_equal": bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks)),
+            "idx_equal": bool(torch.equal(got.kv_indices, ref.kv_indices)),
+            "torch_path_equal": bool(torch.equal(got.kv_num_blocks, torch_mask.kv_num_blocks)
+                                     and torch.equal(got.kv_indices, torch_mask.kv_indices)),
+            "seq_lengths": list(got.seq_lengths),
+            "shape": list(got.kv_indices.shape),
+            "some_skipped": bool((got.kv_num_blocks < got.kv_indices.shape[-1]).any()),
+            "compactions": compactions,
+        }
+    return res
+
+
 def _select_cases() -> dict:
-    """The top-p + protect kernel against top_p_keep and the torch protect masks (random maps: no ties)."""
+    """The top-p + protect kernel against top_p_keep and the torch protect masks (random maps: no ties), and its
+    BlockMask rows against block_mask_from_bool of the reference selection."""
     from dit_accel.attention.draft import top_p_keep
+    from dit_accel.kernels import block_mask_from_bool
     from dit_accel.kernels.draft_map import select_blocks_triton
 
     g = torch.Generator().manual_seed(2)
     res = {}
-    for name, (B, H, nb, top_p, min_blocks, text_on) in {
-        "ragged_text": (1, 1, 12, 0.8, 3, True),
-        "small_no_text": (2, 1, 4, 0.5, 1, False),
-        "keep_all": (1, 1, 9, 1.0, 1, False),
-        "min_blocks": (1, 1, 6, 0.3, 4, False),
-    }.items():
+    # name: (B, H, blocks, top_p, min_blocks, text, similarity threshold, map)
+    for name, (B, H, nb, top_p, min_blocks, text_on, thr, kind) in SELECT_CASES.items():
         probs = torch.softmax(3 * torch.randn(B, H, nb, nb, generator=g), -1)
+        if kind == "peaked":  # every row's mass on its diagonal block: top-p keeps only the diagonal
+            probs = torch.softmax(probs + 30 * torch.eye(nb), -1)
         q_sim, k_sim = torch.rand(B, H, nb, generator=g), torch.rand(B, H, nb, generator=g)
         text = (torch.arange(nb) >= nb - 2) if text_on else None
-        keep, protect = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
-                                             similarity_threshold=0.15, text_blocks=text)
-        ref_protect = torch.eye(nb, dtype=torch.bool) | (q_sim < 0.15)[..., None] | (k_sim < 0.15)[..., None, :]
+        sel = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
+                                   similarity_threshold=thr, text_blocks=text, indices=True)
+        plain = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
+                                     similarity_threshold=thr, text_blocks=text)
+        ref_protect = torch.eye(nb, dtype=torch.bool) | (q_sim < thr)[..., None] | (k_sim < thr)[..., None, :]
         if text is not None:
             ref_protect = ref_protect | text[:, None] | text[None, :]
         ref_keep = top_p_keep(probs, top_p, min_blocks) | ref_protect
         ref_top_p = top_p_keep(probs, top_p, min_blocks)
-        res[name] = {"keep_equal": bool(torch.equal(keep, ref_keep)),
-                     "protect_equal": bool(torch.equal(protect, ref_protect)),
-                     "topp_only_equal": bool(torch.equal(keep & ~protect, ref_top_p & ~ref_protect)),
-                     "skips": int((~keep).sum())}
+        # the torch reference of the rows: block_mask_from_bool of the reference selection (any block size
+        # fits: the rows depend only on the block matrix; 64-token blocks, the last one ragged)
+        ref_mask = block_mask_from_bool(ref_keep, nb * 64 - 5, nb * 64 - 5, 64)
+        per_row = sel.kv_num_blocks.flatten().tolist()
+        res[name] = {"keep_equal": bool(torch.equal(sel.keep, ref_keep)),
+                     "protect_equal": bool(torch.equal(sel.protect, ref_protect)),
+                     "topp_only_equal": bool(torch.equal(sel.keep & ~sel.protect, ref_top_p & ~ref_protect)),
+                     "skips": int((~sel.keep).sum()),
+                     "num_equal": bool(torch.equal(sel.kv_num_blocks, ref_mask.kv_num_blocks)),
+                     "idx_equal": bool(torch.equal(sel.kv_indices, ref_mask.kv_indices)),
+                     "rows_dtype_ok": sel.kv_num_blocks.dtype == torch.int32 and sel.kv_indices.dtype == torch.int32
+                     and sel.kv_num_blocks.is_contiguous() and sel.kv_indices.is_contiguous(),
+                     "plain_same_keep": bool(torch.equal(plain.keep, sel.keep) and torch.equal(plain.protect, sel.protect)),
+                     "plain_no_rows": plain.kv_num_blocks is None and plain.kv_indices is None,
+                     "diagonal_only_rows": sum(n == 1 for n in per_row),
+                     "full_rows": sum(n == nb for n in per_row)}
     return res
 
 
@@ -157,11 +259,39 @@ def test_kernel_estimate_selects_as_reference(interp_results: dict) -> None:
     assert r["some_skipped"], r  # the case exercises the selection, not only "keep everything"
 
 
-@pytest.mark.parametrize("case", ["ragged_text", "small_no_text", "keep_all", "min_blocks"])
+@pytest.mark.parametrize("case", list(SELECT_CASES))
 def test_select_kernel_matches_top_p_keep_and_protect(interp_results: dict, case: str) -> None:
     r = interp_results["select"][case]
     assert r["keep_equal"] and r["protect_equal"] and r["topp_only_equal"], r
-    assert (r["skips"] == 0) == (case == "keep_all"), r
+    assert (r["skips"] == 0) == (case in ("keep_all", "single_block")), r
+
+
+@pytest.mark.parametrize("case", list(SELECT_CASES))
+def test_select_kernel_rows_equal_block_mask_from_bool(interp_results: dict, case: str) -> None:
+    r = interp_results["select"][case]
+    assert r["num_equal"] and r["idx_equal"] and r["rows_dtype_ok"], r
+    assert r["plain_same_keep"] and r["plain_no_rows"], r
+    if case == "diagonal_only":
+        assert r["diagonal_only_rows"] == 2 * 7, r  # every row holds only its diagonal block
+    if case in ("dense_rows_cols", "keep_all"):
+        assert r["full_rows"] > 0, r
+
+
+def test_estimate_rows_equal_block_mask_from_bool(interp_results: dict) -> None:
+    r = interp_results["estimate"]
+    assert r["rows_keep_equal"] and r["rows_num_equal"] and r["rows_idx_equal"], r
+    assert r["no_rows_unasked"] and r["torch_path_no_rows"], r
+
+
+@pytest.mark.parametrize("case", ["draft", "draft_batch2", "permuted", "combo_reuse_batch2", "combo_drift"])
+def test_plans_take_the_kernel_rows(interp_results: dict, case: str) -> None:
+    r = interp_results["plans"][case]
+    assert r["num_equal"] and r["idx_equal"], r
+    assert r["torch_path_equal"], r  # the whole plan as on the torch path (these inputs have no near-ties)
+    assert r["seq_lengths"] == [300, 300] and r["shape"][-2:] == [3, 3], r
+    assert r["shape"][0] == (2 if "batch2" in case else 1), r
+    assert r["some_skipped"], r
+    assert r["compactions"] == {"auto": 0, "torch": 1}, r  # the kernel path runs no compaction pass
 
 
 def test_select_kernel_bad_input_is_a_clear_error() -> None:

@@ -20,8 +20,10 @@ Per call (all on the device, no host synchronisation):
    ``similarity_threshold``: SpargeAttn's self-similarity check).
 
 :class:`PlannedMethod` is the skeleton shared by the sparse methods (safety valves, token order,
-selection, statistics); ``permuted``, ``temporal_skip`` and ``combo`` override its ``order`` and
-``select`` steps.
+selection, statistics); ``permuted`` overrides its ``order`` step, ``oracle`` and ``window`` its ``select``
+step, ``temporal_skip`` and ``combo`` the plan itself (refresh and reuse calls). On the kernel path the
+selection kernel writes the BlockMask's rows itself (:meth:`DraftEstimate.block_mask`), so a draft plan runs
+no separate compaction pass.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dit_accel.attention.sparse_base import (
     stats_enabled,
     text_blocks_of,
 )
-from dit_accel.kernels import block_mask_from_bool
+from dit_accel.kernels import block_mask_from_bool, block_mask_from_indices
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -232,6 +234,19 @@ class DraftEstimate:
     """``(B, H, QB)`` bool: query blocks computed densely because pooling cannot represent them."""
     dense_cols: torch.Tensor
     """``(B, H, KB)`` bool: key blocks kept for every query block because pooling cannot represent them."""
+    kv_num_blocks: torch.Tensor | None = None
+    """``(B, H, QB)`` int32: the BlockMask rows of ``keep`` as the selection kernel wrote them (``None`` on the
+    torch path or when not asked for)."""
+    kv_indices: torch.Tensor | None = None
+    """``(B, H, QB, KB)`` int32: with ``kv_num_blocks``, exactly what :func:`block_mask_from_bool` makes of
+    ``keep``."""
+
+    def block_mask(self, seq_len: int) -> "BlockMask":
+        """The BlockMask of ``keep`` for ``seq_len`` tokens: from the kernel's rows when it wrote them (no
+        compaction pass), else compacted by :func:`block_mask_from_bool` (the torch path)."""
+        if self.kv_num_blocks is not None and self.kv_indices is not None:
+            return block_mask_from_indices(self.kv_num_blocks, self.kv_indices, seq_len, seq_len)
+        return block_mask_from_bool(self.keep, seq_len, seq_len)
 
 
 _DRAFT_MAP_CHUNK_ELEMENTS = 1 << 25
@@ -369,6 +384,7 @@ def draft_estimate(
     query_pool: int = BLOCK,
     temperature: float = 1.0,
     block: int = BLOCK,
+    block_indices: bool = False,
 ) -> DraftEstimate:
     """Draft map and top-p selection for ``(B, H, S, D)`` q and k in the model's order, blocks formed in
     the planned order ``perm`` (``pool``: its averaging matrix, see :func:`block_pool`).
@@ -377,6 +393,10 @@ def draft_estimate(
     ``query_pool`` tokens per query sub-block (divides ``block``; ``block``: one pooled query per block):
     each sub-block's softmax over the key blocks is computed and a query block's map is their
     token-weighted mean. ``temperature`` divides the draft logits (> 1 flattens the map).
+    ``block_indices``: have the selection kernel also write the BlockMask rows of ``keep``
+    (:attr:`DraftEstimate.kv_indices`; the torch path leaves them ``None``, :meth:`DraftEstimate.block_mask`
+    then compacts ``keep``). Only callers that turn ``keep`` itself into the mask ask: the rows cost a write of
+    ``(B, H, QB, KB)`` int32.
     """
     D = q.shape[-1]
     scale = (1.0 / math.sqrt(D) if scale is None else scale) / temperature
@@ -388,12 +408,13 @@ def draft_estimate(
     dense_rows = q_sim < similarity_threshold
     dense_cols = k_sim < similarity_threshold
     if kernel:
-        # top-p (bisection, no sort) and the protected tiles in one pass over the map
+        # top-p (bisection, no sort), the protected tiles and (block_indices) the BlockMask rows in one pass
         from dit_accel.kernels.draft_map import select_blocks_triton
 
-        keep, protect = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
-                                             similarity_threshold=similarity_threshold, text_blocks=text_blocks)
-        return DraftEstimate(probs, keep, protect, dense_rows, dense_cols)
+        sel = select_blocks_triton(probs, q_sim, k_sim, top_p=top_p, min_blocks=min_blocks,
+                                   similarity_threshold=similarity_threshold, text_blocks=text_blocks,
+                                   indices=block_indices)
+        return DraftEstimate(probs, sel.keep, sel.protect, dense_rows, dense_cols, sel.kv_num_blocks, sel.kv_indices)
     keep = top_p_keep(probs, top_p, min_blocks)
     always = torch.eye(nb, dtype=torch.bool, device=q.device)
     if text_blocks is not None:
@@ -444,8 +465,9 @@ class DraftConfig(SparseConfig):
 
 
 class PlannedMethod(ConfiguredMethod):
-    """Skeleton of the sparse methods: safety valves, then ``order`` (token permutation), then ``select``
-    (bool block mask in that order), then the BlockMask. Subclasses override the two steps."""
+    """Skeleton of the sparse methods: safety valves, then ``order`` (token permutation), then the BlockMask of
+    the selection in that order (:meth:`select_mask`: the draft selection, or a subclass's bool ``select``).
+    Subclasses override ``order`` and ``select``."""
 
     config_class: ClassVar[type[SparseConfig]] = DraftConfig
     order_name: ClassVar[str] = "none"
@@ -462,9 +484,20 @@ class PlannedMethod(ConfiguredMethod):
     def _plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
         S = q.shape[-2]
         perm = self.order(q, k, ctx)
-        keep = self.select(q, k, ctx, perm, text_blocks_of(ctx.layout, S, q.device))
-        mask = block_mask_from_bool(keep, S, S)
+        mask = self.select_mask(q, k, ctx, perm, text_blocks_of(ctx.layout, S, q.device))
         return mask if perm is None else SparsePlan(mask, perm)
+
+    def select_mask(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall", perm: torch.Tensor | None,
+                    text_blocks: torch.Tensor | None) -> "BlockMask":
+        """The BlockMask of this call's selection in the order ``perm``: the draft selection, whose rows the
+        selection kernel writes (:meth:`DraftEstimate.block_mask`: no compaction pass on the kernel path), or a
+        subclass's own :meth:`select` (oracle, window), compacted by :func:`block_mask_from_bool`."""
+        S = q.shape[-2]
+        if type(self).select is not PlannedMethod.select:  # the subclass brings its own selection
+            return block_mask_from_bool(self.select(q, k, ctx, perm, text_blocks), S, S)
+        est = self.estimate(q, k, perm, text_blocks, block_indices=True)
+        self.record_estimate(ctx, est)
+        return est.block_mask(S)
 
     def order(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> torch.Tensor | None:
         """Token permutation for this call (``None``: the model's own order)."""
@@ -472,14 +505,15 @@ class PlannedMethod(ConfiguredMethod):
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall", perm: torch.Tensor | None,
                text_blocks: torch.Tensor | None) -> torch.Tensor:
-        """Bool ``(B, H, QB, KB)`` block mask in the order ``perm``: the draft selection."""
-        est = self.estimate(q, k, perm, text_blocks)
-        self.record_estimate(ctx, est)
-        return est.keep
+        """Bool ``(B, H, QB, KB)`` block mask in the order ``perm`` of a subclass's own selection (oracle,
+        window). Not defined for the draft selection: :meth:`select_mask` takes its BlockMask rows from the
+        selection kernel, so a bool-then-compact step would be a second path to the same mask."""
+        raise NotImplementedError(f"{type(self).__name__} plans with the draft selection (see select_mask)")
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor | None,
-                 text_blocks: torch.Tensor | None) -> DraftEstimate:
-        """The draft estimate of this call in the order ``perm``, with the configured thresholds."""
+                 text_blocks: torch.Tensor | None, block_indices: bool = False) -> DraftEstimate:
+        """The draft estimate of this call in the order ``perm``, with the configured thresholds
+        (``block_indices``: see :func:`draft_estimate`)."""
         cfg = self.cfg
         # the kernel gathers through perm itself: the averaging matrix is only built for the torch reference
         kernel = draft_map_uses_kernel(q)
@@ -496,6 +530,7 @@ class PlannedMethod(ConfiguredMethod):
             query_pool=cfg.query_pool,
             temperature=cfg.temperature,
             text_blocks=text_blocks,
+            block_indices=block_indices,
         )
 
     def record_estimate(self, ctx: "AttentionCall", est: DraftEstimate) -> None:

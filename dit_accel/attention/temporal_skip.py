@@ -194,11 +194,15 @@ class TemporalSkipMixin:
         mask: "BlockMask | None" = None
         if refresh:
             perm = self.order(q, k, ctx)
-            est = self.estimate(q, k, perm, text)
+            # with block_indices the selection kernel writes the BlockMask rows of est.keep: no compaction pass
+            # below when the refresh plan is the draft's own selection (no calibration)
+            est = self.estimate(q, k, perm, text, block_indices=True)
             self.record_estimate(ctx, est)
             if cfg.calibrate and not all("ts_mass" in states[b] for b in groups):
                 self._calibrate(q, k, ctx, perm)  # no warm-up step calibrated this layer
             keep = self._fresh_keep(est, states, groups, perm, B)
+            if keep is est.keep:
+                mask = est.block_mask(S)
             # the row's estimated mass outside the plan: only the drift check reads it
             outside = (est.probs * ~keep).sum(-1) if cfg.drift_check else None
             for b, rows in groups.items():
@@ -261,10 +265,10 @@ class TemporalSkipMixin:
         add_call_stats(ctx, refresh=refresh)
         if mask is None:
             mask = block_mask_from_bool(keep, S, S)
-            if refresh and reusable:
-                cached = (batch_key, mask)
-                for b in groups:
-                    states[b]["ts_mask"] = cached
+        if refresh and reusable:
+            cached = (batch_key, mask)
+            for b in groups:
+                states[b]["ts_mask"] = cached
         return mask if perm is None else SparsePlan(mask, perm)
 
     def observe(self, ctx: "AttentionCall", tile_stats: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ Block-sparse attention (layout, LSE and tile statistics: :mod:`.block_sparse_com
   ``kv_index`` fold a token permutation into the kernel's loads and stores (no permuted copies);
 - :func:`block_sparse_attention_reference` — the torch reference, same signature;
 - mask helpers building torch's FlexAttention ``BlockMask``: :func:`dense_block_mask`,
-  :func:`block_mask_from_bool`, :func:`block_mask_from_scores`, :func:`block_mask_density`.
+  :func:`block_mask_from_bool`, :func:`block_mask_from_indices` (rows compacted on the device by the
+  draft selection kernel), :func:`block_mask_from_scores`, :func:`block_mask_density`.
 
 The Triton module is imported lazily (on the first CUDA call), so importing this package needs no GPU.
 """
@@ -15,6 +16,7 @@ from .block_mask import (
     DEFAULT_BLOCK_SIZE,
     block_mask_density,
     block_mask_from_bool,
+    block_mask_from_indices,
     block_mask_from_scores,
     dense_block_mask,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "BlockSparseOutput",
     "block_mask_density",
     "block_mask_from_bool",
+    "block_mask_from_indices",
     "block_mask_from_scores",
     "dense_block_mask",
     "block_sparse_attention",

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "block_mask_density",
     "block_mask_from_bool",
+    "block_mask_from_indices",
     "block_mask_from_scores",
     "dense_block_mask",
     "num_blocks",
@@ -123,6 +124,33 @@ def block_mask_from_bool(
     kv_idx.scatter_(-1, pos, cols.expand(block_bool.shape))
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
+    )
+
+
+def block_mask_from_indices(
+    kv_num_blocks: Tensor, kv_indices: Tensor, q_len: int, kv_len: int, block_size: int = DEFAULT_BLOCK_SIZE
+) -> BlockMask:
+    """A BlockMask from rows already compacted on the device, e.g. by the draft selection kernel
+    (:func:`dit_accel.kernels.draft_map.select_blocks_triton` with ``indices=True``), which writes them
+    exactly as :func:`block_mask_from_bool` would: no device work here, only shape checks.
+
+    Args:
+        kv_num_blocks: int32 ``[B, H, Q_BLOCKS]``, the number of attended key blocks per query block.
+        kv_indices: int32 ``[B, H, Q_BLOCKS, KV_BLOCKS]``, per row the attended key blocks first (ascending, as
+            every helper here lists them), the rest padding.
+        q_len: number of query tokens.
+        kv_len: number of key/value tokens.
+        block_size: query and key block size (64 or 128).
+    """
+    _check_lengths(q_len, kv_len, block_size)
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    if kv_indices.dtype != torch.int32 or kv_indices.dim() != 4 or tuple(kv_indices.shape[-2:]) != (qb, kb):
+        raise ValueError(f"kv_indices must be int32 [B, H, {qb}, {kb}], got {kv_indices.dtype} {tuple(kv_indices.shape)}")
+    if kv_num_blocks.dtype != torch.int32 or tuple(kv_num_blocks.shape) != tuple(kv_indices.shape[:-1]):
+        raise ValueError(f"kv_num_blocks must be int32 {list(kv_indices.shape[:-1])}, got "
+                         f"{kv_num_blocks.dtype} {tuple(kv_num_blocks.shape)}")
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
     )
 
 

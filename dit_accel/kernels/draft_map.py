@@ -26,7 +26,8 @@ a ``tf32x3`` one. Head dims other than 64 and 128 are not handled here (the tile
 head dim and only these were checked): the dispatcher runs the reference for them.
 
 A second kernel, :func:`select_blocks_triton`, makes the selection from the map in one pass (top-p by an
-exact bisection on the threshold instead of a sort, plus the protected tiles).
+exact bisection on the threshold instead of a sort, plus the protected tiles) and, when asked, writes the
+BlockMask's ``kv_num_blocks`` / ``kv_indices`` rows itself (no separate compaction pass in the plan).
 
 Measured (H100, bf16, benchmarks/results/sparse_speed_gpu_s3.json): map 0.37 ms at Wan-1.3B 480p
 (torch reference 1.54 ms), 3.6-3.8 ms at Wan-14B 720p (13.8-14.6 ms); selection 0.08-0.09 / 0.40 ms (torch
@@ -37,12 +38,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = [
-    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "check_draft_map_inputs", "draft_map_triton", "select_blocks_triton",
+    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "BlockSelection", "check_draft_map_inputs", "draft_map_triton",
+    "select_blocks_triton",
 ]
 
 DRAFT_MAP_HEAD_DIMS = (64, 128)
@@ -280,13 +284,13 @@ def draft_map_triton(
 
 @triton.jit
 def _select_blocks_kernel(
-    probs_ptr, qsim_ptr, ksim_ptr, text_ptr, keep_ptr, protect_ptr,
+    probs_ptr, qsim_ptr, ksim_ptr, text_ptr, keep_ptr, protect_ptr, kv_num_ptr, kv_idx_ptr,
     QB, KB, top_p, min_blocks, sim_threshold,
-    KB_P2: tl.constexpr, HAS_TEXT: tl.constexpr, KEEP_ALL: tl.constexpr,
+    KB_P2: tl.constexpr, HAS_TEXT: tl.constexpr, KEEP_ALL: tl.constexpr, INDICES: tl.constexpr,
 ):
     """One program: one row (query block) of the map. Top-p selection by bisection on the float32 bit pattern
     of the threshold (exact: the largest ``t`` whose entries ``>= t`` hold ``top_p`` of the row's mass and are
-    at least ``min_blocks``), plus the protected tiles."""
+    at least ``min_blocks``), plus the protected tiles; with ``INDICES`` also the row's BlockMask entries."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     row = bh.to(tl.int64) * QB + qb
@@ -317,8 +321,36 @@ def _select_blocks_kernel(
     if HAS_TEXT:
         protect += tl.load(text_ptr + kb, mask=valid, other=0).to(tl.int32) + tl.load(text_ptr + qb).to(tl.int32)
     protect = protect > 0
-    tl.store(keep_ptr + row * KB + kb, (sel | protect).to(tl.int8), mask=valid)
+    keep = sel | protect
+    tl.store(keep_ptr + row * KB + kb, keep.to(tl.int8), mask=valid)
     tl.store(protect_ptr + row * KB + kb, protect.to(tl.int8), mask=valid)
+    if INDICES:
+        # The row of kv_indices exactly as block_mask_from_bool compacts it (so the BlockMask is bit-identical
+        # and its compaction pass, 0.23-0.26 ms at Wan-1.3B 480p on an H200, leaves the plan): the kept columns
+        # ascending, then the others ascending as padding. With ``before`` the kept columns up to and including
+        # column j, a kept j goes to ``before - 1``, another one to ``count + j - before``: a permutation of
+        # the row, so every entry is written once. Padding lanes (j >= KB) count as not kept and are not stored.
+        kept = (keep & valid).to(tl.int32)
+        before = tl.cumsum(kept, axis=0)
+        count = tl.sum(kept, axis=0)
+        pos = tl.where(kept > 0, before - 1, count + kb - before)
+        tl.store(kv_idx_ptr + row * KB + pos, kb, mask=valid)
+        tl.store(kv_num_ptr + row, count)
+
+
+class BlockSelection(NamedTuple):
+    """What :func:`select_blocks_triton` writes for a ``(B, H, QB, KB)`` draft map."""
+
+    keep: torch.Tensor
+    """``(B, H, QB, KB)`` bool: the selection, protected tiles included."""
+    protect: torch.Tensor
+    """``(B, H, QB, KB)`` bool: the protected tiles."""
+    kv_num_blocks: torch.Tensor | None
+    """``(B, H, QB)`` int32: kept key blocks per row, the BlockMask field (``None`` unless ``indices``)."""
+    kv_indices: torch.Tensor | None
+    """``(B, H, QB, KB)`` int32: per row the kept key blocks ascending, then the others ascending as padding,
+    the BlockMask field exactly as :func:`dit_accel.kernels.block_mask_from_bool` builds it from ``keep``
+    (``None`` unless ``indices``)."""
 
 
 def select_blocks_triton(
@@ -330,7 +362,8 @@ def select_blocks_triton(
     min_blocks: int,
     similarity_threshold: float,
     text_blocks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    indices: bool = False,
+) -> BlockSelection:
     """Top-p selection plus protected tiles of a draft map, in one pass over it (no sort).
 
     Same selection as :func:`dit_accel.attention.draft.top_p_keep` (``probs`` ``(B, H, QB, KB)``, the fewest
@@ -340,8 +373,12 @@ def select_blocks_triton(
     the diagonal, rows with ``q_similarity`` and columns with ``k_similarity`` below ``similarity_threshold``,
     rows and columns of ``text_blocks`` ``(KB,)`` bool.
 
+    With ``indices`` the kernel also writes the BlockMask rows of ``keep`` (``kv_num_blocks``, ``kv_indices``;
+    bit-identical to :func:`dit_accel.kernels.block_mask_from_bool` of ``keep``, the torch reference), so a
+    plan needs no compaction pass (:func:`dit_accel.kernels.block_mask_from_indices` wraps them).
+
     Returns:
-        ``(keep, protect)`` bool ``(B, H, QB, KB)``; ``keep`` includes ``protect``.
+        :class:`BlockSelection`; ``keep`` includes ``protect``.
     """
     if probs.dim() != 4 or probs.dtype != torch.float32:
         raise ValueError(f"probs must be a (B, H, QB, KB) float32 tensor, got {probs.dtype} {tuple(probs.shape)}")
@@ -363,8 +400,14 @@ def select_blocks_triton(
     keep = torch.empty(B, H, QB, KB, device=probs.device, dtype=torch.int8)
     protect = torch.empty_like(keep)
     text = keep if text_blocks is None else text_blocks.to(torch.int8).contiguous()
+    if indices:
+        kv_num = torch.empty(B, H, QB, device=probs.device, dtype=torch.int32)
+        kv_idx = torch.empty(B, H, QB, KB, device=probs.device, dtype=torch.int32)
+    else:
+        kv_num = kv_idx = None
     _select_blocks_kernel[(QB, B * H)](
-        probs, q_similarity, k_similarity, text, keep, protect, QB, KB, float(top_p), min_blocks,
-        float(similarity_threshold), KB_P2=triton.next_power_of_2(KB), HAS_TEXT=text_blocks is not None,
-        KEEP_ALL=keep_all, num_warps=4 if KB <= 1024 else 8)
-    return keep.view(torch.bool), protect.view(torch.bool)
+        probs, q_similarity, k_similarity, text, keep, protect,
+        keep if kv_num is None else kv_num, keep if kv_idx is None else kv_idx,  # unused pointers without indices
+        QB, KB, float(top_p), min_blocks, float(similarity_threshold), KB_P2=triton.next_power_of_2(KB),
+        HAS_TEXT=text_blocks is not None, KEEP_ALL=keep_all, INDICES=indices, num_warps=4 if KB <= 1024 else 8)
+    return BlockSelection(keep.view(torch.bool), protect.view(torch.bool), kv_num, kv_idx)

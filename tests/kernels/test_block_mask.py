@@ -38,3 +38,22 @@ def test_block_mask_from_bool_matches_the_definition(case: str) -> None:
     num, idx = _by_definition(keep)
     assert torch.equal(mask.kv_num_blocks, num)
     assert torch.equal(mask.kv_indices, idx)
+
+
+def test_block_mask_from_indices_wraps_compacted_rows() -> None:
+    """``block_mask_from_indices`` builds the same BlockMask from rows compacted elsewhere (the draft selection
+    kernel writes them as ``block_mask_from_bool`` does) and names bad shapes and dtypes."""
+    from dit_accel.kernels import block_mask_from_indices
+
+    keep = torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    ref = block_mask_from_bool(keep, 3 * 64 + 10, 5 * 64 + 1, 64)
+    mask = block_mask_from_indices(ref.kv_num_blocks, ref.kv_indices, 3 * 64 + 10, 5 * 64 + 1, 64)
+    assert torch.equal(mask.kv_num_blocks, ref.kv_num_blocks) and torch.equal(mask.kv_indices, ref.kv_indices)
+    assert mask.seq_lengths == ref.seq_lengths and mask.BLOCK_SIZE == ref.BLOCK_SIZE
+    assert mask.q_indices is None  # forward only, as block_mask_from_bool
+    with pytest.raises(ValueError, match=r"kv_indices must be int32 \[B, H, 4, 6\]"):
+        block_mask_from_indices(ref.kv_num_blocks, ref.kv_indices.long(), 3 * 64 + 10, 5 * 64 + 1, 64)
+    with pytest.raises(ValueError, match=r"kv_indices must be int32 \[B, H, 3, 6\]"):
+        block_mask_from_indices(ref.kv_num_blocks, ref.kv_indices, 3 * 64, 5 * 64 + 1, 64)
+    with pytest.raises(ValueError, match=r"kv_num_blocks must be int32 \[2, 3, 4\]"):
+        block_mask_from_indices(ref.kv_num_blocks[:, :1], ref.kv_indices, 3 * 64 + 10, 5 * 64 + 1, 64)
