@@ -63,7 +63,12 @@ from dit_accel.attention.oracle import block_mass  # noqa: E402
 from dit_accel.attention.route import kernel_index  # noqa: E402
 from dit_accel.attention.tiling import choose_tile, tile_permutation  # noqa: E402
 from dit_accel.context import StepClock, TransformerContext  # noqa: E402
-from dit_accel.kernels import block_mask_density, block_mask_from_bool, block_sparse_attention  # noqa: E402
+from dit_accel.kernels import (  # noqa: E402
+    block_mask_density,
+    block_mask_from_bool,
+    block_mask_from_indices,
+    block_sparse_attention,
+)
 from dit_accel.presets import get_preset  # noqa: E402
 
 SHAPES = {
@@ -242,12 +247,37 @@ def block_mask_by_sort(keep: torch.Tensor, seq_len: int):
                                     compute_q_blocks=False)
 
 
+def count_compactions(plan_once) -> int:
+    """How many ``block_mask_from_bool`` compaction passes one call of ``plan_once`` runs (the plan modules' own
+    reference to it counted; untimed)."""
+    from dit_accel.attention import temporal_skip
+
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return block_mask_from_bool(*args, **kwargs)
+
+    try:
+        draft_module.block_mask_from_bool = temporal_skip.block_mask_from_bool = counting
+        plan_once()
+    finally:
+        draft_module.block_mask_from_bool = temporal_skip.block_mask_from_bool = block_mask_from_bool
+    return len(calls)
+
+
 def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Tensor, k: torch.Tensor, grid,
                    device: torch.device, reps: int) -> dict:
     """Where one (refresh) plan's time goes: the draft map (fused kernel and torch reference), the selection
-    (top-p + protect kernel; torch ``top_p_keep``), the whole estimate and plan on both backends, the
-    BlockMask, and the rest of ``plan`` (order, state, ...); plus the map kernel at its tuning variants
-    (:data:`MAP_VARIANTS`)."""
+    (top-p + protect kernel, alone and writing the BlockMask rows; torch ``top_p_keep``), the whole estimate
+    and plan on both backends, the BlockMask compaction of the torch path (``block_mask_from_bool``, and the
+    former sort), and the rest of ``plan`` (order, state, ...); plus the map kernel at its tuning variants
+    (:data:`MAP_VARIANTS`).
+
+    Since the selection kernel writes ``kv_num_blocks`` / ``kv_indices`` itself, the kernel path's plan runs no
+    compaction pass (``plan_compactions`` counts the ``block_mask_from_bool`` calls of one plan, to show it):
+    ``rest_ms`` is ``plan_ms - estimate_indices_ms - plan_compactions * block_mask_ms``, and ``split_*`` splits
+    ``plan_ms`` into map / selection with rows / rest (``split_backend`` says which path the plan ran)."""
     from dit_accel.kernels import draft_map as draft_map_kernel
 
     S = q.shape[-2]
@@ -272,9 +302,21 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
     if uses_kernel:
         sims = draft_map(q, k, backend="triton", **kw)
         thr = cfg.resolved("similarity_threshold")
-        row["select_ms"] = time_ms(lambda: draft_map_kernel.select_blocks_triton(
-            probs, sims.q_similarity, sims.k_similarity, top_p=top_p, min_blocks=min_blocks,
-            similarity_threshold=thr), device, reps)
+        def select(indices: bool):
+            return draft_map_kernel.select_blocks_triton(
+                probs, sims.q_similarity, sims.k_similarity, top_p=top_p, min_blocks=min_blocks,
+                similarity_threshold=thr, indices=indices)
+
+        row["select_ms"] = time_ms(lambda: select(False), device, reps)
+        # the selection as the plans run it: also writing the BlockMask rows (what replaced the compaction pass)
+        row["select_indices_ms"] = time_ms(lambda: select(True), device, reps)
+        sel = select(True)
+        ref_mask = block_mask_from_bool(sel.keep, S, S)
+        row["select_rows_equal_block_mask"] = bool(torch.equal(sel.kv_num_blocks, ref_mask.kv_num_blocks)
+                                                   and torch.equal(sel.kv_indices, ref_mask.kv_indices))
+        row["block_mask_from_indices_ms"] = time_ms(
+            lambda: block_mask_from_indices(sel.kv_num_blocks, sel.kv_indices, S, S), device, reps)
+        del sel, ref_mask
 
     def plan_once():
         ctx.reset_state()
@@ -285,8 +327,11 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         draft_module.DRAFT_MAP_BACKEND = backend
         try:
             row[f"estimate_ms{suffix}"] = time_ms(lambda: method.estimate(q, k, perm, None), device, reps)
+            row[f"estimate_indices_ms{suffix}"] = time_ms(
+                lambda: method.estimate(q, k, perm, None, block_indices=True), device, reps)
             keep = method.estimate(q, k, perm, None).keep
             row[f"plan_ms{suffix}"] = time_ms(plan_once, device, reps)
+            row[f"plan_compactions{suffix}"] = count_compactions(plan_once)
         finally:
             draft_module.DRAFT_MAP_BACKEND = "auto"
     row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
@@ -295,9 +340,20 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
     new_mask, sort_mask = block_mask_from_bool(keep, S, S), block_mask_by_sort(keep, S)
     row["block_mask_equal_sort"] = bool(torch.equal(new_mask.kv_num_blocks, sort_mask.kv_num_blocks)
                                         and torch.equal(new_mask.kv_indices, sort_mask.kv_indices))
-    # estimate = map + selection (top-p + protect) + small ops; plan = estimate + BlockMask + rest (order, state)
-    row["rest_ms"] = row["plan_ms"] - row["estimate_ms"] - row["block_mask_ms"]
-    row["rest_ms_torch"] = row["plan_ms_torch"] - row["estimate_ms_torch"] - row["block_mask_ms"]
+    # plan = estimate (map + selection, with the BlockMask rows on the kernel path) + the compaction passes the plan
+    # still runs (none on the kernel path, one on the torch path) + rest (order, state, BlockMask object)
+    for suffix in ("", "_torch"):
+        row[f"rest_ms{suffix}"] = (row[f"plan_ms{suffix}"] - row[f"estimate_indices_ms{suffix}"]
+                                   - row[f"plan_compactions{suffix}"] * row["block_mask_ms"])
+    # the plan split as the next GPU run should read it: map / selection with the mask rows / everything else
+    if uses_kernel:
+        row["split_backend"] = "triton"
+        row["split_map_ms"], row["split_select_indices_ms"] = row["map_ms"], row["select_indices_ms"]
+    else:  # the torch path: the selection's share is top_p_keep plus the compaction pass
+        row["split_backend"] = "torch"
+        row["split_map_ms"] = row["map_ms_torch"]
+        row["split_select_indices_ms"] = row["top_p_ms_torch"] + row["plan_compactions"] * row["block_mask_ms"]
+    row["split_rest_ms"] = row["plan_ms"] - row["split_map_ms"] - row["split_select_indices_ms"]
     if uses_kernel:
         saved = (draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION)
         variants = {}
@@ -804,9 +860,12 @@ def summary_lines(results: dict) -> list[str]:
                            f"{_pct(r.get('plan_share_50_steps'))} | - |")
     breakdown = [r for r in rows if r["row"] == "plan_breakdown"]
     if breakdown:
-        out += ["", "| shape | plan breakdown (ms) | map | selection | BlockMask (sort) | plan |", "| --- | --- | --- | --- | --- | --- |"]
+        out += ["", "| shape | plan breakdown (ms) | map | selection | selection + mask rows | rest | compaction passes "
+                "in the plan | BlockMask compaction (sort), torch path | plan |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in breakdown:
             out.append(f"| {r['shape']} | {r['label']} | {_ms(r.get('map_ms'), 3)} | {_ms(r.get('select_ms'), 3)} | "
+                       f"{_ms(r.get('split_select_indices_ms'), 3)} | {_ms(r.get('split_rest_ms'), 3)} | "
+                       f"{r.get('plan_compactions', '-')} | "
                        f"{_ms(r['block_mask_ms'], 3)} ({_ms(r['block_mask_ms_sort'], 3)}) | {_ms(r['plan_ms'], 3)} |")
     presets = [r for r in rows if r["row"] == "preset"]
     if presets:
@@ -834,7 +893,9 @@ ROW_KINDS: dict[str, str] = {
               "(attn_ms) and on pre-permuted tensors (attn_unpermuted_ms); phase refresh/reuse for stateful methods",
     "amortised": "a stateful method's plan per sparse call: refresh every refresh_period calls, reuse in between, "
                  "over the 42 sparse calls of a 50-step generation; shares of attn_unpermuted_ms of its refresh row",
-    "plan_breakdown": "one refresh plan split into draft map, selection, BlockMask (and the former sort) and the rest",
+    "plan_breakdown": "one refresh plan split into draft map, selection (alone and writing the BlockMask rows), the "
+                      "torch path's BlockMask compaction (and the former sort) and the rest; split_* = map / selection "
+                      "with mask rows / rest of plan_ms, plan_compactions = compaction passes one plan runs",
     "map_check": "draft-map kernel vs torch reference on these inputs",
 }
 """What each ``row`` kind of the JSON holds (written into the JSON as ``row_kinds``)."""

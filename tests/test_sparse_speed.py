@@ -177,12 +177,19 @@ def test_method_rows_and_summary(tmp_path, capsys):
     assert kinds == ["dense", "fixed_density", "fixed_density", "method", "method", "method", "amortised",
                      "plan_breakdown", "plan_breakdown", "dense_repeat"]
     assert [r["nominal_density"] for r in out["rows"] if r["row"] == "fixed_density"] == [0.9, 0.5]
+    for r in (r for r in out["rows"] if r["row"] == "plan_breakdown"):
+        # CPU: the torch path, which still compacts the bool selection once per plan (the kernel path: none)
+        assert r["split_backend"] == "torch" and r["plan_compactions"] == 1 and r["plan_compactions_torch"] == 1, r
+        assert r["split_map_ms"] + r["split_select_indices_ms"] + r["split_rest_ms"] == pytest.approx(r["plan_ms"])
+        assert r["rest_ms"] == pytest.approx(r["plan_ms"] - r["estimate_indices_ms"] - r["block_mask_ms"])
+        assert "select_indices_ms" not in r  # no kernel on CPU
     capsys.readouterr()
     assert ss.main(["--summary", str(tmp_path / "t.json")]) == 0
     printed = capsys.readouterr().out
     assert "| tiny | combo-reuse/balanced, refresh call |" in printed
     assert "| tiny | combo-reuse/balanced, amortised (refresh every 5, 50 steps) |" in printed
     assert "| tiny | draft/balanced, every call |" in printed
+    assert "| selection + mask rows | rest | compaction passes in the plan |" in printed
 
 
 def test_cut_short_writes_what_was_measured(tmp_path, monkeypatch):
