@@ -47,7 +47,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -200,7 +200,8 @@ BREAKDOWN_LABELS = ("draft/balanced", "combo-reuse/balanced")
 """Methods whose planning is broken down into map / top-p / protect / BlockMask / rest (``--breakdown``)."""
 
 MAP_VARIANTS = ((64, 3, "tf32"), (128, 2, "tf32"), (128, 3, "tf32"), (128, 3, "tf32x3"))
-"""(``draft_map.MAP_ROWS``, ``MAP_STAGES``, ``SCORE_PRECISION``) timed in the breakdown (the kernel's knobs)."""
+"""(``map_rows``, ``stages`` of ``draft_map.MAP_LAUNCH``, ``draft_map.SCORE_PRECISION``) timed in the breakdown
+(the kernel's knobs; ``benchmarks/draft_map_tune.py`` searches all launch fields)."""
 
 
 def amortised_plan_ms(refresh_ms: float, reuse_ms: float, period: int) -> tuple[float, float]:
@@ -355,19 +356,21 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         row["split_select_indices_ms"] = row["top_p_ms_torch"] + row["plan_compactions"] * row["block_mask_ms"]
     row["split_rest_ms"] = row["plan_ms"] - row["split_map_ms"] - row["split_select_indices_ms"]
     if uses_kernel:
-        saved = (draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION)
+        saved = (draft_map_kernel.MAP_LAUNCH, draft_map_kernel.SCORE_PRECISION)
         variants = {}
         try:
             for rows, stages, precision in MAP_VARIANTS:
-                draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES = rows, stages
+                draft_map_kernel.MAP_LAUNCH = replace(saved[0], map_rows=rows, stages=stages)
                 draft_map_kernel.SCORE_PRECISION = precision
                 variants[f"rows{rows}_stages{stages}_{precision}"] = time_ms(
                     lambda: draft_map(q, k, backend="triton", **kw), device, reps)
         finally:
-            draft_map_kernel.MAP_ROWS, draft_map_kernel.MAP_STAGES, draft_map_kernel.SCORE_PRECISION = saved
+            draft_map_kernel.MAP_LAUNCH, draft_map_kernel.SCORE_PRECISION = saved
         row["map_ms_variants"] = variants
-        row["map_defaults"] = {"MAP_ROWS": saved[0], "MAP_STAGES": saved[1], "SCORE_PRECISION": saved[2],
-                               "KEY_CHUNK": draft_map_kernel.KEY_CHUNK}
+        launch = saved[0]
+        # the session-3/4 key names, kept for the summaries of older JSON files
+        row["map_defaults"] = {"MAP_ROWS": launch.map_rows, "MAP_STAGES": launch.stages, "SCORE_PRECISION": saved[1],
+                               "KEY_CHUNK": launch.key_chunk, "launch": asdict(launch)}
     return row
 
 

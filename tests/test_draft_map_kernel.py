@@ -123,7 +123,35 @@ def _interp_main() -> None:
     )
     out["select"] = _select_cases()
     out["plans"] = _plan_cases()
+    out["launches"] = _launch_cases()
     print(json.dumps(out))
+
+
+LAUNCH_VARIANTS = {"rows32_chunk32_stages1": dict(map_rows=32, key_chunk=32, stages=1, map_warps=4, key_warps=2),
+                   "rows64_chunk128": dict(map_rows=64, key_chunk=128)}
+"""MapLaunch fields replaced for the launch-independence check (tiling only: the map must not move)."""
+
+
+def _launch_cases() -> dict:
+    """The map under other launch parameters (``MAP_LAUNCH``, what benchmarks/draft_map_tune.py searches) against
+    the shipped launch's: ragged last block, a shared permutation, several query blocks per program."""
+    from dataclasses import replace
+
+    from dit_accel.kernels import draft_map as kernel
+
+    q, k, perm = _inputs(1, 2, 5 * 128 + 37, 64, "float32", "shared", "bshd", seed=5)
+    kw = dict(perm=perm, query_pool=4, scale=0.1, log_block_size=True)
+    shipped = kernel.MAP_LAUNCH
+    base = kernel.draft_map_triton(q, k, **kw)
+    res = {}
+    for name, fields in LAUNCH_VARIANTS.items():
+        kernel.MAP_LAUNCH = replace(shipped, **fields)
+        try:
+            got = kernel.draft_map_triton(q, k, **kw)
+        finally:
+            kernel.MAP_LAUNCH = shipped
+        res[name] = max((a - b).abs().max().item() for a, b in zip(got, base))
+    return res
 
 
 def _plan_cases() -> dict:
@@ -292,6 +320,12 @@ def test_plans_take_the_kernel_rows(interp_results: dict, case: str) -> None:
     assert r["shape"][0] == (2 if "batch2" in case else 1), r
     assert r["some_skipped"], r
     assert r["compactions"] == {"auto": 0, "torch": 1}, r  # the kernel path runs no compaction pass
+
+
+@pytest.mark.parametrize("variant", list(LAUNCH_VARIANTS))
+def test_map_does_not_depend_on_the_launch(interp_results: dict, variant: str) -> None:
+    # probabilities and similarities of another tiling equal the shipped launch's up to float32 summation order
+    assert interp_results["launches"][variant] < 1e-6
 
 
 def test_select_kernel_bad_input_is_a_clear_error() -> None:

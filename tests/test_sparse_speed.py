@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,3 +204,22 @@ def test_cut_short_writes_what_was_measured(tmp_path, monkeypatch):
     out = json.loads((tmp_path / "t.json").read_text())
     assert out["complete"] is False and out["interrupted"] == "signal 15"
     assert out["rows"] == [{"shape": "tiny", "row": "dense", "backend": "x", "ms": 1.0}]
+
+
+def test_draft_map_tune_smoke(tmp_path: Path) -> None:
+    """benchmarks/draft_map_tune.py on the tiny shape in the interpreter: every variant's map equals the shipped
+    launch's, the best launch is one of the timed ones and is checked against the shipped one."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "draft_map_tune.py"), "--tiny", "--reps", "1",
+                           "--passes", "1", "--out", str(tmp_path), "--name", "tune"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    rows = result["search"]["tiny"]
+    assert result["complete"] and len(rows) >= 4
+    assert all(r["usable"] and r["max_abs_diff"] <= 1e-6 for r in rows)
+    assert result["best"] in [r["launch"] for r in rows]
+    tags = [(r["tag"], r["round"]) for r in result["check"]]
+    assert tags == [(t, i) for i in range(3) for t in ("shipped", "best")]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -45,7 +46,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "BlockSelection", "check_draft_map_inputs", "draft_map_triton",
+    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "MAP_LAUNCH", "BlockSelection", "MapLaunch", "check_draft_map_inputs", "draft_map_triton",
     "select_blocks_triton",
 ]
 
@@ -61,16 +62,30 @@ KERNEL_BLOCK = 128
 SIMILARITY_STRIDE = 4
 """Every 4th token of a block enters the similarity check (32 of 128, as the reference samples)."""
 
-MAP_ROWS = 128
-"""Sub-query rows per program: ``MAP_ROWS // (128 // query_pool)`` query blocks share one program, so each
-program reads the key means once for several query blocks. 128 was the fastest of 64/128 on the H100 (by
-1.2-1.5x; sparse_speed_gpu_s3.json)."""
+@dataclass(frozen=True)
+class MapLaunch:
+    """Launch parameters of the draft-map kernel's two passes (tiling only: the map is the same up to float32
+    summation order). :data:`MAP_LAUNCH` is what :func:`draft_map_triton` uses; ``benchmarks/draft_map_tune.py``
+    times alternatives on the GPU."""
 
-KEY_CHUNK = 64
-"""Key blocks per step of the sweeps over the key means."""
+    map_rows: int = 128
+    """Sub-query rows per program of the query pass: ``map_rows // (128 // query_pool)`` query blocks share one
+    program, so each program reads the key means once for several query blocks (>= 16: a ``tl.dot`` minimum)."""
+    key_chunk: int = 64
+    """Key blocks per step of the query pass's sweeps over the key means."""
+    stages: int = 4
+    """Software-pipeline stages of both passes (key-mean chunks in flight)."""
+    map_warps: int = 8
+    """Warps per program of the query pass (head dim 128; half for head dim 64)."""
+    key_warps: int = 4
+    """Warps per program of the key pass (head dim 128; half for head dim 64)."""
 
-MAP_STAGES = 3
-"""Software-pipeline stages of the sweeps (key-mean chunks in flight)."""
+
+MAP_LAUNCH = MapLaunch()
+"""The launch in use: the best of a coordinate-descent search over all fields at Wan-1.3B 480p on the H200
+(``draft_map_tune_gpu_s6.json``): 0.359 vs 0.372 ms for the session-4 launch (3 stages, 8 key-pass warps) at
+1.3B, 3.47 vs 3.59 ms at 14B 720p, timed alternately in one run. 128 rows beat 32/64/256 (256: 2x slower), 8
+query-pass warps beat 4/16 by 1.2-2x; the other fields move the map by less than the run-to-run noise."""
 
 SCORE_PRECISION = "tf32"
 """Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; map entries within 1.6e-3
@@ -265,20 +280,21 @@ def draft_map_triton(
     score_precision = "ieee" if _is_interpreting() else SCORE_PRECISION
     # 16-bit inputs pool by a native MMA, except in the interpreter (its bf16 dot is wrong, /work/shared/cpu.md)
     pool_f32 = q.dtype == torch.float32 or _is_interpreting()
-    warps = 8 if D == 128 else 4
-    common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=KEY_CHUNK, HAS_INDEX=perm is not None,
+    launch = MAP_LAUNCH
+    div = 1 if D == 128 else 2  # head dim 64: half the warps
+    common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=launch.key_chunk, HAS_INDEX=perm is not None,
                   LOG_BIAS=bool(log_block_size), PRECISION=precision, SCORE_PREC=score_precision,
-                  POOL_F32=pool_f32,
-                  num_warps=warps, num_stages=MAP_STAGES)
+                  POOL_F32=pool_f32, num_stages=launch.stages)
     _block_stats_and_map_kernel[(nb, B * H)](
         k, idx, k_means, k_means, k_sim, probs, S, H, nb, k.stride(0), k.stride(1), k.stride(2), sib, sih, 1.0,
-        POOL=block, QPB=1, WITH_MAP=False, **common)
+        POOL=block, QPB=1, WITH_MAP=False, num_warps=max(1, launch.key_warps // div), **common)
     nsub = block // query_pool
-    # query blocks per program: MAP_ROWS sub-query rows, no more blocks than there are, >= 16 rows for tl.dot
-    qpb = max(min(max(1, MAP_ROWS // nsub), triton.next_power_of_2(nb)), 16 // nsub, 1)
+    # query blocks per program: map_rows sub-query rows, no more blocks than there are, >= 16 rows for tl.dot
+    qpb = max(min(max(1, launch.map_rows // nsub), triton.next_power_of_2(nb)), 16 // nsub, 1)
     _block_stats_and_map_kernel[(triton.cdiv(nb, qpb), B * H)](
         q, idx, k_means, k_means, q_sim, probs, S, H, nb, q.stride(0), q.stride(1), q.stride(2), sib, sih,
-        float(scale) * math.log2(math.e), POOL=query_pool, QPB=qpb, WITH_MAP=True, **common)
+        float(scale) * math.log2(math.e), POOL=query_pool, QPB=qpb, WITH_MAP=True,
+        num_warps=max(1, launch.map_warps // div), **common)
     return probs, q_sim, k_sim
 
 
