@@ -1,14 +1,16 @@
-"""Search the draft-map kernel's launch parameters on the GPU (issue 5: the combo refresh plan at Wan-1.3B 480p).
+"""Search the draft kernels' launch parameters on the GPU (issue 5: the combo refresh plan at Wan-1.3B 480p).
 
 The refresh plan of combo/draft is map kernel + selection kernel + a little host work; the map was 0.38-0.40 ms
-of a 0.51 ms plan on the H200 (``sparse_speed_gpu_s4_presets_13b.json``). This script times
-:func:`dit_accel.kernels.draft_map.draft_map_triton` over :class:`~dit_accel.kernels.draft_map.MapLaunch`
-variants by coordinate descent (one field at a time, from the shipped launch, ``--passes`` rounds), on the
-inputs and token order of ``sparse_speed``'s combo-reuse/balanced breakdown row, and checks every variant's map
-against the shipped launch's (only float32 summation order may differ). It then times the best launch and the
-shipped one at every ``--check-shapes`` shape in the same run, and writes one JSON.
+of a 0.51 ms plan on the H200 (``sparse_speed_gpu_s4_presets_13b.json``). This script times the plan's estimate
+(``method.estimate(..., block_indices=True)``: :func:`~dit_accel.kernels.draft_map.draft_map_triton` then
+:func:`~dit_accel.kernels.draft_map.select_blocks_triton` writing the BlockMask rows) over
+:class:`~dit_accel.kernels.draft_map.MapLaunch` variants by coordinate descent (one field at a time, from the
+shipped launch, ``--passes`` rounds, the fields of ``--only``), on the inputs and token order of ``sparse_speed``'s
+combo-reuse/balanced breakdown row, and checks every variant against the shipped launch (the map up to float32
+summation order, the BlockMask rows bit for bit). It then times the best launch and the shipped one at every
+``--check-shapes`` shape in the same run, and writes one JSON.
 
-Usage (GPU): ``python benchmarks/draft_map_tune.py [--shapes wan2.1-1.3b-480p] [--then-sparse-speed]``;
+Usage (GPU): ``python benchmarks/draft_map_tune.py [--shapes wan2.1-1.3b-480p] [--only select_warps] [--then-sparse-speed]``;
 ``--then-sparse-speed`` runs ``sparse_speed.py``'s planning-share rows once more in the same process with the
 best launch installed (``MAP_LAUNCH``), so the plan's share of the sparse call is measured with it.
 CPU smoke test: ``TRITON_INTERPRET=1 python benchmarks/draft_map_tune.py --tiny``.
@@ -21,7 +23,7 @@ import json
 import math
 import signal
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -41,62 +43,65 @@ CHOICES: dict[str, tuple[int, ...]] = {
     "stages": (1, 2, 3, 4),
     "map_warps": (4, 8, 16),
     "key_warps": (2, 4, 8),
+    "select_warps": (1, 2, 4, 8),
 }
 """Values tried per :class:`MapLaunch` field."""
 
 TINY_CHOICES: dict[str, tuple[int, ...]] = {"map_rows": (32, 64), "key_chunk": (32, 64), "stages": (1, 2),
-                                            "map_warps": (4,), "key_warps": (4,)}
+                                            "map_warps": (4,), "key_warps": (4,),
+                                            "select_warps": (1, 4)}
 """A few values per field for the interpreter smoke test."""
 
 LABEL = "combo-reuse/balanced"
 """The method whose refresh plan the target is about (its options and token order are used)."""
 
 
-def map_inputs(shape: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """q, k and the draft-map keyword arguments of ``LABEL``'s refresh plan at ``shape``."""
+def map_inputs(shape: dict, device: torch.device, dtype: torch.dtype):
+    """q, k and the zero-argument estimate of ``LABEL``'s refresh plan at ``shape`` (map + selection with rows)."""
     grid = shape["grid"]
     q, k, _ = sparse_speed.video_qkv(grid, shape["heads"], shape["head_dim"], device, dtype)
     _, name, options = next(m for m in sparse_speed.METHODS if m[0] == LABEL)
     method = get_method(name, **dict(sparse_speed.VALVES_OFF, **options, calibrate=False))
-    S = q.shape[-2]
-    _, call = sparse_speed.hand_call(grid, S, 1)
-    cfg = method.cfg
-    kw = dict(perm=method.order(q, k, call), query_pool=cfg.query_pool,
-              scale=1.0 / math.sqrt(q.shape[-1]) / cfg.temperature, log_block_size=cfg.log_block_size)
-    return q, k, kw
+    _, call = sparse_speed.hand_call(grid, q.shape[-2], 1)
+    perm = method.order(q, k, call)
+    return lambda: method.estimate(q, k, perm, None, block_indices=True)
 
 
-def time_launch(launch: MapLaunch, q: torch.Tensor, k: torch.Tensor, kw: dict, device: torch.device, reps: int,
-                reference: torch.Tensor | None) -> dict:
-    """Median ms of the map with ``launch`` installed, and its largest difference from ``reference``'s probs."""
+def time_launch(launch: MapLaunch, estimate, device: torch.device, reps: int, reference) -> dict:
+    """Median ms of the estimate with ``launch`` installed; its map's largest difference from ``reference``'s
+    and whether its BlockMask rows equal them."""
     saved = draft_map_kernel.MAP_LAUNCH
     draft_map_kernel.MAP_LAUNCH = launch
     try:
-        ms = sparse_speed.time_ms(lambda: draft_map_kernel.draft_map_triton(q, k, **kw), device, reps)
-        probs = draft_map_kernel.draft_map_triton(q, k, **kw)[0]
+        ms = sparse_speed.time_ms(estimate, device, reps)
+        got = estimate()
     finally:
         draft_map_kernel.MAP_LAUNCH = saved
     row = {"launch": asdict(launch), "ms": ms}
     if reference is not None:
-        row["max_abs_diff"] = float((probs - reference).abs().max())
-        row["finite"] = bool(torch.isfinite(probs).all())
+        row["max_abs_diff"] = float((got.probs - reference.probs).abs().max())
+        row["finite"] = bool(torch.isfinite(got.probs).all())
+        row["rows_equal"] = bool(torch.equal(got.kv_num_blocks, reference.kv_num_blocks)
+                                 and torch.equal(got.kv_indices, reference.kv_indices))
     return row
 
 
-def search(q: torch.Tensor, k: torch.Tensor, kw: dict, device: torch.device, reps: int,
-           choices: dict[str, tuple[int, ...]], passes: int, rows: list[dict]) -> MapLaunch:
-    """Coordinate descent from the shipped launch; every timed variant is appended to ``rows``."""
+def search(estimate, device: torch.device, reps: int, choices: dict[str, tuple[int, ...]], passes: int,
+           rows: list[dict]) -> MapLaunch:
+    """Coordinate descent from the shipped launch over the fields in ``choices``; every timed variant is appended
+    to ``rows``. A variant whose map moves by more than 1e-3 or whose rows differ is not usable."""
     shipped = draft_map_kernel.MAP_LAUNCH
-    reference = draft_map_kernel.draft_map_triton(q, k, **kw)[0]
+    reference = estimate()
     timed: dict[MapLaunch, float] = {}
 
     def measure(launch: MapLaunch) -> float:
         if launch not in timed:
             try:
-                row = time_launch(launch, q, k, kw, device, reps, reference)
+                row = time_launch(launch, estimate, device, reps, reference)
             except Exception as exc:  # out of shared memory / registers: record and skip the variant
                 row = {"launch": asdict(launch), "ms": None, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            ok = row["ms"] is not None and row.get("finite", False) and row["max_abs_diff"] <= 1e-3
+            ok = (row["ms"] is not None and row.get("finite", False) and row["max_abs_diff"] <= 1e-3
+                  and row["rows_equal"])
             row["usable"] = ok
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -106,9 +111,9 @@ def search(q: torch.Tensor, k: torch.Tensor, kw: dict, device: torch.device, rep
     best = shipped
     measure(best)
     for _ in range(passes):
-        for f in fields(MapLaunch):
-            for value in choices[f.name]:
-                cand = replace(best, **{f.name: value})
+        for name, values in choices.items():
+            for value in values:
+                cand = replace(best, **{name: value})
                 if measure(cand) < measure(best):
                     best = cand
     return best
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny shape only, few values (CPU smoke test)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--only", default="", help=f"comma list of the fields searched (default: all of {list(CHOICES)})")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="draft_map_tune")
     parser.add_argument("--then-sparse-speed", action="store_true",
@@ -136,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(sparse_speed.SHAPES)}")
     choices = TINY_CHOICES if args.tiny else CHOICES
+    if args.only:
+        bad = [f for f in args.only.split(",") if f not in CHOICES]
+        if bad:
+            parser.error(f"unknown field(s) {bad} in --only; choose from {list(CHOICES)}")
+        choices = {f: choices[f] for f in args.only.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"env": sparse_speed.environment(device), "argv": sys.argv[1:] if argv is None else argv,
                     "shipped": asdict(draft_map_kernel.MAP_LAUNCH), "search": {}, "check": [], "complete": False}
@@ -149,25 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     best = shipped
     try:
         for name in args.shapes.split(","):
-            q, k, kw = map_inputs(sparse_speed.SHAPES[name], device, dtype)
+            estimate = map_inputs(sparse_speed.SHAPES[name], device, dtype)
             rows: list[dict] = []
             result["search"][name] = rows
-            best = search(q, k, kw, device, args.reps, choices, args.passes, rows)
+            best = search(estimate, device, args.reps, choices, args.passes, rows)
             result["best"] = asdict(best)
             write()
-            del q, k
+            del estimate
         for name in args.check_shapes.split(","):
-            q, k, kw = map_inputs(sparse_speed.SHAPES[name], device, dtype)
-            reference = draft_map_kernel.draft_map_triton(q, k, **kw)[0]
+            estimate = map_inputs(sparse_speed.SHAPES[name], device, dtype)
+            reference = estimate()
             # alternate the two launches so that clock drift hits both alike
             for rnd in range(3):
                 for tag, launch in (("shipped", shipped), ("best", best)):
-                    row = dict(time_launch(launch, q, k, kw, device, args.reps, reference), shape=name, tag=tag,
+                    row = dict(time_launch(launch, estimate, device, args.reps, reference), shape=name, tag=tag,
                                round=rnd)
                     result["check"].append(row)
                     print(json.dumps(row), flush=True)
             write()
-            del q, k, reference
+            del estimate, reference
         if args.then_sparse_speed:
             draft_map_kernel.MAP_LAUNCH = best
             first = args.shapes.split(",")[0]

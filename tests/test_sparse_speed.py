@@ -219,7 +219,7 @@ def test_draft_map_tune_smoke(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "tune.json").read_text())
     rows = result["search"]["tiny"]
     assert result["complete"] and len(rows) >= 4
-    assert all(r["usable"] and r["max_abs_diff"] <= 1e-6 for r in rows)
+    assert all(r["usable"] and r["max_abs_diff"] <= 1e-6 and r["rows_equal"] for r in rows)
     assert result["best"] in [r["launch"] for r in rows]
     tags = [(r["tag"], r["round"]) for r in result["check"]]
     assert tags == [(t, i) for i in range(3) for t in ("shipped", "best")]

@@ -62,30 +62,38 @@ KERNEL_BLOCK = 128
 SIMILARITY_STRIDE = 4
 """Every 4th token of a block enters the similarity check (32 of 128, as the reference samples)."""
 
+
 @dataclass(frozen=True)
 class MapLaunch:
-    """Launch parameters of the draft-map kernel's two passes (tiling only: the map is the same up to float32
-    summation order). :data:`MAP_LAUNCH` is what :func:`draft_map_triton` uses; ``benchmarks/draft_map_tune.py``
-    times alternatives on the GPU."""
+    """Launch parameters of the draft kernels: the map's two passes and the selection (tiling only: the map is the
+    same up to float32 summation order, and so is the selection but for near-ties of its top-p mass sums). :data:`MAP_LAUNCH` is what
+    :func:`draft_map_triton` and :func:`select_blocks_triton` use; ``benchmarks/draft_map_tune.py`` times
+    alternatives on the GPU."""
 
     map_rows: int = 128
     """Sub-query rows per program of the query pass: ``map_rows // (128 // query_pool)`` query blocks share one
     program, so each program reads the key means once for several query blocks (>= 16: a ``tl.dot`` minimum)."""
     key_chunk: int = 64
     """Key blocks per step of the query pass's sweeps over the key means."""
-    stages: int = 4
+    stages: int = 3
     """Software-pipeline stages of both passes (key-mean chunks in flight)."""
     map_warps: int = 8
     """Warps per program of the query pass (head dim 128; half for head dim 64)."""
     key_warps: int = 4
     """Warps per program of the key pass (head dim 128; half for head dim 64)."""
+    select_warps: int = 1
+    """Warps per 256 key blocks of a row program of the selection kernel (at most 8 warps): 1 at Wan-1.3B 480p
+    (256 blocks), 4 at 14B 720p (591 blocks, padded to 1,024 lanes), as measured."""
 
 
 MAP_LAUNCH = MapLaunch()
-"""The launch in use: the best of a coordinate-descent search over all fields at Wan-1.3B 480p on the H200
-(``draft_map_tune_gpu_s6.json``): 0.359 vs 0.372 ms for the session-4 launch (3 stages, 8 key-pass warps) at
-1.3B, 3.47 vs 3.59 ms at 14B 720p, timed alternately in one run. 128 rows beat 32/64/256 (256: 2x slower), 8
-query-pass warps beat 4/16 by 1.2-2x; the other fields move the map by less than the run-to-run noise."""
+"""The launch in use, from two coordinate-descent searches at Wan-1.3B 480p on the H200
+(``draft_map_tune_gpu_s6.json``: map fields; ``draft_map_tune_gpu_s6b.json``: stages and selection warps, timing
+the whole estimate = map + selection with the BlockMask rows): estimate 0.389-0.392 vs 0.424-0.426 ms for the
+first search's launch (4 stages, 4 selection warps) at 1.3B, timed alternately; 14B keeps 4
+selection warps (one warp there changes a few near-tied selections: float32 sums in another order). 128 rows beat
+32/64/256 (256: 2x slower) and 8 query-pass warps beat 4/16 by 1.2-2x; stages and key-pass warps move the map by
+less than the run-to-run noise."""
 
 SCORE_PRECISION = "tf32"
 """Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; map entries within 1.6e-3
@@ -425,5 +433,5 @@ def select_blocks_triton(
         probs, q_similarity, k_similarity, text, keep, protect,
         keep if kv_num is None else kv_num, keep if kv_idx is None else kv_idx,  # unused pointers without indices
         QB, KB, float(top_p), min_blocks, float(similarity_threshold), KB_P2=triton.next_power_of_2(KB),
-        HAS_TEXT=text_blocks is not None, KEEP_ALL=keep_all, INDICES=indices, num_warps=4 if KB <= 1024 else 8)
+        HAS_TEXT=text_blocks is not None, KEEP_ALL=keep_all, INDICES=indices, num_warps=min(8, MAP_LAUNCH.select_warps * max(1, triton.next_power_of_2(KB) // 256)))
     return BlockSelection(keep.view(torch.bool), protect.view(torch.bool), kv_num, kv_idx)
