@@ -134,7 +134,9 @@ LAUNCH_VARIANTS = {"rows32_chunk32_stages1": dict(map_rows=32, key_chunk=32, sta
 
 def _launch_cases() -> dict:
     """The map under other launch parameters (``MAP_LAUNCH``, what benchmarks/draft_map_tune.py searches) against
-    the shipped launch's: ragged last block, a shared permutation, several query blocks per program."""
+    the shipped launch's: ragged last block, a shared permutation, several query blocks per program. The
+    interpreter ignores ``num_warps`` / ``num_stages``: only ``map_rows`` and ``key_chunk`` change the tiling
+    here; the warp and stage fields are checked on the GPU (the tune script's ``rows_equal`` / ``max_abs_diff``)."""
     from dataclasses import replace
 
     from dit_accel.kernels import draft_map as kernel
@@ -326,6 +328,15 @@ def test_plans_take_the_kernel_rows(interp_results: dict, case: str) -> None:
 def test_map_does_not_depend_on_the_launch(interp_results: dict, variant: str) -> None:
     # probabilities and similarities of another tiling equal the shipped launch's up to float32 summation order
     assert interp_results["launches"][variant] < 1e-6
+
+
+@pytest.mark.parametrize("fields", [dict(select_warps=3), dict(map_rows=100), dict(stages=0), dict(key_warps=True)])
+def test_map_launch_rejects_bad_fields(fields: dict) -> None:
+    from dit_accel.kernels.draft_map import MapLaunch
+
+    name = next(iter(fields))
+    with pytest.raises(ValueError, match=f"MapLaunch.{name} must be one of"):
+        MapLaunch(**fields)
 
 
 def test_select_kernel_bad_input_is_a_clear_error() -> None:

@@ -182,7 +182,6 @@ def test_method_rows_and_summary(tmp_path, capsys):
     for r in (r for r in out["rows"] if r["row"] == "plan_breakdown"):
         # CPU: the torch path, which still compacts the bool selection once per plan (the kernel path: none)
         assert r["split_backend"] == "torch" and r["plan_compactions"] == 1 and r["plan_compactions_torch"] == 1, r
-        assert r["split_map_ms"] + r["split_select_indices_ms"] + r["split_rest_ms"] == pytest.approx(r["plan_ms"])
         assert r["rest_ms"] == pytest.approx(r["plan_ms"] - r["estimate_indices_ms"] - r["block_mask_ms"])
         assert "select_indices_ms" not in r  # no kernel on CPU
     capsys.readouterr()
@@ -207,8 +206,9 @@ def test_cut_short_writes_what_was_measured(tmp_path, monkeypatch):
 
 
 def test_draft_map_tune_smoke(tmp_path: Path) -> None:
-    """benchmarks/draft_map_tune.py on the tiny shape in the interpreter: every variant's map equals the shipped
-    launch's, the best launch is one of the timed ones and is checked against the shipped one."""
+    """benchmarks/draft_map_tune.py on the tiny shape in the interpreter: every variant's map and BlockMask rows
+    equal the shipped launch's, the best launch is one of the timed ones and is checked against the shipped one
+    (the interpreter ignores warps and stages, so this checks the search and the record, not their effect)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

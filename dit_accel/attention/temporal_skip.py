@@ -195,8 +195,9 @@ class TemporalSkipMixin:
         if refresh:
             perm = self.order(q, k, ctx)
             # with block_indices the selection kernel writes the BlockMask rows of est.keep: no compaction pass
-            # below when the refresh plan is the draft's own selection (no calibration)
-            est = self.estimate(q, k, perm, text, block_indices=True)
+            # below when the refresh plan is the draft's own selection; with calibration on, the plan is usually
+            # the calibrated one, so the rows are not asked for (est.block_mask compacts keep when they are absent)
+            est = self.estimate(q, k, perm, text, block_indices=not cfg.calibrate)
             self.record_estimate(ctx, est)
             if cfg.calibrate and not all("ts_mass" in states[b] for b in groups):
                 self._calibrate(q, k, ctx, perm)  # no warm-up step calibrated this layer

@@ -31,7 +31,8 @@ BlockMask's ``kv_num_blocks`` / ``kv_indices`` rows itself (no separate compacti
 
 Measured (H100, bf16, benchmarks/results/sparse_speed_gpu_s3.json): map 0.37 ms at Wan-1.3B 480p
 (torch reference 1.54 ms), 3.6-3.8 ms at Wan-14B 720p (13.8-14.6 ms); selection 0.08-0.09 / 0.40 ms (torch
-top-p alone 0.18-0.23 / 1.08 ms).
+top-p alone 0.18-0.23 / 1.08 ms). On the H200 with :data:`MAP_LAUNCH` (draft_map_tune_gpu_s6b_sparse_speed.json):
+map 0.36 ms and selection with the BlockMask rows 0.057 ms at 1.3B.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class MapLaunch:
     """Warps per 256 key blocks of a row program of the selection kernel (at most 8 warps): 1 at Wan-1.3B 480p
     (256 blocks), 4 at 14B 720p (591 blocks, padded to 1,024 lanes), as measured."""
 
+    def __post_init__(self) -> None:
+        allowed = {"map_rows": (16, 32, 64, 128, 256, 512), "key_chunk": (16, 32, 64, 128, 256),
+                   "stages": (1, 2, 3, 4, 5), "map_warps": (1, 2, 4, 8, 16), "key_warps": (1, 2, 4, 8, 16),
+                   "select_warps": (1, 2, 4, 8)}
+        for name, values in allowed.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in values:
+                raise ValueError(f"MapLaunch.{name} must be one of {values}, got {value!r}")
+
 
 MAP_LAUNCH = MapLaunch()
 """The launch in use, from two coordinate-descent searches at Wan-1.3B 480p on the H200
@@ -92,7 +102,7 @@ MAP_LAUNCH = MapLaunch()
 the whole estimate = map + selection with the BlockMask rows): estimate 0.389-0.392 vs 0.424-0.426 ms for the
 first search's launch (4 stages, 4 selection warps) at 1.3B, timed alternately; 14B keeps 4
 selection warps (one warp there changes a few near-tied selections: float32 sums in another order). 128 rows beat
-32/64/256 (256: 2x slower) and 8 query-pass warps beat 4/16 by 1.2-2x; stages and key-pass warps move the map by
+32/64/256 (256: 2x slower) and 8 query-pass warps beat 4/16 by 1.2-2.5x; stages and key-pass warps move the map by
 less than the run-to-run noise."""
 
 SCORE_PRECISION = "tf32"
