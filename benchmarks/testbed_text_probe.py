@@ -45,9 +45,9 @@ def edit(caption: str, mapping: dict[str, str]) -> str:
     return " ".join(mapping.get(w, w) for w in caption.split())
 
 
-def pipe_step() -> int | None:
-    """DiT training step of the shipped weights (from training_info.json), for the record."""
-    return read_training_info(WEIGHTS_DIR).get("dit", {}).get("step")
+def pipe_step(folder: Path | None = None) -> int | None:
+    """DiT training step of the weights in ``folder`` (default: the shipped ones; from training_info.json)."""
+    return read_training_info(folder or WEIGHTS_DIR).get("dit", {}).get("step")
 
 
 def main() -> None:
@@ -58,8 +58,10 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=4242)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "testbed_text_probe.json")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a pipeline folder saved by save_pretrained (default: the shipped weights)")
     args = parser.parse_args()
-    pipe = load_testbed_pipeline(device="cpu")
+    pipe = load_testbed_pipeline(device="cpu", folder=args.weights)
     batch = data.make_batch(args.videos, args.frames, args.size, args.size, seed=args.seed, split="heldout")
     latents = encode_videos(pipe.vae, batch.video, torch.device("cpu"))
     variants = {
@@ -92,7 +94,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "cpu", "torch": torch.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "weights_step": pipe_step(), "captions": variants, "loss": rows, "loss_increase_vs_true": increase(rows),
+        "weights_step": pipe_step(args.weights), "captions": variants, "loss": rows, "loss_increase_vs_true": increase(rows),
         "object_pixel_fraction": round(object_fraction, 4), "object_loss": objects,
         "object_loss_increase_vs_true": increase(objects), "object_share_of_loss": share}, indent=1))
     print(f"wrote {args.out}")
