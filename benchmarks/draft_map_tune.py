@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_speed  # noqa: E402
 
-from dit_accel.attention.methods import get_method  # noqa: E402
 from dit_accel.kernels import draft_map as draft_map_kernel  # noqa: E402
 from dit_accel.kernels.draft_map import MapLaunch  # noqa: E402
 
@@ -61,7 +60,7 @@ def map_inputs(shape: dict, device: torch.device, dtype: torch.dtype):
     grid = shape["grid"]
     q, k, _ = sparse_speed.video_qkv(grid, shape["heads"], shape["head_dim"], device, dtype)
     _, name, options = next(m for m in sparse_speed.METHODS if m[0] == LABEL)
-    method = get_method(name, **dict(sparse_speed.VALVES_OFF, **options, calibrate=False))
+    method = sparse_speed.timed_method(name, options)
     _, call = sparse_speed.hand_call(grid, q.shape[-2], 1)
     perm = method.order(q, k, call)
     return lambda: method.estimate(q, k, perm, None, block_indices=True)

@@ -82,6 +82,22 @@ number of blocks."""
 
 VALVES_OFF = {"dense_warmup": 0.0, "dense_first_layers": 0, "dense_last_step": False, "min_seq_len": 0}
 
+STATEFUL_METHODS = ("temporal_skip", "combo")
+"""Methods with per-generation state: timed on a refresh and a reuse call."""
+
+
+def timed_method(name: str, options: dict):
+    """The method as the timed rows run it: valves off (every timed call is sparse) and, for the stateful methods,
+    no exact-mass calibration (once per generation; ``calibrate_ms`` times it apart)."""
+    no_calibration = {"calibrate": False} if name in STATEFUL_METHODS else {}
+    return get_method(name, **dict(VALVES_OFF, **options, **no_calibration))
+
+
+def as_plan(result) -> SparsePlan:
+    """A method's ``plan`` result (a BlockMask, or a SparsePlan with its permutation) as a SparsePlan."""
+    return result if isinstance(result, SparsePlan) else SparsePlan(result)
+
+
 METHODS: list[tuple[str, str, dict]] = [
     ("draft/quality", "draft", {"quality": "quality"}),
     ("draft/balanced", "draft", {"quality": "balanced"}),
@@ -282,8 +298,7 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
     from dit_accel.kernels import draft_map as draft_map_kernel
 
     S = q.shape[-2]
-    stateful = name in ("temporal_skip", "combo")
-    method = get_method(name, **dict(VALVES_OFF, **options, **({"calibrate": False} if stateful else {})))
+    method = timed_method(name, options)
     cfg = method.cfg
     ctx, call = hand_call(grid, S, 1)
     perm = method.order(q, k, call)
@@ -587,28 +602,21 @@ def time_refresh_reuse(method, ctx: TransformerContext, q: torch.Tensor, k: torc
     S = q.shape[-2]
     step = [1]
 
-    def refresh():
-        ctx.reset_state()
+    def plan(fresh: bool):
+        if fresh:
+            ctx.reset_state()
         step[0] += 1
         _, call = hand_call(grid, S, step[0], ctx)
         return method.plan(q, k, call)
 
-    def reuse():
-        step[0] += 1
-        _, call = hand_call(grid, S, step[0], ctx)
-        return method.plan(q, k, call)
-
-    refresh_ms = time_ms(refresh, device, reps)
-    plan = refresh()
+    refresh_ms = time_ms(lambda: plan(True), device, reps)
+    refresh_plan = plan(True)
     for st in ctx._store.values():
         st["ts_calls"] = -10**6  # stay between refreshes while timing
-    reuse_ms = time_ms(reuse, device, reps)
-    return refresh_ms, reuse_ms, plan
+    reuse_ms = time_ms(lambda: plan(False), device, reps)
+    return refresh_ms, reuse_ms, refresh_plan
 
 
-def _plan_mask(result) -> tuple[Any, torch.Tensor | None]:
-    plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
-    return plan.mask, plan.perm
 
 
 def preset_rows(base: dict, densities: list[PresetDensity], shape: dict, q: torch.Tensor, k: torch.Tensor,
@@ -655,11 +663,12 @@ def preset_rows(base: dict, densities: list[PresetDensity], shape: dict, q: torc
             return method.plan(qt, kt, call)
 
         def plan_density(top_p: float) -> tuple[float, Any]:
-            mask, _ = _plan_mask(refresh_plan(make(top_p)))
+            mask = as_plan(refresh_plan(make(top_p))).mask
             return block_mask_density(mask), mask
 
         knob = make()
-        knob_mask, knob_perm = _plan_mask(refresh_plan(knob))
+        knob_plan = as_plan(refresh_plan(knob))
+        knob_mask, knob_perm = knob_plan.mask, knob_plan.perm
         if knob_perm is not None:
             raise AssertionError("in the forward token order the preset's plan must need no permutation")
         knob_ref_ms, knob_reuse_ms, _ = time_refresh_reuse(knob, ctx, qt, kt, grid, device, reps)
@@ -727,9 +736,8 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
     for mlabel, name, options in METHODS:
         if labels and mlabel not in labels:
             continue
-        stateful = name in ("temporal_skip", "combo")
-        # the calibration (once per generation) is timed apart from the refresh plan
-        method = get_method(name, **dict(VALVES_OFF, **options, **({"calibrate": False} if stateful else {})))
+        stateful = name in STATEFUL_METHODS
+        method = timed_method(name, options)
         with_stats = method.needs_tile_stats
         phases = ["refresh", "reuse"] if stateful else ["plan"]
         ctx, _ = hand_call(grid, S, 0)
@@ -747,7 +755,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                 _, call = hand_call(grid, S, 1, ctx)
                 ctx.reset_state()
                 first = method.plan(q, k, call)
-                plan0 = first if isinstance(first, SparsePlan) else SparsePlan(first)
+                plan0 = as_plan(first)
                 qp, kp, vp = (permute_tokens(t, plan0.perm) for t in (q, k, v))
                 if not skip_attention:
                     stats = block_sparse_attention(qp, kp, vp, plan0.mask, tile_stats=True).tile_stats
@@ -770,7 +778,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
             finally:
                 draft_module.DRAFT_MAP_BACKEND = "auto"
             result = plan_once()
-            plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
+            plan = as_plan(result)
             perm = plan.perm
             row = dict(base, row="method", label=mlabel, method=name, options=options, phase=phase,
                        density=block_mask_density(plan.mask), plan_ms=plan_ms, plan_ms_torch_map=plan_ms_torch_map,

@@ -56,6 +56,14 @@ def _check_lengths(q_len: int, kv_len: int, block_size: int) -> None:
         raise ValueError(f"q_len and kv_len must be positive, got q_len={q_len}, kv_len={kv_len}")
 
 
+def _from_rows(kv_num: Tensor, kv_idx: Tensor, q_len: int, kv_len: int, block_size: int) -> BlockMask:
+    """The BlockMask of compacted rows (every helper here ends in it; no query-side blocks: the kernels read
+    the key-side rows only)."""
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
+    )
+
+
 def dense_block_mask(
     B: int,
     H: int,
@@ -78,9 +86,7 @@ def dense_block_mask(
     qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     kv_num = torch.full((B, H, qb), kb, dtype=torch.int32, device=device)
     kv_idx = torch.arange(kb, dtype=torch.int32, device=device).expand(B, H, qb, kb).contiguous()
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
-    )
+    return _from_rows(kv_num, kv_idx, q_len, kv_len, block_size)
 
 
 def block_mask_from_bool(
@@ -122,9 +128,7 @@ def block_mask_from_bool(
     pos = torch.where(block_bool, before.sub_(1), unselected).long()
     kv_idx = torch.empty(block_bool.shape, dtype=torch.int32, device=block_bool.device)
     kv_idx.scatter_(-1, pos, cols.expand(block_bool.shape))
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
-    )
+    return _from_rows(kv_num, kv_idx, q_len, kv_len, block_size)
 
 
 def block_mask_from_indices(
@@ -145,13 +149,12 @@ def block_mask_from_indices(
     _check_lengths(q_len, kv_len, block_size)
     qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     if kv_indices.dtype != torch.int32 or kv_indices.dim() != 4 or tuple(kv_indices.shape[-2:]) != (qb, kb):
-        raise ValueError(f"kv_indices must be int32 [B, H, {qb}, {kb}], got {kv_indices.dtype} {tuple(kv_indices.shape)}")
+        raise ValueError(f"kv_indices must be int32 [B, H, {qb}, {kb}], got "
+                         f"{kv_indices.dtype} {tuple(kv_indices.shape)}")
     if kv_num_blocks.dtype != torch.int32 or tuple(kv_num_blocks.shape) != tuple(kv_indices.shape[:-1]):
         raise ValueError(f"kv_num_blocks must be int32 {list(kv_indices.shape[:-1])}, got "
                          f"{kv_num_blocks.dtype} {tuple(kv_num_blocks.shape)}")
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len), compute_q_blocks=False
-    )
+    return _from_rows(kv_num_blocks, kv_indices, q_len, kv_len, block_size)
 
 
 def block_mask_from_scores(

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "MAP_LAUNCH", "BlockSelection", "MapLaunch", "check_draft_map_inputs", "draft_map_triton",
-    "select_blocks_triton",
+    "DRAFT_MAP_DTYPES", "DRAFT_MAP_HEAD_DIMS", "MAP_LAUNCH", "BlockSelection", "MapLaunch", "check_draft_map_inputs",
+    "draft_map_triton", "select_blocks_triton",
 ]
 
 DRAFT_MAP_HEAD_DIMS = (64, 128)
@@ -67,9 +67,9 @@ SIMILARITY_STRIDE = 4
 @dataclass(frozen=True)
 class MapLaunch:
     """Launch parameters of the draft kernels: the map's two passes and the selection (tiling only: the map is the
-    same up to float32 summation order, and so is the selection but for near-ties of its top-p mass sums). :data:`MAP_LAUNCH` is what
-    :func:`draft_map_triton` and :func:`select_blocks_triton` use; ``benchmarks/draft_map_tune.py`` times
-    alternatives on the GPU."""
+    same up to float32 summation order, and so is the selection but for near-ties of its top-p mass sums).
+    :data:`MAP_LAUNCH` is what :func:`draft_map_triton` and :func:`select_blocks_triton` use;
+    ``benchmarks/draft_map_tune.py`` times alternatives on the GPU."""
 
     map_rows: int = 128
     """Sub-query rows per program of the query pass: ``map_rows // (128 // query_pool)`` query blocks share one
@@ -300,7 +300,8 @@ def draft_map_triton(
     pool_f32 = q.dtype == torch.float32 or _is_interpreting()
     launch = MAP_LAUNCH
     div = 1 if D == 128 else 2  # head dim 64: half the warps
-    common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=launch.key_chunk, HAS_INDEX=perm is not None,
+    common = dict(BLOCK=block, D=D, STRIDE=SIMILARITY_STRIDE, KB=nb, BK=launch.key_chunk,
+                  HAS_INDEX=perm is not None,
                   LOG_BIAS=bool(log_block_size), PRECISION=precision, SCORE_PREC=score_precision,
                   POOL_F32=pool_f32, num_stages=launch.stages)
     _block_stats_and_map_kernel[(nb, B * H)](
@@ -434,6 +435,7 @@ def select_blocks_triton(
     keep = torch.empty(B, H, QB, KB, device=probs.device, dtype=torch.int8)
     protect = torch.empty_like(keep)
     text = keep if text_blocks is None else text_blocks.to(torch.int8).contiguous()
+    kb_p2 = triton.next_power_of_2(KB)  # the row's lanes
     if indices:
         kv_num = torch.empty(B, H, QB, device=probs.device, dtype=torch.int32)
         kv_idx = torch.empty(B, H, QB, KB, device=probs.device, dtype=torch.int32)
@@ -442,6 +444,7 @@ def select_blocks_triton(
     _select_blocks_kernel[(QB, B * H)](
         probs, q_similarity, k_similarity, text, keep, protect,
         keep if kv_num is None else kv_num, keep if kv_idx is None else kv_idx,  # unused pointers without indices
-        QB, KB, float(top_p), min_blocks, float(similarity_threshold), KB_P2=triton.next_power_of_2(KB),
-        HAS_TEXT=text_blocks is not None, KEEP_ALL=keep_all, INDICES=indices, num_warps=min(8, MAP_LAUNCH.select_warps * max(1, triton.next_power_of_2(KB) // 256)))
+        QB, KB, float(top_p), min_blocks, float(similarity_threshold), KB_P2=kb_p2,
+        HAS_TEXT=text_blocks is not None, KEEP_ALL=keep_all, INDICES=indices,
+        num_warps=min(8, MAP_LAUNCH.select_warps * max(1, kb_p2 // 256)))
     return BlockSelection(keep.view(torch.bool), protect.view(torch.bool), kv_num, kv_idx)
