@@ -66,7 +66,7 @@ def block_sparse_attention(
             is remembered), so reuse one int32 tensor per order.
         precision: ``"bf16"`` (default) computes in the inputs' own 16-bit dtype; ``"fp8"`` quantises q, k
             (smoothed) and P, V to float8 e4m3 with fine-grained scales and runs the FP8 kernel (about
-            ``4e-2`` relative error against float32 on random inputs, see ``fp8_common``). Where
+            5 % relative L2 error against float32 on random inputs, see ``fp8_common``). Where
             ``fp8_supported(q)`` is False (no FP8 tensor cores, CPU without ``TRITON_INTERPRET=1``) an fp8
             request runs the bf16 path; ``fp8_supported`` returns the reason.
 

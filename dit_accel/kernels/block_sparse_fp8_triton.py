@@ -18,6 +18,7 @@ Same program structure, mask walk, LSE and tile statistics as the bf16 kernel
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,7 +29,7 @@ from .block_sparse_common import BlockSparseOutput, MaskView
 from .fp8_common import P_SHIFT, QuantizedQKV, QuantRecipe
 from .fp8_quantize_triton import quantize_qkv_triton, round_e4m3_soft
 
-__all__ = ["attention_quantized_triton", "block_sparse_attention_fp8_triton", "kernel_config_8bit"]
+__all__ = ["Launch8bit", "attention_quantized_triton", "block_sparse_attention_fp8_triton", "kernel_config_8bit"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when this module was imported with ``TRITON_INTERPRET=1``."""
@@ -140,18 +141,21 @@ def _block_sparse_fwd_8bit(
     stride_qib, stride_qih,
     H, S_Q, S_KV, N_QB, N_KB, S_Q_PAD, S_KV_PAD, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
     RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr, HAS_QIDX: tl.constexpr,
     QK_INT8: tl.constexpr, V_FP8: tl.constexpr, PV_PRECISE: tl.constexpr, SOFT_FP8: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    # A program takes BLOCK_M rows of a Q_BLOCK-row query block of the mask (BLOCK_M < Q_BLOCK: several
+    # smaller programs walk the same mask row; tile statistics need the whole block in one program).
+    pid_m = tl.program_id(0)
+    qb = pid_m // (Q_BLOCK // BLOCK_M)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
 
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     q = tl.load(Q8 + (bh64 * S_Q_PAD + offs_m[:, None]) * D_PAD + offs_d[None, :])
     q_scale = tl.load(QS + bh64 * N_QB + qb) * qk_scale
@@ -220,20 +224,36 @@ def _block_sparse_fwd_8bit(
                 _finish_tile_stats(idx_full, n_full, ts_row, lse_min, 128)
 
 
-# D_pad -> (BLOCK_N, num_warps, num_stages, use TMA) for a 128-row query block.
-_CONFIGS_8BIT: dict[int, tuple[int, int, int, bool]] = {
-    64: (128, 8, 3, True),
-    128: (128, 8, 3, True),
+class Launch8bit(NamedTuple):
+    """Launch parameters of the 8-bit kernel."""
+
+    block_m: int
+    """Query rows per program (divides the mask's query block; smaller programs fit two per SM, whose
+    softmax and matrix products then overlap)."""
+    block_n: int
+    """Keys per tile (divides the mask's key block)."""
+    num_warps: int
+    """Warps per program."""
+    num_stages: int
+    """Software-pipelining depth of the K/V loads."""
+    use_tma: bool
+    """Load K/V tiles with Hopper's tensor-memory accelerator (else pointer loads)."""
+
+
+# D_pad -> launch for a 128-row query block.
+_LAUNCH_8BIT: dict[int, Launch8bit] = {
+    64: Launch8bit(128, 128, 8, 3, True),
+    128: Launch8bit(128, 128, 8, 3, True),
 }
 
 
-def kernel_config_8bit(d_pad: int, q_block: int, kv_block: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, num_warps, num_stages, use_tma) of the 8-bit kernel for a padded head dim and block sizes."""
-    block_n, warps, stages, tma = _CONFIGS_8BIT[d_pad]
-    block_n = min(block_n, kv_block)
-    if q_block == 64:
-        warps = 4
-    return block_n, warps, stages, tma
+def kernel_config_8bit(d_pad: int, q_block: int, kv_block: int, tile_stats: bool = False) -> Launch8bit:
+    """Launch parameters of the 8-bit kernel for a padded head dim, the mask's block sizes and whether tile
+    statistics are asked for (they need one program per query block)."""
+    cfg = _LAUNCH_8BIT[d_pad]
+    block_m = q_block if tile_stats else min(cfg.block_m, q_block)
+    warps = cfg.num_warps if block_m == 128 else 4
+    return cfg._replace(block_m=block_m, block_n=min(cfg.block_n, kv_block), num_warps=warps)
 
 
 def attention_quantized_triton(
@@ -244,14 +264,13 @@ def attention_quantized_triton(
     return_lse: bool = False,
     tile_stats: bool = False,
     q_index: Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
-    use_tma: bool | None = None,
+    launch: Launch8bit | None = None,
     pv_precise: bool = False,
 ) -> Tensor | BlockSparseOutput:
     """Launch the 8-bit attention kernel on the output of the quantisation pass.
 
-    ``config`` overrides ``(BLOCK_N, num_warps, num_stages)``, ``use_tma`` the load path and ``pv_precise``
-    the fp8 ``P @ V`` accumulation (full-precision adds per tile): benchmark sweeps; leave the defaults.
+    ``launch`` overrides the launch parameters and ``pv_precise`` the fp8 ``P @ V`` accumulation
+    (full-precision adds per tile): benchmark sweeps; leave the defaults.
     """
     if (return_lse or tile_stats) and qq.row_bias is None:
         raise ValueError("LSE and tile statistics need the row bias: quantise with row_bias=True")
@@ -259,13 +278,14 @@ def attention_quantized_triton(
     s_kv_pad = qq.k.shape[2]
     S_q, S_kv = qq.seq_q, qq.seq_kv
     dev = qq.q.device
-    block_n, num_warps, num_stages, tma = kernel_config_8bit(d_pad, view.q_block, view.kv_block)
-    if config is not None:
-        block_n, num_warps, num_stages = config
-    if use_tma is not None:
-        tma = use_tma
+    if launch is None:
+        launch = kernel_config_8bit(d_pad, view.q_block, view.kv_block, tile_stats)
+    block_m, block_n, num_warps, num_stages, tma = launch
     if view.kv_block % block_n != 0:
         raise ValueError(f"BLOCK_N {block_n} must divide the mask's key block size {view.kv_block}")
+    if view.q_block % block_m != 0 or (tile_stats and block_m != view.q_block):
+        raise ValueError(f"BLOCK_M {block_m} must divide the mask's query block size {view.q_block} "
+                         f"(and equal it for tile statistics)")
     if B * H * max(s_kv_pad, d_pad) >= 2**31:
         raise ValueError(f"B*H*S_kv = {B}*{H}*{s_kv_pad} is too large for the kernel's int32 row coordinates")
 
@@ -304,7 +324,7 @@ def attention_quantized_triton(
         q_ib, q_ih = bstride(q_index, 0), bstride(q_index, 1)
     bias = qq.row_bias if qq.row_bias is not None else qq.q_scale
 
-    grid = (view.num_q_blocks, B * H)
+    grid = (view.num_q_blocks * (view.q_block // block_m), B * H)
     _block_sparse_fwd_8bit[grid](
         qq.q, qq.k, qq.v, qq.q_scale, qq.k_scale, qq.v_scale, bias, out, lse, ts, desc_k, desc_v,
         kv_num, kv_idx, f_num, f_idx, q_index if q_index is not None else kv_num,
@@ -317,7 +337,7 @@ def attention_quantized_triton(
         q_ib, q_ih,
         H, S_q, S_kv, view.num_q_blocks, view.num_kv_blocks, s_q_pad, s_kv_pad, view.scale * _LOG2E,
         HEAD_DIM=qq.head_dim, D_PAD=d_pad,
-        BLOCK_M=view.q_block, BLOCK_N=block_n, KV_BLOCK=view.kv_block,
+        Q_BLOCK=view.q_block, BLOCK_M=block_m, BLOCK_N=block_n, KV_BLOCK=view.kv_block,
         HAS_FULL=has_full, EVEN_KV=(S_kv % view.kv_block == 0),
         RETURN_LSE=return_lse, TILE_STATS=tile_stats, USE_TMA=desc_k is not None,
         HAS_QIDX=q_index is not None, QK_INT8=qq.recipe.qk == "int8", V_FP8=v_fp8,
@@ -340,8 +360,7 @@ def block_sparse_attention_fp8_triton(
     tile_stats: bool = False,
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
-    use_tma: bool | None = None,
+    launch: Launch8bit | None = None,
     pv_precise: bool = False,
 ) -> Tensor | BlockSparseOutput:
     """Quantise (:func:`~.fp8_quantize_triton.quantize_qkv_triton`) and attend
@@ -349,4 +368,4 @@ def block_sparse_attention_fp8_triton(
     qq = quantize_qkv_triton(q, k, v, view, recipe, q_index=q_index, kv_index=kv_index,
                              row_bias=return_lse or tile_stats)
     return attention_quantized_triton(qq, view, out_dtype=q.dtype, return_lse=return_lse, tile_stats=tile_stats,
-                                      q_index=q_index, config=config, use_tma=use_tma, pv_precise=pv_precise)
+                                      q_index=q_index, launch=launch, pv_precise=pv_precise)
