@@ -252,7 +252,8 @@ def kernel_config_8bit(d_pad: int, q_block: int, kv_block: int, tile_stats: bool
     statistics are asked for (they need one program per query block)."""
     cfg = _LAUNCH_8BIT[d_pad]
     block_m = q_block if tile_stats else min(cfg.block_m, q_block)
-    warps = cfg.num_warps if block_m == 128 else 4
+    # Two warpgroups for 128 rows (one would hold two 128-wide fp32 tiles per thread and spill), one for 64.
+    warps = cfg.num_warps if block_m == cfg.block_m else (8 if block_m == 128 else 4)
     return cfg._replace(block_m=block_m, block_n=min(cfg.block_n, kv_block), num_warps=warps)
 
 

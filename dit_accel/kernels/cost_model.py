@@ -390,7 +390,6 @@ def measure_cost_table(
 
 
 # -------------------------------------------------------------------------------------- resolving
-_CPU_TABLE = CostTable("cpu", *_versions(), KERNEL_VERSION, "cpu")
 _MEMORY: dict[str, CostTable] = {}
 
 
@@ -439,7 +438,9 @@ def cost_table(device: torch.device | str | None = None) -> CostTable:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type != "cuda":
-        return _CPU_TABLE
+        if "cpu" not in _MEMORY:
+            _MEMORY["cpu"] = CostTable("cpu", *_versions(), KERNEL_VERSION, "cpu")
+        return _MEMORY["cpu"]
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)

@@ -170,6 +170,19 @@ def test_fp8_request_on_cpu_falls_back_to_bf16_and_says_why():
     assert torch.equal(a.out, b.out) and torch.equal(a.lse, b.lse)
 
 
+def test_launch_config_follows_mask_blocks_and_tile_stats(monkeypatch):
+    from dit_accel.kernels import block_sparse_fp8_triton as k8
+
+    monkeypatch.setitem(k8._LAUNCH_8BIT, 128, k8.Launch8bit(64, 128, 4, 3, True))
+    assert k8.kernel_config_8bit(128, 128, 128) == k8.Launch8bit(64, 128, 4, 3, True)
+    # Tile statistics need one program per query block: 128 rows, two warpgroups.
+    assert k8.kernel_config_8bit(128, 128, 128, tile_stats=True) == k8.Launch8bit(128, 128, 8, 3, True)
+    # 64-blocks: BLOCK_N and rows follow the mask.
+    assert k8.kernel_config_8bit(128, 64, 64) == k8.Launch8bit(64, 64, 4, 3, True)
+    monkeypatch.setitem(k8._LAUNCH_8BIT, 128, k8.Launch8bit(128, 128, 8, 3, True))
+    assert k8.kernel_config_8bit(128, 64, 128, tile_stats=True) == k8.Launch8bit(64, 128, 4, 3, True)
+
+
 def test_fp8_support_decisions():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert fp8_support(cuda, (9, 0), False, True)[0]
