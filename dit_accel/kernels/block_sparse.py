@@ -3,6 +3,9 @@
 CUDA tensors run the Triton kernel (:mod:`dit_accel.kernels.block_sparse_triton`). CPU tensors run the
 torch reference (:mod:`dit_accel.kernels.block_sparse_reference`), unless the process was started with
 ``TRITON_INTERPRET=1``, in which case they run the Triton kernel in the interpreter (kernel tests).
+
+``precision="fp8"`` runs the 8-bit path (:mod:`dit_accel.kernels.fp8_common`) where
+:func:`~dit_accel.kernels.fp8_common.fp8_supported` allows it, and the bf16 path otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .block_sparse_common import BlockSparseOutput, check_index, check_inputs
 from .block_sparse_reference import block_sparse_attention_reference
+from .fp8_common import RECIPES, check_precision, fp8_supported
 
 __all__ = ["block_sparse_attention"]
 
@@ -35,6 +39,7 @@ def block_sparse_attention(
     tile_stats: bool = False,
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
+    precision: str = "bf16",
 ) -> Tensor | BlockSparseOutput:
     """Non-causal attention restricted to the (query block, key block) tiles listed in a BlockMask.
 
@@ -59,6 +64,11 @@ def block_sparse_attention(
             indices, and scattering the output back, without materialising the permuted copies.
             Each index must be a permutation; the check syncs once per index tensor (a tensor that passed
             is remembered), so reuse one int32 tensor per order.
+        precision: ``"bf16"`` (default) computes in the inputs' own 16-bit dtype; ``"fp8"`` quantises q, k
+            (smoothed) and P, V to float8 e4m3 with fine-grained scales and runs the FP8 kernel (about
+            5 % relative L2 error against float32 on random inputs, see ``fp8_common``). Where
+            ``fp8_supported(q)`` is False (no FP8 tensor cores, CPU without ``TRITON_INTERPRET=1``) an fp8
+            request runs the bf16 path; ``fp8_supported`` returns the reason.
 
     Returns:
         ``out`` ``(B, H, S_q, D)`` (dtype of q) when both flags are off; otherwise
@@ -66,9 +76,10 @@ def block_sparse_attention(
         with no key block gives zeros and LSE ``-inf``.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, head dims, mask sizes, scale or indices (the message
-            names them).
+        ValueError: bad shapes, dtypes, devices, head dims, mask sizes, scale, indices or precision (the
+            message names them).
     """
+    check_precision(precision)
     view = check_inputs(q, k, v, mask, scale)
     B, H, S_q, _ = q.shape
     q_index = check_index("q_index", q_index, B, H, S_q, q.device)
@@ -76,6 +87,13 @@ def block_sparse_attention(
     if not _use_triton(q):
         return block_sparse_attention_reference(
             q, k, v, mask, scale=view.scale, return_lse=return_lse, tile_stats=tile_stats,
+            q_index=q_index, kv_index=kv_index,
+        )
+    if precision != "bf16" and fp8_supported(q)[0]:
+        from .block_sparse_fp8_triton import block_sparse_attention_fp8_triton
+
+        return block_sparse_attention_fp8_triton(
+            q, k, v, view, recipe=RECIPES[precision], return_lse=return_lse, tile_stats=tile_stats,
             q_index=q_index, kv_index=kv_index,
         )
     from .block_sparse_triton import block_sparse_attention_triton

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_sparse_common import BlockSparseOutput, MaskView, check_index, check_inputs
+from .fp8_common import RECIPES, check_precision
 
 __all__ = ["block_allowed", "block_sparse_attention_reference", "gather_rows", "scatter_rows"]
 
@@ -69,6 +70,7 @@ def block_sparse_attention_reference(
     tile_stats: bool = False,
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
+    precision: str = "bf16",
 ) -> Tensor | BlockSparseOutput:
     """Block-sparse attention in plain torch (float32 math), same contract as ``block_sparse_attention``.
 
@@ -80,10 +82,19 @@ def block_sparse_attention_reference(
         tile_stats: also return the per-tile statistics.
         q_index, kv_index: optional int32 token permutations (see ``block_sparse_attention``): the
             reference gathers q (k, v) into the permuted order, runs there, and scatters out and LSE back.
+        precision: ``"bf16"`` computes on the inputs as they are; ``"fp8"`` applies the 8-bit kernel's
+            quantisation and arithmetic (:func:`~dit_accel.kernels.fp8_reference.block_sparse_attention_fp8_reference`).
 
     Returns:
         The output tensor, or a :class:`BlockSparseOutput` when ``return_lse`` or ``tile_stats`` is set.
     """
+    if check_precision(precision) != "bf16":
+        from .fp8_reference import block_sparse_attention_fp8_reference
+
+        return block_sparse_attention_fp8_reference(
+            q, k, v, mask, recipe=RECIPES[precision], scale=scale, return_lse=return_lse, tile_stats=tile_stats,
+            q_index=q_index, kv_index=kv_index,
+        )
     view = check_inputs(q, k, v, mask, scale)
     B, H, S_q, _ = q.shape
     S_kv = k.shape[2]

@@ -101,8 +101,8 @@ def _attend_listed_blocks(
         m_i = m_new
         if TILE_STATS:
             # Raw max logit of the tile (log2 units); the epilogue subtracts the block's smallest LSE.
-            # (Measured on H100: one reduction over rows then a scalar store costs less than per-row
-            # atomic max, which needs a layout conversion to drop replicated rows.)
+            # (One reduction over rows then a scalar store is cheaper than a per-row atomic max, which
+            # needs a layout conversion to drop replicated rows.)
             t = tl.max(row_max, 0) * qk_scale
             if SUB == 1:
                 tl.store(ts_row + kb, t)
@@ -221,7 +221,7 @@ def _block_sparse_fwd(
 
 
 # (HEAD_DIM_PAD, element size) -> (BLOCK_N, num_warps, num_stages, use TMA), for a 128-row query block.
-# Chosen from the H100 sweep of benchmarks/attention_kernel.py (see benchmarks/KERNEL_NOTES.md).
+# The fastest variants of the sweep in benchmarks/attention_kernel.py (--sweep) on Hopper.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int, bool]] = {
     (64, 2): (64, 4, 3, False),
     (128, 2): (128, 8, 3, True),
@@ -231,8 +231,8 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int, bool]] = {
 
 
 TMA_MIN_KV_LEN = 24576
-"""Below this many keys the pointer path is used even where the config says TMA: on the H100 run of
-2026-11-22 TMA was 4-10 % faster at 32,760 and 75,600 tokens but 4-35 % slower at 4,096 and 16,384."""
+"""Below this many keys the pointer path is used even where the config says TMA: on Hopper TMA is 4-10 %
+faster at 32,760 and 75,600 tokens but 4-35 % slower at 4,096 and 16,384."""
 
 
 def kernel_config(

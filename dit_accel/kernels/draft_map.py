@@ -29,10 +29,8 @@ A second kernel, :func:`select_blocks_triton`, makes the selection from the map 
 exact bisection on the threshold instead of a sort, plus the protected tiles) and, when asked, writes the
 BlockMask's ``kv_num_blocks`` / ``kv_indices`` rows itself (no separate compaction pass in the plan).
 
-Measured (H100, bf16, benchmarks/results/sparse_speed_gpu_s3.json): map 0.37 ms at Wan-1.3B 480p
-(torch reference 1.54 ms), 3.6-3.8 ms at Wan-14B 720p (13.8-14.6 ms); selection 0.08-0.09 / 0.40 ms (torch
-top-p alone 0.18-0.23 / 1.08 ms). On the H200 with :data:`MAP_LAUNCH` (draft_map_tune_gpu_s6b_sparse_speed.json):
-map 0.36 ms and selection with the BlockMask rows 0.057 ms at 1.3B.
+Speed on Hopper (bf16): map 0.36-0.37 ms at Wan-1.3B 480p (torch reference 1.54 ms), 3.6-3.8 ms at Wan-14B
+720p (13.8-14.6 ms); selection 0.06-0.09 ms / 0.40 ms (torch top-p alone 0.18-0.23 / 1.08 ms).
 """
 
 from __future__ import annotations
@@ -97,9 +95,8 @@ class MapLaunch:
 
 
 MAP_LAUNCH = MapLaunch()
-"""The launch in use, from two coordinate-descent searches at Wan-1.3B 480p on the H200
-(``draft_map_tune_gpu_s6.json``: map fields; ``draft_map_tune_gpu_s6b.json``: stages and selection warps, timing
-the whole estimate = map + selection with the BlockMask rows): estimate 0.389-0.392 vs 0.424-0.426 ms for the
+"""The launch in use, from two coordinate-descent searches at Wan-1.3B 480p on an H200 (the map fields; then
+stages and selection warps, timing the whole estimate = map + selection with the BlockMask rows): estimate 0.389-0.392 vs 0.424-0.426 ms for the
 first search's launch (4 stages, 4 selection warps) at 1.3B, timed alternately; 14B keeps 4
 selection warps (one warp there changes a few near-tied selections: float32 sums in another order). 128 rows beat
 32/64/256 (256: 2x slower) and 8 query-pass warps beat 4/16 by 1.2-2.5x; stages and key-pass warps move the map by
@@ -108,7 +105,7 @@ less than the run-to-run noise."""
 SCORE_PRECISION = "tf32"
 """Precision of the score GEMM on the GPU: ``tf32`` (one tensor-core pass; map entries within 1.6e-3
 relative of the float32 reference at the Wan shapes) or ``tf32x3`` (three passes, float32 accuracy: within
-1e-6; the map takes 1.45x / 1.86x as long at Wan-1.3B 480p / 14B 720p; sparse_speed_gpu_s3.json). The
+1e-6; the map takes 1.45x / 1.86x as long at Wan-1.3B 480p / 14B 720p). The
 interpreter computes in float32."""
 
 

@@ -16,21 +16,7 @@ import sys
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1")
 
-import numpy as np
-import triton.runtime.interpreter as _interp
-
-# Triton 3.6's interpreter turns a loaded scalar into a Python int with int(array of shape (1,)), which
-# numpy >= 2.4 refuses; loop bounds read from memory (the mask's kv_num_blocks) need it. Same conversion,
-# through the element instead.
-if hasattr(_interp, "_patch_lang_tensor"):
-    _orig_patch = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
-
+import interp_patch  # noqa: E402,F401  (numpy >= 2.4: loop bounds read from memory)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
