@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import HookRegistry
 
-from dit_accel.attention.methods import AttentionMethod, get_method
+from dit_accel.attention.base import AttentionMethod
+from dit_accel.attention.registry import get_method
 from dit_accel.attention.route import ModuleBinding
 from dit_accel.attention.token_order import (
     TokenOrderAttachment,

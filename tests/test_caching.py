@@ -4,6 +4,7 @@ skipped blocks, guardrails, memory, composition with attention methods, config e
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,15 +12,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dit_accel.api as api  # noqa: E402
-from dit_accel.attention.methods import AttentionMethod  # noqa: E402
+from dit_accel.attention.base import AttentionMethod  # noqa: E402
 from dit_accel.caching import (  # noqa: E402
-    CACHE_STATE_LAYER,
     FixedCacheConfig,
     available_schedulers,
     install_cache,
     make_cache_config,
 )
 from dit_accel.caching.schedulers import BranchState, TaylorScheduler  # noqa: E402
+from dit_accel.context import State  # noqa: E402
 
 NUM_LAYERS = 4
 TEXT_DIM = 16
@@ -372,9 +373,9 @@ def test_selective_tokens_share_one_computes_and_share_zero_reuses(pipe, handle)
     seen = []  # (decision, token_share, tokens) at a span block's self-attention, cond branch
 
     def look(module, args):
-        status = context.state(CACHE_STATE_LAYER, "cond")
+        status = context.cache_status["cond"]
         if context.branches[0] == "cond":
-            seen.append((status["decision"], status["token_share"], args[0].shape[1]))
+            seen.append((status.decision, status.token_share, args[0].shape[1]))
 
     hook = pipe.transformer.blocks[1].attn1.register_forward_pre_hook(look)
     half, att = run(schedule, selective_blocks=0, selective_tokens=0.5)
@@ -455,6 +456,13 @@ def test_two_transformers_keep_separate_selective_token_states():
 
 
 # --- composition with attention methods ------------------------------------------------------------
+@dataclass
+class _LastStep(State):
+    """The step of a layer's last attention call."""
+
+    step: int | None = None
+
+
 class _CountingMethod(AttentionMethod):
     """Stand-in for the temporal-skip method: records every plan call and the cache status it sees."""
 
@@ -466,11 +474,11 @@ class _CountingMethod(AttentionMethod):
 
     def plan(self, q, k, ctx):
         branch = ctx.branches[0]
-        status = ctx.context.state(CACHE_STATE_LAYER, branch)
-        layer_state = ctx.state(branch)
-        gap = ctx.step - layer_state.get("last_step", ctx.step - 1)
-        layer_state["last_step"] = ctx.step
-        self.calls.append((ctx.layer, ctx.step, branch, status["decision"], tuple(status["cached_steps"]), gap))
+        status = ctx.context.cache_status[branch]
+        layer_state = ctx.state(branch, _LastStep)
+        gap = ctx.step - (ctx.step - 1 if layer_state.step is None else layer_state.step)
+        layer_state.step = ctx.step
+        self.calls.append((ctx.layer, ctx.step, branch, status.decision, tuple(status.cached_steps), gap))
         return None  # dense
 
 
@@ -593,7 +601,7 @@ def test_every_family_caches_exactly_on_computed_steps(family):
 def test_cache_composes_with_the_block_sparse_path():
     """Cache hooks on the blocks and dit-accel processors inside them: with every step computed the
     output equals the sparse-path output without cache, bit for bit; reused steps skip the kernel."""
-    from dit_accel.attention.methods import get_method
+    from dit_accel.attention.registry import get_method
 
     pipe = tiny_wan_pipeline(head_dim=64)
     handle = api.apply(pipe, attention=get_method("full", min_seq_len=0))

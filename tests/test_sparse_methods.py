@@ -10,10 +10,11 @@ import torch
 from sparse_helpers import FULL, call_at, generate, hand_context, mask_bool, smooth_qk, tiny_testbed
 
 import dit_accel
-from dit_accel.attention.draft import block_pool, draft_estimate, permute_tokens, pool_matrix, top_p_keep
+from dit_accel.attention.blocks import permute_tokens, pool_matrix
+from dit_accel.attention.draft_estimate import block_pool, draft_estimate, top_p_keep
 from dit_accel.attention.oracle import block_mass, mass_coverage
-from dit_accel.attention.permuted import kmeans
-from dit_accel.attention.sparse_base import QUALITY_LEVELS, quality_thresholds
+from dit_accel.attention.permuted import KMeansState, kmeans
+from dit_accel.attention.quality import QUALITY_LEVELS, quality_thresholds
 from dit_accel.attention.tiling import block_boxes, choose_tile, sequence_order, token_coords, visual_order
 from dit_accel.kernels import block_sparse_attention
 
@@ -124,9 +125,9 @@ def test_kmeans_permutation_is_exact_and_warm_started():
     v = torch.randn_like(q)
     back = permute_tokens(permute_tokens(v, perm), torch.argsort(perm, dim=-1))
     assert torch.equal(back, v)
-    first = ctx.state(1, "cond")["kmeans_centroids"].clone()
+    first = ctx.method_state(1, "cond", KMeansState).centroids.clone()
     method.plan(q, k, call_at(ctx, 2, q.shape[2]))
-    second = ctx.state(1, "cond")["kmeans_centroids"]
+    second = ctx.method_state(1, "cond", KMeansState).centroids
     # warm start: the same keys barely move converged centroids
     assert first.shape == second.shape == (1, 2, 8, 64)
     assert (second - first).abs().max() < (first.abs().max() * 0.5)

@@ -23,7 +23,6 @@ from dit_accel.caching.config import (
 )
 from dit_accel.caching.hooks import (
     CACHE_HOOK_NAME,
-    CACHE_STATE_LAYER,
     CacheAttachment,
     find_blocks,
     install_cache,
@@ -41,7 +40,6 @@ from dit_accel.caching.schedulers import (
 
 __all__ = [
     "CACHE_HOOK_NAME",
-    "CACHE_STATE_LAYER",
     "CONFIG_CLASSES",
     "CacheAttachment",
     "CacheConfig",

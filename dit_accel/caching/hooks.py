@@ -15,20 +15,9 @@ context hook before any block runs) labels every batch row ``cond``/``uncond``/`
 kept per branch: with batched guidance the rows of each branch are sliced out of the residuals; a
 call takes one decision for all its rows (computing if any branch needs it).
 
-Contract with attention methods (temporal-skip state): before the blocks of a call run, the
-controller writes, for every branch of the call, ``context.state(CACHE_STATE_LAYER, branch)``::
-
-    {"step": i, "decision": "compute"|"reuse"|"selective"|"probe",
-     "computed_blocks": ((lo, hi), ...),   # block index ranges that run in this call
-     "last_computed_step": j,              # last step whose blocks all ran (None before the first)
-     "cached_steps": [...]}                # every earlier step of this generation that skipped the span
-
-(``"probe"`` is replaced by the final decision once the probe blocks ran, before the span;
-``"token_share"`` > 0 on a selective call means the front span also runs on that share of the tokens
-only: those attention calls see a token subset, not the model's grid.) A method
-sees its layer's attention called only on steps where that layer's block ran; it should compare the
-current ``ctx.step`` with the step of its own last update (gaps are cached steps) and must not count
-cached steps as refreshes. The store is cleared at every new pipeline call with the context.
+Before the blocks of a call run, the controller publishes its decision for every branch of the call in
+``context.cache_status`` (a :class:`~dit_accel.context.CacheStatus`; ``"probe"`` is replaced by the final
+decision once the probe blocks ran, before the span); the attention route records it with each attention call.
 """
 
 from __future__ import annotations
@@ -55,14 +44,12 @@ from dit_accel.caching.schedulers import (
     build_scheduler,
 )
 from dit_accel.block_hooks import InstalledHook, register_block_hook, remove_block_hooks
-from dit_accel.context import TransformerContext
+from dit_accel.context import CacheStatus, TransformerContext
 
 logger = logging.getLogger("dit_accel")
 
 CACHE_HOOK_NAME = "dit_accel_cache"
 """Name of the cache hook in each block's ``HookRegistry``."""
-CACHE_STATE_LAYER = -1
-"""Layer key of the cache status in the context's state store (attention layers are >= 0)."""
 
 Rows = slice | torch.Tensor
 
@@ -244,9 +231,10 @@ class CacheController:
 
     # --- state ------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every cached tensor (new generation)."""
+        """Forget every cached tensor and the published status (new generation, or the cache is removed)."""
         self.states.clear()
         self.plan = None
+        self.context.cache_status.clear()
 
     def _state(self, branch: str) -> BranchState:
         if branch not in self.states:
@@ -296,16 +284,12 @@ class CacheController:
         ranges = self._computed_ranges(plan)
         share = self.scheduler.token_share if plan.decision is Decision.SELECTIVE else 0.0
         for branch, _ in plan.groups:
-            state = self._state(branch)
-            entry = self.context.state(CACHE_STATE_LAYER, branch)
-            entry.setdefault("cached_steps", [])
-            entry.update(
-                step=plan.info.step,
-                decision=plan.decision.value,
-                computed_blocks=ranges,
-                last_computed_step=state.last_computed_step,
-                token_share=share,
-            )
+            status = self.context.cache_status.setdefault(branch, CacheStatus())
+            status.step = plan.info.step
+            status.decision = plan.decision.value
+            status.computed_blocks = ranges
+            status.last_computed_step = self._state(branch).last_computed_step
+            status.token_share = share
 
     def _computed_ranges(self, plan: _CallPlan) -> tuple[tuple[int, int], ...]:
         n = len(self.blocks)
@@ -513,8 +497,7 @@ class CacheController:
                 state.accumulated = 0.0
             else:
                 state.reused_in_row += 1
-                entry = self.context.state(CACHE_STATE_LAYER, branch)
-                entry.setdefault("cached_steps", []).append(plan.info.step)
+                self.context.cache_status.setdefault(branch, CacheStatus()).cached_steps.append(plan.info.step)
         for branch, state in self.states.items():
             nbytes = state.nbytes()
             total_bytes += nbytes
