@@ -19,7 +19,8 @@ from dit_accel.caching import (  # noqa: E402
     install_cache,
     make_cache_config,
 )
-from dit_accel.caching.schedulers import BranchState, TaylorScheduler  # noqa: E402
+from dit_accel.caching.base import CacheState  # noqa: E402
+from dit_accel.caching.taylor import TaylorScheduler  # noqa: E402
 from dit_accel.context import State  # noqa: E402
 
 NUM_LAYERS = 4
@@ -509,7 +510,7 @@ def test_cached_steps_skip_attention_and_publish_status():
 def test_taylor_forecast_is_exact_on_polynomial_residuals():
     for order in (1, 2):
         sched = TaylorScheduler(make_cache_config("taylor", order=order), num_blocks=4)
-        state = BranchState()
+        state = CacheState()
         base = torch.randn(1, 3, 5)
 
         def residual(t):
