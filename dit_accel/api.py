@@ -92,7 +92,9 @@ class AccelHandle:
     ``"dropout_or_causal"``), ``seq_len``, ``text_tokens``, and, only when the tokens were permuted,
     ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
     index; ``"folded"``: the permutation was folded into the kernel; ``"forward+folded"``: a k-means order
-    relative to the tile order).
+    relative to the tile order), and, with a feature cache, ``cache_decision`` (the cache's decision for the
+    transformer call: ``"compute"``, ``"reuse"``, ``"selective"``, or ``"probe"`` in the probe blocks before the
+    probe scheduler decided), plus the keys the method added.
     """
 
     def __init__(

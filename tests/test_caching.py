@@ -506,6 +506,26 @@ def test_cached_steps_skip_attention_and_publish_status():
     assert len(method.calls) == 2 * (4 * 5 + 3)
 
 
+def test_attention_records_carry_the_cache_decision():
+    """The cache's decision reaches each attention call's statistics record (and only while a cache is on)."""
+    pipe = tiny_wan_pipeline()
+    handle = api.apply(pipe, attention="dense")
+    generate(pipe)
+    assert handle.stats() and all("cache_decision" not in r for r in handle.stats())
+    handle.reset_stats()
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", schedule=[1, 1, 0, 0, 1, 0, 1, 1],
+                        warmup_steps=1, final_steps=1, head_blocks=1)
+    generate(pipe)
+    rows = [r for r in handle.stats() if r["branch"] == "cond"]
+    assert {r["step"]: r["cache_decision"] for r in rows} == {s: "reuse" if s in (2, 3, 5) else "compute" for s in range(STEPS)}
+    assert [r["layer"] for r in rows if r["cache_decision"] == "reuse"] == [0, 0, 0]  # the head block only
+    att.remove()
+    handle.reset_stats()
+    generate(pipe)
+    assert all("cache_decision" not in r for r in handle.stats())
+    api.remove(pipe)
+
+
 # --- forecasting ---------------------------------------------------------------------------------------
 def test_taylor_forecast_is_exact_on_polynomial_residuals():
     for order in (1, 2):

@@ -236,10 +236,24 @@ def test_quality_knob_maps_monotonically():
     ("window", {"space_radius": -1}, r"space_radius must be in \[0, 1000000\], got -1"),
     ("oracle", {"similarity_threshold": 0.3}, r"unknown option\(s\) \['similarity_threshold'\] for attention method 'oracle'"),
     ("draft", {"dense_warmup": 1.2}, r"dense_warmup must be in \[0.0, 1.0\], got 1.2"),
+    ("combo", {"map_backend": "cuda"}, r"map_backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
 ])
 def test_bad_configs_raise_clear_errors(name, options, match):
     with pytest.raises(ValueError, match=match):
         dit_accel.get_method(name, **options)
+
+
+def test_a_shared_order_keeps_its_kernel_index_and_a_per_head_order_does_not():
+    """The tile order is built once per grid: every plan of it carries the same int32 kernel index (the kernel
+    validates an index once per tensor); a k-means order is per call and leaves the conversion to the route."""
+    q, k = smooth_qk()
+    ctx = hand_context()
+    tile = dit_accel.get_method("permuted", **FULL)
+    first, second = tile.plan(q, k, call_at(ctx, 1, 1024)), tile.plan(q, k, call_at(ctx, 2, 1024))
+    assert first.index is second.index and first.index.dtype == torch.int32
+    assert torch.equal(first.index.long(), first.perm)
+    per_head = dit_accel.get_method("permuted", order="kmeans", **FULL).plan(q, k, call_at(ctx, 3, 1024))
+    assert per_head.perm.shape == (1, 2, 1024) and per_head.index is None
 
 
 @pytest.mark.parametrize("name", ["draft", "permuted", "combo", "temporal_skip", "oracle", "window"])

@@ -13,7 +13,8 @@ kernel ran without an index: the fast TMA path), ``"folded"`` (a per-call permut
 kernel's loads and stores) or ``"forward+folded"`` (both: a k-means order relative to the tile order); no
 key when nothing was permuted. With a feature cache installed, ``cache_decision`` is the cache's decision
 for the transformer call (``"compute"``, ``"reuse"``, ``"selective"``: on the last two only the blocks
-outside the reused span call their attention).
+outside the reused span call their attention; ``"probe"`` in the probe blocks before the probe scheduler
+decided).
 """
 
 from __future__ import annotations
