@@ -65,7 +65,7 @@ SWEEPS: dict[str, list[dict]] = {
     "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 1), (1, 1), (1, 9), (3, 9), (3, 17), (5, 25))],
 }
 """Settings of each method's knob. The draft family sweeps ``top_p`` (its other thresholds stay at the
-default ``quality`` level, ``balanced``), so :data:`sparse_base.QUALITY_ANCHORS` can be fitted from the
+default ``quality`` level, ``balanced``), so :data:`dit_accel.attention.quality.QUALITY_ANCHORS` can be fitted from the
 curve; oracle: ``top_p``; window: radii. ``permuted_kmeans`` is ``permuted`` with the k-means order,
 ``draft_v1`` is ``draft`` as it was before the query sub-pooling and temperature."""
 
