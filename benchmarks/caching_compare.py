@@ -56,7 +56,8 @@ if str(ROOT) not in sys.path:
 
 import dit_accel.api as api  # noqa: E402
 from dit_accel.caching import install_cache  # noqa: E402
-from dit_accel.caching.calibrate import calibrate, captions_for_testbed  # noqa: E402
+from dit_accel.calibration.cli import captions_for_testbed  # noqa: E402
+from dit_accel.calibration.schedule_search import calibrate  # noqa: E402
 
 OURS = ("fixed", "taylor", "taylor_out", "probe", "procache", "procache_dp", "procache_out", "procache_tok")
 DIFFUSERS = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_magcache")

@@ -49,7 +49,8 @@ from caching_compare import (  # noqa: E402
     uniform_schedule,
 )
 from dit_accel.caching import ProCacheConfig, FixedCacheConfig  # noqa: E402
-from dit_accel.caching.calibrate import calibrate, captions_for_testbed  # noqa: E402
+from dit_accel.calibration.cli import captions_for_testbed  # noqa: E402
+from dit_accel.calibration.schedule_search import calibrate  # noqa: E402
 
 ATTENTION_SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("dense", "dense", {}),

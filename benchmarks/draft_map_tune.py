@@ -2,7 +2,7 @@
 
 The refresh plan of combo/draft is map kernel + selection kernel + a little host work; the map was 0.38-0.40 ms
 of a 0.51 ms plan on the H200 (``sparse_speed_gpu_s4_presets_13b.json``). This script times the plan's estimate
-(``method.estimate(..., block_indices=True)``: :func:`~dit_accel.kernels.draft_map.draft_map_triton` then
+(``method.stages.select.estimate(..., block_indices=True)``: :func:`~dit_accel.kernels.draft_map.draft_map_triton` then
 :func:`~dit_accel.kernels.draft_map.select_blocks_triton` writing the BlockMask rows) over
 :class:`~dit_accel.kernels.draft_map.MapLaunch` variants by coordinate descent (one field at a time, from the
 shipped launch, ``--passes`` rounds, the fields of ``--only``), on the inputs and token order of ``sparse_speed``'s
@@ -62,8 +62,8 @@ def map_inputs(shape: dict, device: torch.device, dtype: torch.dtype):
     _, name, options = next(m for m in sparse_speed.METHODS if m[0] == LABEL)
     method = sparse_speed.timed_method(name, options)
     _, call = sparse_speed.hand_call(grid, q.shape[-2], 1)
-    perm = method.order(q, k, call)
-    return lambda: method.estimate(q, k, perm, None, block_indices=True)
+    order = method.order_of(q, k, call)
+    return lambda: method.stages.select.estimate(q, k, order, None, block_indices=True)
 
 
 def time_launch(launch: MapLaunch, estimate, device: torch.device, reps: int, reference) -> dict:

@@ -160,7 +160,7 @@ def build(name: str, layers: int | None, device: torch.device, dtype: torch.dtyp
 def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    from dit_accel.attention.route import kernel_index
+    from dit_accel.attention.route import plan_index
     from dit_accel.kernels import block_sparse_attention
 
     layers = args.layers_14b if name == "wan2.1-14b-720p" else None
@@ -275,7 +275,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         if not plans:
             continue
         plan = plans[0]
-        idx = kernel_index(plan.perm, device) if plan.perm is not None else None
+        idx = plan_index(plan, device)
         plain = med_ms(lambda: block_sparse_attention(q, k, v, plan.mask))
         folded = med_ms(lambda: block_sparse_attention(q, k, v, plan.mask, q_index=idx, kv_index=idx)) if idx is not None else None
         attention[f"window_{r['target']}"] = {

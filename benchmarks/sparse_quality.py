@@ -65,7 +65,7 @@ SWEEPS: dict[str, list[dict]] = {
     "window": [{"frame_radius": f, "space_radius": s} for f, s in ((0, 1), (1, 1), (1, 9), (3, 9), (3, 17), (5, 25))],
 }
 """Settings of each method's knob. The draft family sweeps ``top_p`` (its other thresholds stay at the
-default ``quality`` level, ``balanced``), so :data:`sparse_base.QUALITY_ANCHORS` can be fitted from the
+default ``quality`` level, ``balanced``), so :data:`dit_accel.attention.quality.QUALITY_ANCHORS` can be fitted from the
 curve; oracle: ``top_p``; window: radii. ``permuted_kmeans`` is ``permuted`` with the k-means order,
 ``draft_v1`` is ``draft`` as it was before the query sub-pooling and temperature."""
 
@@ -163,7 +163,8 @@ class SimilarityProbe(dit_accel.AttentionMethod):
 
     def plan(self, q, k, ctx):
         """Record the similarity quantiles, then decline (dense)."""
-        from dit_accel.attention.draft import block_pool, cached_pool_matrix
+        from dit_accel.attention.blocks import Order
+        from dit_accel.attention.draft_estimate import block_pool
         from dit_accel.attention.tiling import sequence_order
 
         qs = torch.tensor(self.QUANTILES, device=q.device)
@@ -171,7 +172,7 @@ class SimilarityProbe(dit_accel.AttentionMethod):
         for order in ("raster", "tile"):
             perm = sequence_order(ctx.layout, q.shape[2], q.device) if order == "tile" else None
             for name, x in (("q", q), ("k", k)):
-                sim = block_pool(x, perm, cached_pool_matrix(perm, x.dtype))[1]
+                sim = block_pool(x, perm, None if perm is None else Order(perm).pool(x.dtype))[1]
                 row[f"{name}_{order}"] = [round(v, 3) for v in torch.quantile(sim.flatten().float(), qs).tolist()]
         self.rows.append(row)
         return None
@@ -220,7 +221,8 @@ def coverage_study(pipe, captions: list[str], common: dict) -> dict:
     """Selector study on captured q/k of one dense generation: share of the TRUE attention mass each selector
     keeps at equal tile density (oracle, draft and window; raster and 3D-tile order), averaged over layers and
     steps. Density here counts the selector's tiles only (no safety valves): it isolates selection quality."""
-    from dit_accel.attention.draft import draft_estimate, permute_tokens, top_p_keep
+    from dit_accel.attention.blocks import permute_tokens
+    from dit_accel.attention.draft_estimate import draft_estimate, top_p_keep
     from dit_accel.attention.oracle import block_mass
     from dit_accel.attention.tiling import block_boxes, sequence_order, token_coords
     from dit_accel.attention.window import window_keep

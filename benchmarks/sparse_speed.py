@@ -56,11 +56,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_accel.attention import draft as draft_module  # noqa: E402
-from dit_accel.attention.draft import cached_pool_matrix, draft_map, permute_tokens, top_p_keep  # noqa: E402
-from dit_accel.attention.methods import SparsePlan, get_method  # noqa: E402
+from dit_accel.attention import draft_estimate as draft_module  # noqa: E402
+from dit_accel.attention import temporal_skip  # noqa: E402
+from dit_accel.attention.base import SparsePlan  # noqa: E402
+from dit_accel.attention.blocks import Order, permute_tokens  # noqa: E402
+from dit_accel.attention.draft_estimate import draft_map, top_p_keep  # noqa: E402
 from dit_accel.attention.oracle import block_mass  # noqa: E402
-from dit_accel.attention.route import kernel_index  # noqa: E402
+from dit_accel.attention.registry import get_method  # noqa: E402
+from dit_accel.attention.route import plan_index  # noqa: E402
+from dit_accel.attention.temporal_skip import TemporalSkipState  # noqa: E402
 from dit_accel.attention.tiling import choose_tile, tile_permutation  # noqa: E402
 from dit_accel.context import StepClock, TransformerContext  # noqa: E402
 from dit_accel.kernels import (  # noqa: E402
@@ -264,11 +268,14 @@ def block_mask_by_sort(keep: torch.Tensor, seq_len: int):
                                     compute_q_blocks=False)
 
 
+def pool_of(perm: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The block-averaging matrix of a shared order (as the methods' torch path uses it), ``None`` without one."""
+    return None if perm is None else Order(perm).pool(dtype)
+
+
 def count_compactions(plan_once) -> int:
     """How many ``block_mask_from_bool`` compaction passes one call of ``plan_once`` runs (the plan modules' own
     reference to it counted; untimed)."""
-    from dit_accel.attention import temporal_skip
-
     calls: list[int] = []
 
     def counting(*args, **kwargs):
@@ -301,10 +308,11 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
     method = timed_method(name, options)
     cfg = method.cfg
     ctx, call = hand_call(grid, S, 1)
-    perm = method.order(q, k, call)
+    order = method.order_of(q, k, call)
+    perm = None if order is None else order.perm
     scale = 1.0 / math.sqrt(q.shape[-1]) / cfg.temperature
     kw = dict(perm=perm, query_pool=cfg.query_pool, scale=scale, log_block_size=cfg.log_block_size)
-    pool = cached_pool_matrix(perm, q.dtype)
+    pool = None if order is None else order.pool(q.dtype)
     row = dict(base, row="plan_breakdown", label=label, perm_kind=None if perm is None else "shared")
     uses_kernel = draft_module.draft_map_kernel_applies(q)
     if uses_kernel:
@@ -334,22 +342,20 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
             lambda: block_mask_from_indices(sel.kv_num_blocks, sel.kv_indices, S, S), device, reps)
         del sel, ref_mask
 
-    def plan_once():
+    def plan_once(m):
         ctx.reset_state()
         _, c = hand_call(grid, S, 2, ctx)
-        return method.plan(q, k, c)
+        return m.plan(q, k, c)
 
     for suffix, backend in (("", "auto"), ("_torch", "torch")):
-        draft_module.DRAFT_MAP_BACKEND = backend
-        try:
-            row[f"estimate_ms{suffix}"] = time_ms(lambda: method.estimate(q, k, perm, None), device, reps)
-            row[f"estimate_indices_ms{suffix}"] = time_ms(
-                lambda: method.estimate(q, k, perm, None, block_indices=True), device, reps)
-            keep = method.estimate(q, k, perm, None).keep
-            row[f"plan_ms{suffix}"] = time_ms(plan_once, device, reps)
-            row[f"plan_compactions{suffix}"] = count_compactions(plan_once)
-        finally:
-            draft_module.DRAFT_MAP_BACKEND = "auto"
+        m = timed_method(name, dict(options, map_backend=backend))
+        select = m.stages.select
+        row[f"estimate_ms{suffix}"] = time_ms(lambda: select.estimate(q, k, order, None), device, reps)
+        row[f"estimate_indices_ms{suffix}"] = time_ms(
+            lambda: select.estimate(q, k, order, None, block_indices=True), device, reps)
+        keep = select.estimate(q, k, order, None).keep
+        row[f"plan_ms{suffix}"] = time_ms(lambda: plan_once(m), device, reps)
+        row[f"plan_compactions{suffix}"] = count_compactions(lambda: plan_once(m))
     row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
     # the session-3 BlockMask (stable argsort), timed beside the sort-free compaction: before/after in one run
     row["block_mask_ms_sort"] = time_ms(lambda: block_mask_by_sort(keep, S), device, reps)
@@ -404,15 +410,14 @@ def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.
     if not draft_module.draft_map_kernel_applies(q):
         out["skipped"] = "the kernel does not apply on this device/shape"
         return out
-    method = get_method("draft", quality="balanced")
-    cfg = method.cfg
+    cfg = get_method("draft", quality="balanced").cfg
     scale = 1.0 / math.sqrt(q.shape[-1]) / cfg.temperature
     ctx, call = hand_call(grid, S, 1)
     for order, perm in (("model", None), ("tile", sequence_order(call.layout, S, q.device))):
         kw = dict(perm=perm, query_pool=cfg.query_pool, scale=scale, log_block_size=cfg.log_block_size)
         got = draft_map(q, k, backend="triton", **kw)
-        ref = draft_map(q, k, pool=cached_pool_matrix(perm, q.dtype), backend="torch", **kw)
-        ref32 = draft_map(q.float(), k.float(), pool=cached_pool_matrix(perm, torch.float32), backend="torch", **kw)
+        ref = draft_map(q, k, pool=pool_of(perm, q.dtype), backend="torch", **kw)
+        ref32 = draft_map(q.float(), k.float(), pool=pool_of(perm, torch.float32), backend="torch", **kw)
         res = {}
         for tag, r in (("ref", ref), ("ref_fp32", ref32)):
             res[f"probs_max_abs_err_vs_{tag}"] = (got.probs - r.probs).abs().max().item()
@@ -423,11 +428,8 @@ def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.
         res["probs_max"] = got.probs.max().item()
         keeps = {}
         for backend in ("triton", "torch"):
-            draft_module.DRAFT_MAP_BACKEND = backend
-            try:
-                keeps[backend] = method.estimate(q, k, perm, None).keep
-            finally:
-                draft_module.DRAFT_MAP_BACKEND = "auto"
+            select = get_method("draft", quality="balanced", map_backend=backend).stages.select
+            keeps[backend] = select.estimate(q, k, None if perm is None else Order(perm), None).keep
         res["keep_agreement"] = keeps["triton"].eq(keeps["torch"]).float().mean().item()
         res["keep_equal"] = bool(torch.equal(keeps["triton"], keeps["torch"]))
         res["keep_density_kernel"] = keeps["triton"].float().mean().item()
@@ -611,8 +613,7 @@ def time_refresh_reuse(method, ctx: TransformerContext, q: torch.Tensor, k: torc
 
     refresh_ms = time_ms(lambda: plan(True), device, reps)
     refresh_plan = plan(True)
-    for st in ctx._store.values():
-        st["ts_calls"] = -10**6  # stay between refreshes while timing
+    ctx.method_state(1, "cond", TemporalSkipState).calls = -10**6  # stay between refreshes while timing
     reuse_ms = time_ms(lambda: plan(False), device, reps)
     return refresh_ms, reuse_ms, refresh_plan
 
@@ -744,12 +745,12 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
         for phase in phases:
             step = [1]
 
-            def plan_once():
+            def plan_once(m=method):
                 if phase == "refresh" or not stateful:
                     ctx.reset_state()  # every timed call is a fresh plan (k-means warm start kept separately below)
                 step[0] += 1
                 _, call = hand_call(grid, S, step[0], ctx)
-                return method.plan(q, k, call)
+                return m.plan(q, k, call)
 
             if phase == "reuse":
                 _, call = hand_call(grid, S, 1, ctx)
@@ -762,21 +763,17 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                     method.observe(call, stats)
                 del qp, kp, vp
                 # stay between refreshes while timing
-                for st in ctx._store.values():
-                    st["ts_calls"] = -10**6
+                ctx.method_state(1, "cond", TemporalSkipState).calls = -10**6
             if name == "permuted" and options.get("order") == "kmeans":
                 # steady state: warm-started centroids (not reset between timed calls)
-                def plan_once():  # noqa: F811
+                def plan_once(m=method):  # noqa: F811
                     step[0] += 1
                     _, call = hand_call(grid, S, step[0], ctx)
-                    return method.plan(q, k, call)
+                    return m.plan(q, k, call)
             plan_ms = time_ms(plan_once, device, reps)
-            # the same plan with the draft map on the torch reference (the session-2 code path): before/after
-            draft_module.DRAFT_MAP_BACKEND = "torch"
-            try:
-                plan_ms_torch_map = time_ms(plan_once, device, reps)
-            finally:
-                draft_module.DRAFT_MAP_BACKEND = "auto"
+            # the same plan with the draft map and the selection on the torch reference: before/after the kernels
+            torch_map = timed_method(name, dict(options, map_backend="torch"))
+            plan_ms_torch_map = time_ms(lambda: plan_once(torch_map), device, reps)
             result = plan_once()
             plan = as_plan(result)
             perm = plan.perm
@@ -785,7 +782,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                        map_kernel=draft_module.draft_map_kernel_applies(q),
                        perm_kind=None if perm is None else ("shared" if perm.dim() == 1 else "per_head"))
 
-            index = None if perm is None else kernel_index(perm, q.device)
+            index = plan_index(plan, q.device)
             if not skip_attention:
                 attn_ms = time_ms(lambda: block_sparse_attention(q, k, v, plan.mask, tile_stats=with_stats, q_index=index,
                                                                  kv_index=index), device, reps)

@@ -10,7 +10,8 @@ Public surface::
 
 from dit_accel.api import AccelHandle, apply, available_caches, get_handle, processors_for, remove
 from dit_accel.attention.dense import dense_backend_name, dense_probe_report
-from dit_accel.attention.methods import AttentionMethod, available_methods, get_method, register_method
+from dit_accel.attention.base import AttentionMethod
+from dit_accel.attention.registry import available_methods, get_method, register_method
 from dit_accel.pipelines.families import family_names, supported_transformer_classes
 
 __all__ = [

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import HookRegistry
 
-from dit_accel.attention.methods import AttentionMethod, get_method
+from dit_accel.attention.base import AttentionMethod
+from dit_accel.attention.registry import get_method
 from dit_accel.attention.route import ModuleBinding
 from dit_accel.attention.token_order import (
     TokenOrderAttachment,
@@ -91,7 +92,9 @@ class AccelHandle:
     ``"dropout_or_causal"``), ``seq_len``, ``text_tokens``, and, only when the tokens were permuted,
     ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
     index; ``"folded"``: the permutation was folded into the kernel; ``"forward+folded"``: a k-means order
-    relative to the tile order).
+    relative to the tile order), and, with a feature cache, ``cache_decision`` (the cache's decision for the
+    transformer call: ``"compute"``, ``"reuse"``, ``"selective"``, or ``"probe"`` in the probe blocks before the
+    probe scheduler decided), plus the keys the method added.
     """
 
     def __init__(

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the shipped speed presets")
 
-    from dit_accel.caching import calibrate as calibrate_cmd
+    from dit_accel.calibration import cli as calibrate_cmd
 
     cal = sub.add_parser("calibrate", help="search a feature-cache schedule for a model, step count and budget")
     calibrate_cmd.add_arguments(cal)
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return eval_cmd.run(ns)
         if ns.command == "calibrate":
-            from dit_accel.caching import calibrate as calibrate_cmd
+            from dit_accel.calibration import cli as calibrate_cmd
 
             try:
                 return calibrate_cmd.run(ns)

@@ -11,8 +11,12 @@ Objects, from the widest to the narrowest:
 * :class:`StepClock` -- denoising progress of one pipeline, shared by all its transformers (Wan2.2's
   ``transformer`` and ``transformer_2`` see different steps of the same loop).
 * :class:`TransformerContext` -- one per transformer: the layout of the current forward, the branch
-  of each batch row, the method state store and the statistics list.
+  of each batch row, the typed method states, the cache status and the statistics list.
 * :class:`AttentionCall` -- what a method's ``plan(q, k, ctx)`` receives for one attention call.
+
+State kept between calls is typed: a method declares a dataclass deriving from :class:`State` and asks the
+context for its instance per (layer, branch) with ``ctx.state(branch, MyState)``; every instance is reset at
+each new pipeline call (a new generation).
 
 Guidance branches (checked in diffusers 0.42.1 pipeline sources):
 
@@ -30,13 +34,14 @@ families label every row ``cond``; sequential families use the call order within
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
-from diffusers.hooks.hooks import ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 TextPosition = Literal["none", "first", "last"]
 """Where the text tokens sit in a joint-attention sequence: absent, before or after the visual tokens."""
@@ -165,12 +170,57 @@ class ForwardInputs:
     """Optional per-row count of valid (unpadded) text tokens (HunyuanVideo's text mask)."""
 
 
+class State(BaseState):
+    """Base of the state kept between calls: a dataclass whose field defaults are the empty state.
+
+    Attention methods keep one instance per (transformer, layer, guidance branch) and class, owned by the
+    :class:`TransformerContext` (``ctx.state(branch, MyState)``); the feature cache keeps one per (transformer,
+    branch). :meth:`reset` is called at every new pipeline call.
+    """
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Back to the empty state: every field to its default (diffusers calls it with the module)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+            else:
+                setattr(self, f.name, f.default)
+
+
+S = TypeVar("S", bound=State)
+
+
+@dataclass
+class CacheStatus:
+    """What the feature cache decided for the transformer call in progress, per guidance branch.
+
+    Written by the cache controller (``dit_accel.caching``) before the blocks of a call run; the attention
+    route records ``decision`` with each attention call. A layer whose block the cache skips sees no attention
+    call at that step: a method comparing ``ctx.step`` with the step of its own last update finds the gaps in
+    :attr:`cached_steps`.
+    """
+
+    step: int = -1
+    """Denoising step of the call."""
+    decision: str = "compute"
+    """``"compute"``, ``"reuse"``, ``"selective"``, or ``"probe"`` until the probe blocks decided."""
+    computed_blocks: tuple[tuple[int, int], ...] = ()
+    """Block index ranges ``(lo, hi)`` that run in this call."""
+    last_computed_step: int | None = None
+    """Last step whose blocks all ran (``None`` before the first)."""
+    cached_steps: list[int] = field(default_factory=list)
+    """Every earlier step of this generation that skipped the span."""
+    token_share: float = 0.0
+    """On a selective call, the share of the tokens the front span runs on (0: all of them): those attention
+    calls see a token subset, not the model's grid."""
+
+
 @dataclass
 class AttentionCall:
     """What an attention method sees for one self-attention call (the ``ctx`` of ``plan(q, k, ctx)``)."""
 
     context: "TransformerContext"
-    """The transformer's context (holds the state store)."""
+    """The transformer's context (holds the method states)."""
     layer: int
     """Index of the attention module among the transformer's self-attention modules (model order)."""
     module_name: str
@@ -183,10 +233,23 @@ class AttentionCall:
     """Total denoising steps, ``None`` when unknown."""
     branches: tuple[Branch, ...]
     """Guidance branch of each batch row."""
+    extra_stats: dict[str, Any] = field(default_factory=dict)
+    """Keys a method added to this call's statistics record (:meth:`add_stats`)."""
 
-    def state(self, branch: Branch) -> dict[str, Any]:
-        """Mutable per-(transformer, layer, branch) state dict for a method; cleared per pipeline call."""
-        return self.context.state(self.layer, branch)
+    def state(self, branch: Branch, cls: type[S]) -> S:
+        """This layer's ``cls`` state for ``branch`` (created on first use, reset per pipeline call)."""
+        return self.context.method_state(self.layer, branch, cls)
+
+    @property
+    def stats_enabled(self) -> bool:
+        """Whether this call's statistics are recorded (computing them may synchronise with the GPU)."""
+        return self.context.stats_enabled
+
+    def add_stats(self, **values: Any) -> None:
+        """Add keys to this call's statistics record (the route merges them into it). Values should be plain
+        Python numbers, strings or bools; they are only kept when statistics are enabled."""
+        if self.context.stats_enabled:
+            self.extra_stats.update(values)
 
 
 class TransformerContext:
@@ -200,7 +263,6 @@ class TransformerContext:
         clock: StepClock,
         cfg_style: Literal["sequential", "batched"],
     ) -> None:
-        self.transformer_id = id(transformer)
         self.family = family
         self.cfg_style = cfg_style
         self.name = name
@@ -217,18 +279,26 @@ class TransformerContext:
         self.forward_index = -1
         """Number of transformer forwards begun so far, minus one (tells a hook which forward it is in)."""
         self.stats_enabled = True
-        self._store: dict[tuple[int, int, Branch], dict[str, Any]] = {}
+        self.cache_status: dict[Branch, CacheStatus] = {}
+        """The feature cache's decision for the call in progress, per branch (empty without a cache)."""
+        self._states: dict[tuple[int, Branch, type[State]], State] = {}
         self._stats: list[dict[str, Any]] = []
         clock._on_new_call.append(self.reset_state)
 
-    # --- state store -------------------------------------------------------------------------
-    def state(self, layer: int, branch: Branch) -> dict[str, Any]:
-        """State dict keyed by (transformer id, layer, branch), created on first use."""
-        return self._store.setdefault((self.transformer_id, layer, branch), {})
+    # --- state -------------------------------------------------------------------------------
+    def method_state(self, layer: int, branch: Branch, cls: type[S]) -> S:
+        """The ``cls`` state of attention layer ``layer`` and guidance branch ``branch``, created on first use."""
+        key = (layer, branch, cls)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = cls()
+        return state  # type: ignore[return-value]
 
     def reset_state(self) -> None:
-        """Forget all method state (called at every new pipeline call)."""
-        self._store.clear()
+        """Reset every method state and forget the cache status (called at every new pipeline call)."""
+        for state in self._states.values():
+            state.reset()
+        self.cache_status.clear()
 
     def close(self) -> None:
         """Stop listening to the clock (the transformer was detached)."""
@@ -351,10 +421,9 @@ class ContextHook(ModelHook):
         """The forward's timestep from host-side state, or ``None`` when it must be read from the device.
 
         A sync before every forward stalls the host until the GPU has caught up, so small models run a few
-        percent slower (measured on the testbed: ``benchmarks/results/overhead_probe.json``). The first forward
-        of each pipeline call still syncs once to check that the scheduler's host state names the same
-        timestep the pipeline passed; any mismatch (e.g. a pipeline that rescales its timesteps) keeps the
-        sync for the rest of that call.
+        percent slower. The first forward of each pipeline call still syncs once to check that the scheduler's
+        host state names the same timestep the pipeline passed; any mismatch (e.g. a pipeline that rescales its
+        timesteps) keeps the sync for the rest of that call.
         """
         clock = self.context.clock
         if clock.host_timestep_fn is None or clock.host_timestep_ok is False:

@@ -24,7 +24,7 @@ class Preset:
     version: int
     """Bumped whenever the preset's methods or thresholds change."""
     attention: str | None
-    """Attention method name (see ``dit_accel.attention.methods``); ``None`` keeps the model's stock processors."""
+    """Attention method name (see ``dit_accel.attention.registry``); ``None`` keeps the model's stock processors."""
     attention_config: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for the attention method's config dataclass."""
     cache: str | None = None
@@ -56,20 +56,21 @@ def _freeze(preset: Preset) -> Preset:
 
 _COMBO_REUSE: dict[str, Any] = {"drift_check": False, "skip_threshold": float("-inf")}
 """Combo with the plan reused between refreshes: no drift check and no tile statistics (they cost the kernel
-13-16 % and skipped 0-3 tiles a run on the testbed; sparse_NOTES.md)."""
+13-16 % and skipped 0-3 tiles a run on the testbed)."""
 
 _PROCACHE_HALF: dict[str, Any] = {
     "schedule": [1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0],
     "order": 1, "selective_blocks": 0, "warmup_steps": 2, "final_steps": 0, "max_consecutive_reuse": 3,
 }
-"""ProCache at 50 % of block evaluations: the schedule `dit-accel calibrate --budget 0.5` found on the testbed
-at 20 steps (benchmarks/results/caching_schedule_testbed_20steps_b0.50.json), linear forecast on reused steps."""
+"""ProCache at 50 % of block evaluations: the schedule `dit-accel calibrate --budget 0.5` finds on the testbed
+at 20 steps (resampled for other step counts), linear forecast on reused steps."""
 
 _PROCACHE_THIRD: dict[str, Any] = {
     "schedule": [1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0],
     "order": 0, "selective_blocks": 0, "warmup_steps": 2, "final_steps": 0, "max_consecutive_reuse": 3,
 }
-"""ProCache at 35 % of block evaluations (caching_schedule_testbed_20steps_b0.35.json), plain reuse."""
+"""ProCache at 35 % of block evaluations: the schedule of `dit-accel calibrate --budget 0.35` on the testbed at
+20 steps, plain reuse."""
 
 
 _PRESETS: dict[str, Preset] = {
@@ -81,21 +82,13 @@ _PRESETS: dict[str, Preset] = {
             attention="dense",
             description="Our processors with exact dense attention (fastest available SDPA backend); the baseline.",
         ),
-        # Version 2 (session 2): the sparse settings use the quality knob as fitted on the testbed GPU sweep
-        # (sparse_base.QUALITY_ANCHORS; benchmarks/results/sparse_quality_gpu_run2.json, 16 prompts, 16,384
-        # tokens, 20 steps; at the knob's top_p the draft family measured ~35-36 dB at total density ~0.79
-        # (quality, top_p 0.92), ~33 dB at ~0.76 (balanced, 0.88), ~30 dB at ~0.70 (fast, 0.835), ~27 dB at
-        # ~0.63 (turbo, 0.74)). Every sparse preset runs combo with the plan reused between refreshes (every
-        # 5 computed calls; no drift check, no tile statistics): planning every call made quality/balanced
-        # slower than cuDNN at Wan2.1-1.3B 480p (0.85x / 0.94x, sparse_speed_gpu.json), reuse gives
-        # 0.99x / 1.10x there and 1.16x / 1.27x at 14B 720p.
-        # Version 3 (session 2): the cache is ProCache on the schedules `dit-accel calibrate` found on the
-        # testbed (20 steps; resampled for other step counts), replacing `taylor`, our weakest scheduler there:
-        # at 50 % of block evaluations 35.5 dB vs taylor's 29.5 and the best peer's 30.3 (cache-dit DBCache);
-        # at 35 % 28.9 dB vs 25.1 and 25.9 (diffusers TaylorSeer); caching_compare.json, 16 prompts. With
-        # sparse attention on top: 33.3 dB at 50 % + combo 0.8, 26.8 dB at 35 % + combo 0.6
-        # (combined_quality.json, 8 prompts). The presets as a whole are measured in
-        # benchmarks/results/presets_gpu/ (dense vs each preset, same seeds).
+        # Why these settings. The sparse presets run combo at the quality knob's level (attention/quality.py)
+        # with the plan reused between refreshes (every 5 computed calls; no drift check, no tile statistics):
+        # planning every call is slower than cuDNN at Wan2.1-1.3B 480p (0.85x / 0.94x for quality / balanced),
+        # reuse gives 0.99x / 1.10x there and 1.16x / 1.27x at 14B 720p. The cache is ProCache on calibrated
+        # schedules, the best scheduler on the testbed: at 50 % of block evaluations 35.5 dB (taylor 29.5, the
+        # best peer 30.3: cache-dit DBCache), at 35 % 28.9 dB (25.1, 25.9: diffusers TaylorSeer); with sparse
+        # attention on top 33.3 dB (50 % + combo 0.8) and 26.8 dB (35 % + combo 0.6).
         Preset(
             name="quality",
             version=3,

@@ -4,6 +4,7 @@ skipped blocks, guardrails, memory, composition with attention methods, config e
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,15 +12,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dit_accel.api as api  # noqa: E402
-from dit_accel.attention.methods import AttentionMethod  # noqa: E402
+from dit_accel.attention.base import AttentionMethod  # noqa: E402
 from dit_accel.caching import (  # noqa: E402
-    CACHE_STATE_LAYER,
     FixedCacheConfig,
     available_schedulers,
     install_cache,
     make_cache_config,
 )
-from dit_accel.caching.schedulers import BranchState, TaylorScheduler  # noqa: E402
+from dit_accel.caching.base import CacheState  # noqa: E402
+from dit_accel.caching.taylor import TaylorScheduler  # noqa: E402
+from dit_accel.context import State  # noqa: E402
 
 NUM_LAYERS = 4
 TEXT_DIM = 16
@@ -372,9 +374,9 @@ def test_selective_tokens_share_one_computes_and_share_zero_reuses(pipe, handle)
     seen = []  # (decision, token_share, tokens) at a span block's self-attention, cond branch
 
     def look(module, args):
-        status = context.state(CACHE_STATE_LAYER, "cond")
+        status = context.cache_status["cond"]
         if context.branches[0] == "cond":
-            seen.append((status["decision"], status["token_share"], args[0].shape[1]))
+            seen.append((status.decision, status.token_share, args[0].shape[1]))
 
     hook = pipe.transformer.blocks[1].attn1.register_forward_pre_hook(look)
     half, att = run(schedule, selective_blocks=0, selective_tokens=0.5)
@@ -455,6 +457,13 @@ def test_two_transformers_keep_separate_selective_token_states():
 
 
 # --- composition with attention methods ------------------------------------------------------------
+@dataclass
+class _LastStep(State):
+    """The step of a layer's last attention call."""
+
+    step: int | None = None
+
+
 class _CountingMethod(AttentionMethod):
     """Stand-in for the temporal-skip method: records every plan call and the cache status it sees."""
 
@@ -466,11 +475,11 @@ class _CountingMethod(AttentionMethod):
 
     def plan(self, q, k, ctx):
         branch = ctx.branches[0]
-        status = ctx.context.state(CACHE_STATE_LAYER, branch)
-        layer_state = ctx.state(branch)
-        gap = ctx.step - layer_state.get("last_step", ctx.step - 1)
-        layer_state["last_step"] = ctx.step
-        self.calls.append((ctx.layer, ctx.step, branch, status["decision"], tuple(status["cached_steps"]), gap))
+        status = ctx.context.cache_status[branch]
+        layer_state = ctx.state(branch, _LastStep)
+        gap = ctx.step - (ctx.step - 1 if layer_state.step is None else layer_state.step)
+        layer_state.step = ctx.step
+        self.calls.append((ctx.layer, ctx.step, branch, status.decision, tuple(status.cached_steps), gap))
         return None  # dense
 
 
@@ -497,11 +506,31 @@ def test_cached_steps_skip_attention_and_publish_status():
     assert len(method.calls) == 2 * (4 * 5 + 3)
 
 
+def test_attention_records_carry_the_cache_decision():
+    """The cache's decision reaches each attention call's statistics record (and only while a cache is on)."""
+    pipe = tiny_wan_pipeline()
+    handle = api.apply(pipe, attention="dense")
+    generate(pipe)
+    assert handle.stats() and all("cache_decision" not in r for r in handle.stats())
+    handle.reset_stats()
+    att = install_cache(pipe.transformer, handle.contexts["transformer"], "fixed", schedule=[1, 1, 0, 0, 1, 0, 1, 1],
+                        warmup_steps=1, final_steps=1, head_blocks=1)
+    generate(pipe)
+    rows = [r for r in handle.stats() if r["branch"] == "cond"]
+    assert {r["step"]: r["cache_decision"] for r in rows} == {s: "reuse" if s in (2, 3, 5) else "compute" for s in range(STEPS)}
+    assert [r["layer"] for r in rows if r["cache_decision"] == "reuse"] == [0, 0, 0]  # the head block only
+    att.remove()
+    handle.reset_stats()
+    generate(pipe)
+    assert all("cache_decision" not in r for r in handle.stats())
+    api.remove(pipe)
+
+
 # --- forecasting ---------------------------------------------------------------------------------------
 def test_taylor_forecast_is_exact_on_polynomial_residuals():
     for order in (1, 2):
         sched = TaylorScheduler(make_cache_config("taylor", order=order), num_blocks=4)
-        state = BranchState()
+        state = CacheState()
         base = torch.randn(1, 3, 5)
 
         def residual(t):
@@ -593,7 +622,7 @@ def test_every_family_caches_exactly_on_computed_steps(family):
 def test_cache_composes_with_the_block_sparse_path():
     """Cache hooks on the blocks and dit-accel processors inside them: with every step computed the
     output equals the sparse-path output without cache, bit for bit; reused steps skip the kernel."""
-    from dit_accel.attention.methods import get_method
+    from dit_accel.attention.registry import get_method
 
     pipe = tiny_wan_pipeline(head_dim=64)
     handle = api.apply(pipe, attention=get_method("full", min_seq_len=0))

@@ -17,7 +17,9 @@ from test_caching import embeds, tiny_wan_pipeline
 
 import dit_accel.api as api
 from dit_accel.caching import install_cache, load_schedule, resample_schedule, save_schedule
-from dit_accel.caching.calibrate import add_arguments, calibrate, plan_budget, run, search_schedule, captions_for_testbed
+from dit_accel.calibration.cli import add_arguments, captions_for_testbed, run
+from dit_accel.calibration.schedule_search import calibrate
+from dit_accel.calibration.search import plan_budget, search_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 import dit_accel
-from dit_accel.attention.methods import AttentionMethod
-from dit_accel.context import StepClock, TokenLayout
+from dit_accel.attention.base import AttentionMethod
+from dit_accel.context import State, StepClock, TokenLayout
+
+
+@dataclass
+class _Calls(State):
+    """Calls a method saw in one (layer, branch) this generation."""
+
+    calls: int = 0
 
 
 class RecordingMethod(AttentionMethod):
@@ -21,10 +30,10 @@ class RecordingMethod(AttentionMethod):
 
     def plan(self, q, k, ctx):
         for row, branch in enumerate(ctx.branches):
-            state = ctx.state(branch)
-            state["calls"] = state.get("calls", 0) + 1
+            state = ctx.state(branch, _Calls)
+            state.calls += 1
             self.seen.append(
-                (ctx.context.name, ctx.step, ctx.num_steps, ctx.layer, row, branch, state["calls"], ctx.layout.grid)
+                (ctx.context.name, ctx.step, ctx.num_steps, ctx.layer, row, branch, state.calls, ctx.layout.grid)
             )
         return None
 

@@ -1,5 +1,5 @@
 """The fused draft-map kernel (dit_accel/kernels/draft_map.py) against its torch reference
-(dit_accel.attention.draft.draft_map_reference), and the selection kernel against ``top_p_keep`` plus the protect
+(dit_accel.attention.draft_estimate.draft_map_reference), and the selection kernel against ``top_p_keep`` plus the protect
 masks, its BlockMask rows (``indices=True``) against ``block_mask_from_bool`` of the same selection, bit for bit.
 
 The kernel runs in the Triton interpreter in ONE subprocess started with TRITON_INTERPRET=1 (this file run as
@@ -73,13 +73,14 @@ def _interp_main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1")
     torch.set_num_threads(1)
-    from dit_accel.attention import draft
+    from dit_accel.attention import draft_estimate as draft
+    from dit_accel.attention.blocks import pool_matrix as pool_of
     from dit_accel.kernels import block_mask_from_bool
 
     out = {}
     for name, (B, H, S, D, dtype, pool, order, log_bias, layout) in CASES.items():
         q, k, perm = _inputs(B, H, S, D, dtype, order, layout)
-        pool_matrix = draft.cached_pool_matrix(perm, torch.float32) if perm is not None else None
+        pool_matrix = pool_of(perm) if perm is not None and perm.dim() == 1 else None
         kw = dict(perm=perm, query_pool=pool, scale=0.125 / 1.6, log_block_size=log_bias)
         # reference on float32 copies: it then pools in float32, as the kernel does
         ref = draft.draft_map_reference(q.float(), k.float(), pool=pool_matrix, **kw)
@@ -98,10 +99,8 @@ def _interp_main() -> None:
     text[-1] = True
     kw = dict(perm=perm, top_p=0.7, min_blocks_fraction=0.1, similarity_threshold=0.25, query_pool=pool,
               temperature=0.5, text_blocks=text)
-    draft.DRAFT_MAP_BACKEND = "torch"
-    ref = draft.draft_estimate(q, k, pool=draft.cached_pool_matrix(perm, q.dtype), **kw)
-    draft.DRAFT_MAP_BACKEND = "auto"  # TRITON_INTERPRET=1: auto picks the kernel
-    got = draft.draft_estimate(q, k, **kw)
+    ref = draft.draft_estimate(q, k, pool=pool_of(perm).to(q.dtype), backend="torch", **kw)
+    got = draft.draft_estimate(q, k, **kw)  # TRITON_INTERPRET=1: backend "auto" picks the kernel
     out["estimate"] = {
         "probs_err": (got.probs - ref.probs).abs().max().item(),
         "keep_equal": bool(torch.equal(got.keep, ref.keep)),
@@ -162,9 +161,9 @@ def _plan_cases() -> dict:
     plan on the torch path. Grid (3, 10, 10): 300 tokens, 3 blocks, the last one ragged (44 tokens)."""
     import sparse_helpers as helpers
 
-    from dit_accel.attention import draft, temporal_skip
-    from dit_accel.attention.methods import get_method
-    from dit_accel.attention.sparse_base import text_blocks_of
+    from dit_accel.attention import draft_estimate, temporal_skip
+    from dit_accel.attention.blocks import text_blocks_of
+    from dit_accel.attention.registry import get_method
     from dit_accel.kernels import block_mask_from_bool
 
     grid = (3, 10, 10)
@@ -185,25 +184,24 @@ def _plan_cases() -> dict:
             q, k = torch.cat([q, q2]), torch.cat([k, k2])
         masks, compactions = {}, {}
         for backend in ("auto", "torch"):  # auto: the kernels (TRITON_INTERPRET=1)
-            draft.DRAFT_MAP_BACKEND = backend
-            method = get_method(method_name, **valves_off, **options)
+            method = get_method(method_name, **valves_off, **options, map_backend=backend)
             ctx = helpers.hand_context(grid)
             call = helpers.call_at(ctx, 0, S, batch=batch)
             # count the compaction passes the plan runs (none on the kernel path: the kernel wrote the rows)
             calls = []
-            for module in (draft, temporal_skip):
+            for module in (draft_estimate, temporal_skip):
                 module.block_mask_from_bool = lambda *a, _calls=calls, **kw: _calls.append(1) or block_mask_from_bool(*a, **kw)
             try:
                 plan = method.plan(q, k, call)
             finally:
-                draft.block_mask_from_bool = temporal_skip.block_mask_from_bool = block_mask_from_bool
+                draft_estimate.block_mask_from_bool = temporal_skip.block_mask_from_bool = block_mask_from_bool
             compactions[backend] = len(calls)
             mask, perm = (plan.mask, plan.perm) if hasattr(plan, "mask") else (plan, None)
             masks[backend] = mask
             if backend == "auto":
-                est = method.estimate(q, k, perm, text_blocks_of(call.layout, S, q.device))
+                est = method.stages.select.estimate(q, k, method.order_of(q, k, call),
+                                                    text_blocks_of(call.layout, S, q.device))
                 ref = block_mask_from_bool(est.keep, S, S)
-        draft.DRAFT_MAP_BACKEND = "auto"
         got, torch_mask = masks["auto"], masks["torch"]
         res[name] = {
             "num_equal": bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks)),
@@ -221,7 +219,7 @@ def _plan_cases() -> dict:
 def _select_cases() -> dict:
     """The top-p + protect kernel against top_p_keep and the torch protect masks (random maps: no ties), and its
     BlockMask rows against block_mask_from_bool of the reference selection."""
-    from dit_accel.attention.draft import top_p_keep
+    from dit_accel.attention.draft_estimate import top_p_keep
     from dit_accel.kernels import block_mask_from_bool
     from dit_accel.kernels.draft_map import select_blocks_triton
 
@@ -399,7 +397,7 @@ def test_kernel_rejects_unsupported_tensors() -> None:
 
 def test_dispatcher_mirrors_the_kernel_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
-    from dit_accel.attention import draft
+    from dit_accel.attention import draft_estimate as draft
     from dit_accel.kernels.draft_map import DRAFT_MAP_DTYPES, DRAFT_MAP_HEAD_DIMS
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # only read by the check; no kernel runs here
@@ -410,7 +408,7 @@ def test_dispatcher_mirrors_the_kernel_limits(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_dispatcher_backend_choice() -> None:
-    from dit_accel.attention import draft
+    from dit_accel.attention import draft_estimate as draft
 
     q, k = _qk(D=72)  # no kernel for head dim 72 and none on CPU: the reference runs under "auto"
     assert not draft.draft_map_kernel_applies(q)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from conftest import TINY_CASES, run_model
 
 import dit_accel
-from dit_accel.attention.methods import AttentionMethod, SparsePlan
+from dit_accel.attention.base import AttentionMethod, SparsePlan
+from dit_accel.context import State
 from dit_accel.kernels import block_mask_from_bool, dense_block_mask
 
 
@@ -19,6 +22,13 @@ class ReversedFullMethod(AttentionMethod):
     def plan(self, q, k, ctx):
         seq = q.shape[-2]
         return SparsePlan(dense_block_mask(1, 1, seq, seq, device=q.device), torch.arange(seq - 1, -1, -1))
+
+
+@dataclass
+class _TileStats(State):
+    """The tile statistics of the last call of one (layer, branch)."""
+
+    tile_stats: torch.Tensor | None = None
 
 
 class DiagonalWithStatsMethod(AttentionMethod):
@@ -34,7 +44,7 @@ class DiagonalWithStatsMethod(AttentionMethod):
 
     def observe(self, ctx, tile_stats):
         for branch in set(ctx.branches):
-            ctx.state(branch)["tile_stats"] = tile_stats
+            ctx.state(branch, _TileStats).tile_stats = tile_stats
 
 
 def test_registry_lists_dense_and_full():
@@ -81,8 +91,8 @@ def test_tile_stats_reach_the_method_and_sparsity_changes_output():
     handle = dit_accel.apply(model, attention=DiagonalWithStatsMethod(min_seq_len=0))
     out = run_model(model, inputs)
     assert (out - reference).abs().max().item() > 1e-3  # two of four tiles skipped: not dense any more
-    state = handle.contexts["transformer"].state(0, "cond")
-    stats = state["tile_stats"]
+    state = handle.contexts["transformer"].method_state(0, "cond", _TileStats)
+    stats = state.tile_stats
     assert stats.shape == (1, 2, 2, 2)  # B, H, 200 tokens -> 2 query blocks x 2 key blocks
     assert torch.isinf(stats[..., 0, 1]).all() and torch.isfinite(stats[..., 0, 0]).all()
     assert {s["density"] for s in handle.stats()} == {0.5}

@@ -10,10 +10,11 @@ import torch
 from sparse_helpers import FULL, call_at, generate, hand_context, mask_bool, smooth_qk, tiny_testbed
 
 import dit_accel
-from dit_accel.attention.draft import block_pool, draft_estimate, permute_tokens, pool_matrix, top_p_keep
+from dit_accel.attention.blocks import permute_tokens, pool_matrix
+from dit_accel.attention.draft_estimate import block_pool, draft_estimate, top_p_keep
 from dit_accel.attention.oracle import block_mass, mass_coverage
-from dit_accel.attention.permuted import kmeans
-from dit_accel.attention.sparse_base import QUALITY_LEVELS, quality_thresholds
+from dit_accel.attention.permuted import KMeansState, kmeans
+from dit_accel.attention.quality import QUALITY_LEVELS, quality_thresholds
 from dit_accel.attention.tiling import block_boxes, choose_tile, sequence_order, token_coords, visual_order
 from dit_accel.kernels import block_sparse_attention
 
@@ -124,9 +125,9 @@ def test_kmeans_permutation_is_exact_and_warm_started():
     v = torch.randn_like(q)
     back = permute_tokens(permute_tokens(v, perm), torch.argsort(perm, dim=-1))
     assert torch.equal(back, v)
-    first = ctx.state(1, "cond")["kmeans_centroids"].clone()
+    first = ctx.method_state(1, "cond", KMeansState).centroids.clone()
     method.plan(q, k, call_at(ctx, 2, q.shape[2]))
-    second = ctx.state(1, "cond")["kmeans_centroids"]
+    second = ctx.method_state(1, "cond", KMeansState).centroids
     # warm start: the same keys barely move converged centroids
     assert first.shape == second.shape == (1, 2, 8, 64)
     assert (second - first).abs().max() < (first.abs().max() * 0.5)
@@ -235,10 +236,24 @@ def test_quality_knob_maps_monotonically():
     ("window", {"space_radius": -1}, r"space_radius must be in \[0, 1000000\], got -1"),
     ("oracle", {"similarity_threshold": 0.3}, r"unknown option\(s\) \['similarity_threshold'\] for attention method 'oracle'"),
     ("draft", {"dense_warmup": 1.2}, r"dense_warmup must be in \[0.0, 1.0\], got 1.2"),
+    ("combo", {"map_backend": "cuda"}, r"map_backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
 ])
 def test_bad_configs_raise_clear_errors(name, options, match):
     with pytest.raises(ValueError, match=match):
         dit_accel.get_method(name, **options)
+
+
+def test_a_shared_order_keeps_its_kernel_index_and_a_per_head_order_does_not():
+    """The tile order is built once per grid: every plan of it carries the same int32 kernel index (the kernel
+    validates an index once per tensor); a k-means order is per call and leaves the conversion to the route."""
+    q, k = smooth_qk()
+    ctx = hand_context()
+    tile = dit_accel.get_method("permuted", **FULL)
+    first, second = tile.plan(q, k, call_at(ctx, 1, 1024)), tile.plan(q, k, call_at(ctx, 2, 1024))
+    assert first.index is second.index and first.index.dtype == torch.int32
+    assert torch.equal(first.index.long(), first.perm)
+    per_head = dit_accel.get_method("permuted", order="kmeans", **FULL).plan(q, k, call_at(ctx, 3, 1024))
+    assert per_head.perm.shape == (1, 2, 1024) and per_head.index is None
 
 
 @pytest.mark.parametrize("name", ["draft", "permuted", "combo", "temporal_skip", "oracle", "window"])

@@ -10,8 +10,10 @@ import torch
 from sparse_helpers import call_at, hand_context, mask_bool, smooth_qk
 
 import dit_accel
-from dit_accel.attention.draft import draft_estimate, permute_tokens, query_sub_means, top_p_keep
+from dit_accel.attention.blocks import permute_tokens
+from dit_accel.attention.draft_estimate import draft_estimate, query_sub_means, top_p_keep
 from dit_accel.attention.oracle import block_mass
+from dit_accel.attention.temporal_skip import TemporalSkipState
 from dit_accel.attention.tiling import sequence_order, visual_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,12 +69,12 @@ def test_calibration_on_last_warmup_step_plans_refreshes(name):
                                   refresh_period=2, skip_threshold=-math.inf, drift_check=False, **OPTS)
     ctx = hand_context(num_steps=10)  # warm-up: steps 0 and 1
     q, k = smooth_qk()
-    assert method.plan(q, k, call_at(ctx, 0, 1024)) is None and "ts_mass" not in ctx.state(1, "cond")
+    assert method.plan(q, k, call_at(ctx, 0, 1024)) is None and ctx.method_state(1, "cond", TemporalSkipState).mass is None
     call = call_at(ctx, 1, 1024)
     assert method.plan(q, k, call) is None and call.extra_stats["calibrated"] is True
     perm = sequence_order(ctx.layout(1024, 0, "none"), 1024, q.device) if name == "combo" else None
     mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
-    assert torch.allclose(ctx.state(1, "cond")["ts_mass"], mass, atol=1e-5)
+    assert torch.allclose(ctx.method_state(1, "cond", TemporalSkipState).mass, mass, atol=1e-5)
     plan = method.plan(q, k, call_at(ctx, 2, 1024))  # refresh: top-p of the mean of mass and draft map
     keep = mask_bool(plan if name == "temporal_skip" else plan.mask)
     est = draft_estimate(q, k, perm=perm, query_pool=4, temperature=1.6, **OPTS)  # the config defaults
@@ -85,7 +87,7 @@ def test_calibration_on_last_warmup_step_plans_refreshes(name):
     for step in (0, 1):
         plain.plan(q, k, call_at(ctx2, step, 1024))
     plan2 = plain.plan(q, k, call_at(ctx2, 2, 1024))
-    assert "ts_mass" not in ctx2.state(1, "cond")
+    assert ctx2.method_state(1, "cond", TemporalSkipState).mass is None
     assert torch.equal(mask_bool(plan2 if name == "temporal_skip" else plan2.mask), est.keep)
 
 
@@ -97,7 +99,7 @@ def test_calibration_without_warmup_happens_at_first_refresh():
     q, k = smooth_qk()
     call = call_at(ctx, 0, 1024)
     method.plan(q, k, call)
-    assert call.extra_stats["calibrated"] is True and "ts_mass" in ctx.state(1, "cond")
+    assert call.extra_stats["calibrated"] is True and ctx.method_state(1, "cond", TemporalSkipState).mass is not None
     call = call_at(ctx, 1, 1024)  # same content: the calibrated plan does not count as drift
     method.plan(q, k, call)
     assert call.extra_stats["drift_rows"] == 0
@@ -111,7 +113,7 @@ def test_tile_statistics_only_when_they_can_skip():
 
 def test_draft_map_built_in_chunks_equals_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounding the sub-query map's memory (a few query blocks at a time) changes no value."""
-    from dit_accel.attention import draft
+    from dit_accel.attention import draft_estimate as draft
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 128 * 9 + 37, 64), torch.randn(2, 3, 128 * 9 + 37, 64)

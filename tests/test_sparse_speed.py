@@ -20,8 +20,9 @@ ss = importlib.util.module_from_spec(_spec)
 sys.modules["sparse_speed"] = ss
 _spec.loader.exec_module(ss)
 
-from dit_accel.attention.draft import permute_tokens  # noqa: E402
-from dit_accel.attention.methods import SparsePlan, get_method  # noqa: E402
+from dit_accel.attention.base import SparsePlan  # noqa: E402
+from dit_accel.attention.blocks import permute_tokens  # noqa: E402
+from dit_accel.attention.registry import get_method  # noqa: E402
 from dit_accel.kernels import block_mask_density  # noqa: E402
 from dit_accel.presets import get_preset  # noqa: E402
 

@@ -10,6 +10,7 @@ import torch
 from sparse_helpers import call_at, generate, hand_context, mask_bool, smooth_qk, tiny_testbed
 
 import dit_accel
+from dit_accel.attention.temporal_skip import TemporalSkipState
 from dit_accel.caching import install_cache
 
 SKIP = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, similarity_threshold=-1.0, top_p=0.9,
@@ -51,13 +52,13 @@ def test_skip_list_reuse_and_refresh_period(name):
         if name == "combo":
             assert torch.equal(plan.perm, plan0.perm)
         _observe_negligible(method, call, keep, (h, qb, kb))
-    state = ctx.state(1, "cond")
-    assert state["ts_calls"] == 3 and state["ts_refreshes"] == 1
+    state = ctx.method_state(1, "cond", TemporalSkipState)
+    assert state.calls == 3 and state.refreshes == 1
     call = call_at(ctx, 4, 1024)  # refresh: the draft plan again, skip list emptied
     plan = method.plan(q, k, call)
     assert call.extra_stats["refresh"] is True
     assert torch.equal(mask_bool(plan if name == "temporal_skip" else plan.mask), keep0)
-    assert state["ts_refreshes"] == 2 and not state["ts_skip"].any()
+    assert state.refreshes == 2 and not state.skip.any()
 
 
 def test_drift_check_replans_only_drifted_rows():
@@ -88,7 +89,8 @@ def test_branches_keep_separate_skip_lists():
     _observe_negligible(method, cond, keep, (0, 0, 1) if keep[0, 0, 0, 1] else (0, 1, 0))
     uncond = call_at(ctx, 1, 1024, branch="uncond")
     assert torch.equal(mask_bool(method.plan(q, k, uncond)), keep)
-    assert ctx.state(1, "cond")["ts_skip"].sum() == 1 and ctx.state(1, "uncond")["ts_skip"].sum() == 0
+    assert (ctx.method_state(1, "cond", TemporalSkipState).skip.sum() == 1
+            and ctx.method_state(1, "uncond", TemporalSkipState).skip.sum() == 0)
     # batched guidance: one call, rows of both branches, each row with its own branch's list
     ctx.clock.observe(998.0)
     ctx.branches = ("uncond", "cond")
@@ -132,8 +134,8 @@ def test_cached_steps_keep_the_skip_state_coherent(pipe):
     def snapshot(module, args, output):
         # after each transformer call (a pipeline callback would do, but the testbed's fails on Python 3.11)
         if context.branches[0] == "cond":
-            st = context.state(2, "cond")
-            snapshots[context.clock.step] = (st.get("ts_calls_total"), st["ts_skip"].clone() if "ts_skip" in st else None)
+            st = context.method_state(2, "cond", TemporalSkipState)
+            snapshots[context.clock.step] = (st.calls_total, st.skip.clone() if st.skip is not None else None)
 
     hook = pipe.transformer.register_forward_hook(snapshot)
     pipe(CAPTION_CACHED, num_frames=4, height=128, width=128, num_inference_steps=steps, output_type="latent",

@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dit_accel.attention.draft import PlannedMethod, permute_tokens, top_p_keep
-from dit_accel.attention.methods import register_method
-from dit_accel.attention.sparse_base import BLOCK, SparseConfig, add_call_stats, check_range
-from dit_accel.attention.tiling import in_tile_order, raster_order, sequence_order
+from dit_accel.attention.base import PlannedMethod, PlanStages, SparseConfig
+from dit_accel.attention.blocks import BLOCK, Order, permute_tokens
+from dit_accel.attention.draft_estimate import top_p_keep
+from dit_accel.attention.orders import RowMajorOrder, TileOrder
+from dit_accel.checks import check_choice, check_number
+from dit_accel.kernels import block_mask_from_bool
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from dit_accel.context import AttentionCall
 
 ORACLE_ORDERS = ("tile", "none")
@@ -75,46 +79,22 @@ class OracleConfig(SparseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        check_range("min_blocks_fraction", self.min_blocks_fraction, 0.0, 1.0)
-        if self.order not in ORACLE_ORDERS:
-            raise ValueError(f"order must be one of {ORACLE_ORDERS}, got {self.order!r}")
+        check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True, allow_none=True)
+        check_number("min_blocks_fraction", self.min_blocks_fraction, 0.0, 1.0, allow_none=True)
+        check_choice("order", self.order, ORACLE_ORDERS)
 
 
-@register_method
-class OracleMethod(PlannedMethod):
-    """Top-p of the exact block mass per query block (evaluation only; see the module docstring)."""
+class OracleSelection:
+    """Select stage of ``oracle``: top-p of the exact block mass, the diagonal and text rows/columns always kept."""
 
-    name = "oracle"
-    config_class = OracleConfig
+    def __init__(self, cfg: OracleConfig) -> None:
+        self.cfg = cfg
 
-    @property
-    def order_name(self) -> str:  # type: ignore[override]
-        """Token order recorded in statistics."""
-        return self.cfg.order
-
-    @property
-    def plans_in_tile_order(self) -> bool:
-        """Whether blocks are formed in the 3D-tile order (``order="tile"``): then the forward token order
-        saves the per-call permutation (``dit_accel.attention.token_order``)."""
-        return self.cfg.order == "tile"
-
-    token_order_tile = None
-    """Tile of the order this method plans in (``None``: chosen from the grid)."""
-
-    def order(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> torch.Tensor | None:
-        """Tile order; ``order="none"``: the model's row-major order. ``None`` when the sequence already is in
-        the wanted order or the grid is unknown (tile order: recorded as ``order_fallback``)."""
-        if self.cfg.order == "none":
-            return raster_order(ctx.layout, q.shape[-2], q.device)
-        perm = sequence_order(ctx.layout, q.shape[-2], q.device)
-        if perm is None and not in_tile_order(ctx.layout):
-            add_call_stats(ctx, order_fallback=True)
-        return perm
-
-    def select(self, q, k, ctx, perm, text_blocks):
-        """Top-p of the exact block mass, the diagonal and text rows/columns always kept."""
+    def mask(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall", order: Order | None,
+             text_blocks: torch.Tensor | None) -> "BlockMask":
+        """The BlockMask of the exact selection in ``order``."""
         cfg = self.cfg
+        perm = None if order is None else order.perm
         mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
         nb = mass.shape[-1]
         min_blocks = max(1, math.ceil(cfg.resolved("min_blocks_fraction") * nb))
@@ -122,5 +102,17 @@ class OracleMethod(PlannedMethod):
         keep |= torch.eye(nb, dtype=torch.bool, device=q.device)
         if text_blocks is not None:
             keep |= text_blocks.view(1, 1, nb, 1) | text_blocks.view(1, 1, 1, nb)
-        add_call_stats(ctx, order=self.order_name)
-        return keep
+        S = q.shape[-2]
+        return block_mask_from_bool(keep, S, S)
+
+
+class OracleMethod(PlannedMethod):
+    """Top-p of the exact block mass per query block (evaluation only; see the module docstring)."""
+
+    name = "oracle"
+    config_class = OracleConfig
+
+    def build_stages(self) -> PlanStages:
+        """The tile order (``order="tile"``) or the model's row-major order; the exact selection."""
+        order = TileOrder() if self.cfg.order == "tile" else RowMajorOrder()
+        return PlanStages(order=order, select=OracleSelection(self.cfg))

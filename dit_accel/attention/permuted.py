@@ -7,9 +7,9 @@ Orders:
   the same for every layer, head and step (cached; costs only the gather).
 * ``"kmeans"``: content-adaptive. Per (batch row, head), k-means on the visual keys; tokens are sorted
   by cluster, and inside a cluster by tile order. Centroids are kept per (transformer, layer, branch)
-  in the context's state store and warm-started from the previous step (``kmeans_init_iters``
-  iterations on the first sparse step of a generation, then ``kmeans_iters``). The initial centroids
-  are evenly spaced keys in tile order, so the result is deterministic.
+  (:class:`KMeansState`) and warm-started from the previous step (``kmeans_init_iters`` iterations on the
+  first sparse step of a generation, then ``kmeans_iters``). The initial centroids are evenly spaced keys in
+  tile order, so the result is deterministic.
 
 Text tokens of joint-attention families stay in place (their rows and columns are always kept).
 The route folds the permutation into the kernel's loads and stores (``q_index``/``kv_index``). When the
@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dit_accel.attention.draft import DraftConfig, PlannedMethod
-from dit_accel.attention.methods import register_method
-from dit_accel.attention.sparse_base import BLOCK, add_call_stats, branch_rows, check_range
-from dit_accel.attention.tiling import in_tile_order, sequence_order, validate_tile, visual_order
+from dit_accel.attention.base import PlannedMethod, PlanStages
+from dit_accel.attention.blocks import BLOCK, Order, branch_rows
+from dit_accel.attention.draft import DraftConfig, DraftSelection
+from dit_accel.attention.orders import TileOrder
+from dit_accel.attention.tiling import tile_order, validate_tile
+from dit_accel.checks import check_choice, check_number
+from dit_accel.context import State
 
 if TYPE_CHECKING:
     from dit_accel.context import AttentionCall
@@ -57,13 +60,12 @@ class PermutedConfig(DraftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        check_choice("order", self.order, ORDERS)
         if self.tile is not None:
             object.__setattr__(self, "tile", validate_tile(tuple(self.tile) if isinstance(self.tile, list) else self.tile))
-        check_range("clusters", self.clusters, 1, 1 << 20, integer=True)
-        check_range("kmeans_init_iters", self.kmeans_init_iters, 1, 1000, allow_none=False, integer=True)
-        check_range("kmeans_iters", self.kmeans_iters, 0, 1000, allow_none=False, integer=True)
+        check_number("clusters", self.clusters, 1, 1 << 20, integer=True, allow_none=True)
+        check_number("kmeans_init_iters", self.kmeans_init_iters, 1, 1000, integer=True)
+        check_number("kmeans_iters", self.kmeans_iters, 0, 1000, integer=True)
 
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -95,38 +97,33 @@ def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.
     return _assign(x, centroids), centroids
 
 
-class PermutedMixin:
-    """The ``order`` step of ``permuted`` (shared with ``combo``)."""
+@dataclass
+class KMeansState(State):
+    """The k-means centroids of one (transformer, layer, branch), warm start of the next step's clustering."""
 
-    @property
-    def order_name(self) -> str:  # type: ignore[override]
-        """Token order recorded in statistics: the configured ``order``."""
-        return self.cfg.order
+    centroids: torch.Tensor | None = None
+    """``(rows, H, clusters, D)`` float32 centroids of the last clustering."""
 
-    plans_in_tile_order = True
-    """Plans in the 3D-tile order (k-means: relative to it), so the forward token order saves the per-call
-    permutation (``dit_accel.attention.token_order``)."""
 
-    @property
-    def token_order_tile(self) -> tuple[int, int, int] | None:
-        """Tile of the order this method plans in (``None``: chosen from the grid)."""
-        return self.cfg.tile
+class KMeansOrder(TileOrder):
+    """Order stage of ``permuted``/``combo`` with ``order="kmeans"``: per (batch row, head), the visual tokens
+    sorted by the k-means cluster of their key, and inside a cluster by tile order."""
 
-    def order(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> torch.Tensor | None:
-        """Tile-order permutation ``(S,)``, or the k-means permutation ``(B, H, S)``; ``None`` when the sequence
-        already is in the tile order (forward token order), or when the grid is unknown or too small for a tile
-        (identity order; recorded as ``order_fallback`` in statistics)."""
-        cfg = self.cfg
-        S = q.shape[-2]
-        tile_perm = sequence_order(ctx.layout, S, q.device, cfg.tile)
-        if tile_perm is None and not in_tile_order(ctx.layout, cfg.tile):
-            add_call_stats(ctx, order_fallback=True)
+    name = "kmeans"
+
+    def __init__(self, cfg: PermutedConfig) -> None:
+        super().__init__(cfg.tile)
+        self.cfg = cfg
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> Order | None:
+        """The k-means order ``(B, H, S)``; ``None`` when the grid gives no tile order (``order_fallback``)."""
+        tile = tile_order(ctx.layout, q.shape[-2], q.device, self.tile)
+        if tile is None and not self.in_order(ctx):
+            ctx.add_stats(order_fallback=True)
             return None
-        if cfg.order == "tile":
-            return tile_perm
-        return self._kmeans_order(k, ctx, tile_perm)
+        return Order(self._kmeans_perm(k, ctx, None if tile is None else tile.perm))
 
-    def _kmeans_order(self, k: torch.Tensor, ctx: "AttentionCall", tile_perm: torch.Tensor | None) -> torch.Tensor:
+    def _kmeans_perm(self, k: torch.Tensor, ctx: "AttentionCall", tile_perm: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         B, H, S, D = k.shape
         vis = ctx.layout.visual_slice(S)
@@ -141,27 +138,31 @@ class PermutedMixin:
         clusters = min(clusters, n_vis)
         perm = torch.arange(S, device=k.device).repeat(B, H, 1)
         for branch, rows in branch_rows(ctx, B, k.device).items():
-            state = ctx.state(branch)
+            state = ctx.state(branch, KMeansState)
             x = k_tile.index_select(0, rows)
-            cents = state.get("kmeans_centroids")
+            cents = state.centroids
             if cents is None or cents.shape != (x.shape[0], H, clusters, D):
                 init = torch.linspace(0, n_vis - 1, clusters, device=k.device).round().long()
                 cents, iters = x[:, :, init].float(), cfg.kmeans_init_iters
             else:
                 iters = cfg.kmeans_iters
-            labels, cents = kmeans(x, cents, iters)
-            state["kmeans_centroids"] = cents
+            labels, state.centroids = kmeans(x, cents, iters)
             within = torch.argsort(labels * n_vis + torch.arange(n_vis, device=k.device), dim=-1)
             perm[rows, :, vis] = tile_vis[within] + vis.start
         return perm
 
 
-@register_method
-class PermutedMethod(PermutedMixin, PlannedMethod):
+def permuted_order(cfg: PermutedConfig) -> TileOrder:
+    """The order stage of ``cfg.order``: the tile order, or k-means clusters relative to it."""
+    return KMeansOrder(cfg) if cfg.order == "kmeans" else TileOrder(cfg.tile)
+
+
+class PermutedMethod(PlannedMethod):
     """Permuted block-sparse attention: tile or k-means token order + draft selection (module docstring)."""
 
     name = "permuted"
     config_class = PermutedConfig
 
-
-__all__ = ["ORDERS", "PermutedConfig", "PermutedMethod", "kmeans", "visual_order"]
+    def build_stages(self) -> PlanStages:
+        """The configured order; the draft selection in it."""
+        return PlanStages(order=permuted_order(self.cfg), select=DraftSelection(self.cfg))

@@ -4,28 +4,32 @@ Every processor (and the diffusers dispatcher backend) ends in :func:`attend` wi
 tensors. Dense is used for: cross-attention, calls with an attention mask (except a mask that only
 hides trailing padded text keys, which is removed by truncation), dropout or causal attention,
 sequences shorter than the method's ``min_seq_len``, head dims the sparse kernel does not take,
-and calls the method declines (``plan`` returned ``None``). Each self-attention call appends one
-record to the transformer context's statistics; when the tokens were permuted, its ``token_order`` key
-says how: ``"forward"`` (the sequence arrived in tile order, the kernel ran without an index: the
-fast TMA path), ``"folded"`` (a per-call permutation folded into the kernel's loads and stores) or
-``"forward+folded"`` (both: a k-means order relative to the tile order); no key when nothing was permuted.
+and calls the method declines (``plan`` returned ``None``). A plan runs on the kernel in
+:func:`run_plan`, the one place that turns a plan into a kernel call.
+
+Each self-attention call appends one record to the transformer context's statistics; when the tokens
+were permuted, its ``token_order`` key says how: ``"forward"`` (the sequence arrived in tile order, the
+kernel ran without an index: the fast TMA path), ``"folded"`` (a per-call permutation folded into the
+kernel's loads and stores) or ``"forward+folded"`` (both: a k-means order relative to the tile order); no
+key when nothing was permuted. With a feature cache installed, ``cache_decision`` is the cache's decision
+for the transformer call (``"compute"``, ``"reuse"``, ``"selective"``: on the last two only the blocks
+outside the reused span call their attention; ``"probe"`` in the probe blocks before the probe scheduler
+decided).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from dit_accel.attention.base import AttentionMethod, SparsePlan
 from dit_accel.attention.dense import dense_attention, dense_backend_name
-from dit_accel.attention.methods import AttentionMethod, SparsePlan
 from dit_accel.context import AttentionCall, TextPosition, TransformerContext, timed
 
 SPARSE_BACKEND = "block_sparse"
 """Name recorded in statistics for calls that ran on the block-sparse kernel."""
-
 
 
 @dataclass(frozen=True)
@@ -66,25 +70,18 @@ def block_mask_density_tensor(mask) -> torch.Tensor:
     return total / float(kv_blocks.shape[0] * kv_blocks.shape[1] * n_q * n_k)
 
 
-_INDEX_CACHE: dict[int, tuple["weakref.ref[torch.Tensor]", torch.Tensor]] = {}
+def plan_index(plan: SparsePlan, device: torch.device) -> torch.Tensor | None:
+    """The kernel's int32 token index of ``plan`` on ``device`` (``None`` without a permutation): the plan's own
+    index when it keeps one (a shared order: the same tensor at every call, so the kernel validates it once),
+    else ``perm`` converted for this call."""
+    if plan.perm is None:
+        return None
+    if plan.index is not None and plan.index.device == device:
+        return plan.index
+    return plan.perm.to(device=device, dtype=torch.int32)
 
 
-def kernel_index(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``perm`` as the kernel's int32 token index on ``device``. A shared order (the cached 3D-tile order)
-    is converted once and the same int32 tensor is returned for it afterwards, so the kernel validates it
-    once; a per-call order (k-means) is converted per call."""
-    hit = _INDEX_CACHE.get(id(perm))
-    if hit is not None and hit[0]() is perm and hit[1].device == device:
-        return hit[1]
-    index = perm.to(device=device, dtype=torch.int32)
-    if perm.dim() == 1:
-        for key in [k for k, v in _INDEX_CACHE.items() if v[0]() is None]:
-            del _INDEX_CACHE[key]
-        _INDEX_CACHE[id(perm)] = (weakref.ref(perm), index)
-    return index
-
-
-def _run_sparse(
+def run_plan(
     method: AttentionMethod,
     call: AttentionCall,
     plan: SparsePlan,
@@ -98,16 +95,14 @@ def _run_sparse(
     from dit_accel.kernels import block_sparse_attention
 
     perm = plan.perm
-    index = None
-    if perm is not None:
-        if perm.shape[-1] != q.shape[-2] or perm.dim() not in (1, 3):
-            raise ValueError(
-                f"method {method.name!r} returned a permutation of shape {tuple(perm.shape)}; "
-                f"expected ({q.shape[-2]},) or (B, H, {q.shape[-2]})"
-            )
-        # The permutation is folded into the kernel's loads and stores (q_index/kv_index): no permuted
-        # copies of q, k, v and no inverse permutation of the output (benchmarks/KERNEL_NOTES.md, "Token permutation folded into the kernel").
-        index = kernel_index(perm, q.device)
+    if perm is not None and (perm.shape[-1] != q.shape[-2] or perm.dim() not in (1, 3)):
+        raise ValueError(
+            f"method {method.name!r} returned a permutation of shape {tuple(perm.shape)}; "
+            f"expected ({q.shape[-2]},) or (B, H, {q.shape[-2]})"
+        )
+    # The permutation is folded into the kernel's loads and stores (q_index/kv_index): no permuted
+    # copies of q, k, v and no inverse permutation of the output.
+    index = plan_index(plan, q.device)
     if method.needs_tile_stats:
         result = block_sparse_attention(q, k, v, plan.mask, scale=scale, tile_stats=True, q_index=index, kv_index=index)
         method.observe(call, result.tile_stats)
@@ -181,7 +176,7 @@ def attend(
 
     token_order = "forward" if layout.tile_order is not None else None
     if plan is not None:
-        out = _run_sparse(binding.method, call, plan, q, k, v, scale)
+        out = run_plan(binding.method, call, plan, q, k, v, scale)
         if plan.perm is not None:
             token_order = "forward+folded" if token_order == "forward" else "folded"
         density: torch.Tensor | float = block_mask_density_tensor(plan.mask)
@@ -210,8 +205,11 @@ def attend(
     }
     if token_order is not None:
         record["token_order"] = token_order
+    cache = ctx.cache_status.get(branches[0]) if branches else None
+    if cache is not None:
+        record["cache_decision"] = cache.decision
     if call is not None:
-        # Keys a method added for this call (sparse_base.add_call_stats): refresh, skipped tiles, ...
-        record.update(getattr(call, "extra_stats", {}))
+        # Keys the method added for this call (AttentionCall.add_stats): refresh, skipped tiles, ...
+        record.update(call.extra_stats)
     ctx.record(record)
     return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.attention.sparse_base import BLOCK
+from dit_accel.attention.blocks import BLOCK, Order
 
 TILE_VOLUMES = (128, 64, 256)
 """Tile volumes considered, in order of preference at equal coverage (one block per tile first)."""
@@ -127,7 +127,7 @@ def tile_permutation(grid: tuple[int, int, int], tile: tuple[int, int, int], dev
 @functools.lru_cache(maxsize=64)
 def _sequence_order_cached(grid: tuple[int, int, int], tile: tuple[int, int, int] | None,
                            current: tuple[int, int, int] | None, seq_len: int, start: int,
-                           device: str) -> torch.Tensor | None:
+                           device: str) -> Order | None:
     if current is not None:
         # raster -> target order, then raster index -> position in the current (tile) order
         vis = tile_permutation(grid, current, "cpu")[1][visual_order(grid, tile)]
@@ -137,7 +137,7 @@ def _sequence_order_cached(grid: tuple[int, int, int], tile: tuple[int, int, int
         return None
     perm = torch.arange(seq_len)
     perm[start : start + vis.numel()] = vis + start
-    return perm.to(device)
+    return Order(perm.to(device))
 
 
 def _target_tile(layout, tile: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
@@ -154,16 +154,16 @@ def in_tile_order(layout, tile: tuple[int, int, int] | None = None) -> bool:
     return layout.grid is not None and current is not None and current == _target_tile(layout, tile)
 
 
-def sequence_order(layout, seq_len: int, device: torch.device, tile: tuple[int, int, int] | None = None
-                   ) -> torch.Tensor | None:
-    """Permutation ``(seq_len,)`` from the sequence's current order into the 3D-tile order of ``tile``
-    (``None``: chosen from the grid), text tokens in place: ``perm[i]`` = current position of the i-th token
-    in tile order. The current order is row-major, or a tile order when ``layout.tile_order`` is set (the
-    forward token order, :mod:`dit_accel.attention.token_order`).
+def tile_order(layout, seq_len: int, device: torch.device, tile: tuple[int, int, int] | None = None
+               ) -> Order | None:
+    """The :class:`~dit_accel.attention.blocks.Order` from the sequence's current order into the 3D-tile order
+    of ``tile`` (``None``: chosen from the grid), text tokens in place: ``perm[i]`` = current position of the
+    i-th token in tile order. The current order is row-major, or a tile order when ``layout.tile_order`` is set
+    (the forward token order, :mod:`dit_accel.attention.token_order`).
 
     ``None`` (identity) when the grid is unknown, no tile fits, or the sequence already is in that tile order
     (:func:`in_tile_order` tells the last case apart). Cached per (grid, tile, current order, layout, device),
-    so the same tensor object comes back for every call of a grid.
+    so the same object (and the tensors derived from it) comes back for every call of a grid.
     """
     if layout.grid is None:
         return None
@@ -177,24 +177,38 @@ def sequence_order(layout, seq_len: int, device: torch.device, tile: tuple[int, 
     return _sequence_order_cached(tuple(layout.grid), target, current, seq_len, vis.start, str(device))
 
 
+def sequence_order(layout, seq_len: int, device: torch.device, tile: tuple[int, int, int] | None = None
+                   ) -> torch.Tensor | None:
+    """The permutation ``(seq_len,)`` of :func:`tile_order` (``None``: identity); the same tensor object for
+    every call of a grid."""
+    order = tile_order(layout, seq_len, device, tile)
+    return None if order is None else order.perm
+
+
 @functools.lru_cache(maxsize=64)
 def _raster_order_cached(grid: tuple[int, int, int], current: tuple[int, int, int], seq_len: int, start: int,
-                         device: str) -> torch.Tensor:
+                         device: str) -> Order:
     inverse = tile_permutation(grid, current, "cpu")[1]
     perm = torch.arange(seq_len)
     perm[start : start + inverse.numel()] = inverse + start
-    return perm.to(device)
+    return Order(perm.to(device))
 
 
-def raster_order(layout, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Permutation ``(seq_len,)`` from the sequence's current order back into row-major order (``perm[i]`` =
-    current position of the i-th token in raster order), or ``None`` when it already is row-major (always,
-    unless the forward token order holds it in tile order). Cached like :func:`sequence_order`."""
+def row_major_order(layout, seq_len: int, device: torch.device) -> Order | None:
+    """The :class:`~dit_accel.attention.blocks.Order` from the sequence's current order back into row-major
+    order (``perm[i]`` = current position of the i-th token in raster order), or ``None`` when it already is
+    row-major (always, unless the forward token order holds it in tile order). Cached like :func:`tile_order`."""
     current = getattr(layout, "tile_order", None)
     if layout.grid is None or current is None:
         return None
     vis = layout.visual_slice(seq_len)
     return _raster_order_cached(tuple(layout.grid), tuple(current), seq_len, vis.start, str(device))
+
+
+def raster_order(layout, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """The permutation ``(seq_len,)`` of :func:`row_major_order` (``None``: already row-major)."""
+    order = row_major_order(layout, seq_len, device)
+    return None if order is None else order.perm
 
 
 def token_coords(layout, seq_len: int, device: torch.device) -> torch.Tensor | None:

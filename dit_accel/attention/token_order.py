@@ -3,7 +3,7 @@
 The sparse methods ``permuted``/``combo``/``window``/``oracle`` form their 128-token blocks in the 3D-tile
 order of the latent grid (:mod:`dit_accel.attention.tiling`), a fixed permutation per grid. With
 ``token_order="call"`` every self-attention call applies it inside the kernel (``q_index``/``kv_index``:
-pointer loads, ~6-12 % slower than the same mask without an index, benchmarks/KERNEL_NOTES.md). With
+pointer loads, ~6-12 % slower than the same mask without an index). With
 ``token_order="forward"`` the permutation is applied once per transformer forward instead:
 
 * at the entry of the first block: ``hidden_states`` ``(B, S, C)`` and every per-token block input
@@ -144,9 +144,9 @@ class TokenOrderState:
     """The tile order (``perm[i]`` = row-major index of the i-th token in tile order)."""
     tokens: int = 0
     """Sequence length ``S`` of this forward."""
-    permuted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """``id(source)`` -> ``(source, source in tile order)`` for per-token inputs (source kept alive so its id
-    stays unique)."""
+    permuted: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Per-token block inputs in tile order: ``(argument name, position in a tuple or list, ...)`` ->
+    ``(source, source in tile order)``; reused while a block gets the very same source object."""
 
     def reset(self) -> None:
         """Forget the forward (nothing permuted)."""
@@ -278,18 +278,19 @@ class TokenOrderAttachment:
                 return "inputs"
         return None
 
-    def permuted(self, value: Any) -> Any:
-        """``value`` in tile order if it is per token (dim 1 of size ``S``), else unchanged; tuples/lists
-        element-wise. Each source tensor is permuted once per forward."""
+    def permuted(self, value: Any, key: tuple[Any, ...]) -> Any:
+        """``value`` (the block argument at ``key``: its name, then positions inside tuples/lists) in tile order
+        if it is per token (dim 1 of size ``S``), else unchanged; tuples/lists element-wise. The blocks of a
+        forward receive the same source objects, so each is permuted once per forward."""
         if isinstance(value, (tuple, list)):
-            return type(value)(self.permuted(v) for v in value)
+            return type(value)(self.permuted(v, key + (i,)) for i, v in enumerate(value))
         if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] != self.state.tokens:
             return value
-        hit = self.state.permuted.get(id(value))
+        hit = self.state.permuted.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
         out = value.index_select(1, self.state.perm.to(value.device))
-        self.state.permuted[id(value)] = (value, out)
+        self.state.permuted[key] = (value, out)
         return out
 
     def in_forward(self) -> bool:
@@ -349,7 +350,7 @@ class TokenOrderBlockHook(ModelHook):
         for name in att.spec.token_arguments:
             value = self.get(args, kwargs, name)
             if value is not None:
-                args, kwargs = self.replace(args, kwargs, name, att.permuted(value))
+                args, kwargs = self.replace(args, kwargs, name, att.permuted(value, (name,)))
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:

@@ -21,12 +21,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dit_accel.attention.draft import PlannedMethod
-from dit_accel.attention.methods import register_method
-from dit_accel.attention.sparse_base import SparseConfig, add_call_stats, check_range
-from dit_accel.attention.tiling import block_boxes, sequence_order, token_coords
+from dit_accel.attention.base import PlannedMethod, PlanStages, SparseConfig, SparsePlan
+from dit_accel.attention.blocks import Order
+from dit_accel.attention.orders import TileOrder
+from dit_accel.attention.tiling import block_boxes, token_coords
+from dit_accel.checks import check_choice, check_number
+from dit_accel.kernels import block_mask_from_bool
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from dit_accel.context import AttentionCall
 
 PLAN_CACHE_SIZE = 8
@@ -49,10 +53,9 @@ class WindowConfig(SparseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("frame_radius", self.frame_radius, 0, 10**6, allow_none=False, integer=True)
-        check_range("space_radius", self.space_radius, 0, 10**6, allow_none=False, integer=True)
-        if self.decay not in DECAYS:
-            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
+        check_number("frame_radius", self.frame_radius, 0, 10**6, integer=True)
+        check_number("space_radius", self.space_radius, 0, 10**6, integer=True)
+        check_choice("decay", self.decay, DECAYS)
 
 
 def window_keep(lo: torch.Tensor, hi: torch.Tensor, frame_radius: int, space_radius: int, decay: str) -> torch.Tensor:
@@ -70,48 +73,52 @@ def window_keep(lo: torch.Tensor, hi: torch.Tensor, frame_radius: int, space_rad
     return keep
 
 
-@register_method
+class WindowSelection:
+    """Select stage of ``window``: the window mask of the block boxes (the same for every batch row and head)."""
+
+    def __init__(self, cfg: WindowConfig) -> None:
+        self.cfg = cfg
+
+    def mask(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall", order: Order | None,
+             text_blocks: torch.Tensor | None) -> "BlockMask":
+        """The window mask of the blocks formed in ``order``."""
+        S = q.shape[-2]
+        coords = token_coords(ctx.layout, S, q.device)  # in the sequence's current order
+        if order is not None:
+            coords = coords.index_select(0, order.perm)
+        lo, hi = block_boxes(coords)
+        cfg = self.cfg
+        keep = window_keep(lo, hi, cfg.frame_radius, cfg.space_radius, cfg.decay)
+        return block_mask_from_bool(keep[None, None], S, S)
+
+
 class WindowMethod(PlannedMethod):
     """Static spatio-temporal window in 3D-tile order (see the module docstring)."""
 
     name = "window"
     config_class = WindowConfig
-    order_name = "tile"
-    plans_in_tile_order = True
-    """Plans in the 3D-tile order (chosen from the grid), so the forward token order saves the permutation."""
-    token_order_tile = None
-    """Tile of the order this method plans in (``None``: chosen from the grid)."""
 
-    def _plan(self, q, k, ctx: "AttentionCall"):
+    def build_stages(self) -> PlanStages:
+        """The tile order chosen from the grid; the window selection."""
+        return PlanStages(order=TileOrder(record_fallback=False), select=WindowSelection(self.cfg))
+
+    def _build(self) -> None:
+        super()._build()
+        self._plans: dict[tuple, "BlockMask | SparsePlan | None"] = {}
+        """Plans by (layout, sequence length, device), oldest first."""
+
+    def plan_sparse(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | SparsePlan | None":
+        """The window plan of the call's layout (built once per layout); dense without a grid."""
         layout = ctx.layout
         if layout.grid is None:
-            add_call_stats(ctx, sparse_off="no_grid")
+            ctx.add_stats(sparse_off="no_grid")
             return None
         # Content-independent: one plan per layout, shared by all layers, heads and steps.
         key = (layout, q.shape[-2], str(q.device))
-        cache = self.__dict__.setdefault("_plans", {})
-        plan = cache.get(key)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = super()._plan(q, k, ctx)
-            if len(cache) >= PLAN_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            cache[key] = plan
-        else:
-            add_call_stats(ctx, order=self.order_name)
+            plan = super().plan_sparse(q, k, ctx)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
         return plan
-
-    def order(self, q, k, ctx):
-        """Tile order of the sequence (identity when no tile fits or the sequence already is in it)."""
-        return sequence_order(ctx.layout, q.shape[-2], q.device)
-
-    def select(self, q, k, ctx, perm, text_blocks):
-        """The window mask (the same for every batch row and head)."""
-        S = q.shape[-2]
-        coords = token_coords(ctx.layout, S, q.device)  # in the sequence's current order
-        if perm is not None:
-            coords = coords.index_select(0, perm)
-        lo, hi = block_boxes(coords)
-        cfg = self.cfg
-        keep = window_keep(lo, hi, cfg.frame_radius, cfg.space_radius, cfg.decay)
-        add_call_stats(ctx, order=self.order_name)
-        return keep[None, None]

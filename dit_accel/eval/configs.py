@@ -78,7 +78,7 @@ class EvalConfig:
 
     def apply_arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``dit_accel.apply`` (method instances / cache configs when options are given)."""
-        from dit_accel.attention.methods import get_method
+        from dit_accel.attention.registry import get_method
         from dit_accel.caching import make_cache_config
 
         attention: Any = self.attention

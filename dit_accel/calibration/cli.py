@@ -1,0 +1,88 @@
+"""``dit-accel calibrate``: its arguments and the run (the search is :mod:`dit_accel.calibration.schedule_search`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def captions_for_testbed(count: int, offset: int = 0) -> list[str]:
+    """``count`` deterministic captions in the testbed grammar (varied shape, colour, motion, background)."""
+    from dit_accel.testbed.captions import ATTRIBUTES
+
+    shapes, colors = ATTRIBUTES["shape"], ATTRIBUTES["color"]
+    motions, backgrounds = ATTRIBUTES["motion"], ATTRIBUTES["background"]
+    out = []
+    for i in range(offset, offset + count):
+        motion = motions[(3 * i + 1) % len(motions)]
+        phrase = motion if motion in ("bouncing", "pulsing") else f"moving {motion}"
+        color = colors[(5 * i + 2) % len(colors)]
+        article = "an" if color[0] in "aeiou" else "a"
+        out.append(f"{article} {color} {shapes[i % len(shapes)]} {phrase} on a {backgrounds[(7 * i) % len(backgrounds)]} background")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dit-accel calibrate``."""
+    parser.add_argument("--model", default="testbed", help='"testbed" (shipped) or a diffusers folder / hub id')
+    parser.add_argument("--steps", type=int, required=True, help="denoising steps of the schedule")
+    parser.add_argument("--budget", type=float, required=True, help="fraction of block evaluations, in (0, 1]")
+    parser.add_argument("--out", type=Path, required=True, help="schedule JSON to write")
+    parser.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
+    parser.add_argument("--prompts-file", type=Path, default=None, help="file with one prompt per line")
+    parser.add_argument("--num-prompts", type=int, default=4, help="testbed captions to use when no prompt is given")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--final-steps", type=int, default=1)
+    parser.add_argument("--max-consecutive-reuse", type=int, default=3)
+    parser.add_argument("--head-blocks", type=int, default=0)
+    parser.add_argument("--tail-blocks", type=int, default=0)
+    parser.add_argument("--selective-blocks", type=int, default=1)
+    parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
+    parser.add_argument("--selective-tokens", type=float, default=0.0,
+                        help="share of the tokens a selective step recomputes through the span (0: deep blocks only)")
+    parser.add_argument("--forecast-order", default="auto", choices=("0", "1", "auto"),
+                        help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
+    parser.add_argument("--target", default="span", choices=("span", "output"), help="what reused steps take from the cache")
+    parser.add_argument("--refine", type=int, default=0, help="candidate schedules evaluated by real runs after the DP")
+    parser.add_argument("--token-stride", type=int, default=1)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dit-accel calibrate``; returns the exit code."""
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    prompts: list[str] = list(args.prompt or [])
+    if args.prompts_file is not None:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        if args.model != "testbed":
+            raise ValueError("give calibration prompts with --prompt or --prompts-file")
+        prompts = captions_for_testbed(args.num_prompts)
+    from dit_accel.calibration.schedule_search import calibrate
+    from dit_accel.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    call_kwargs: dict[str, Any] = {}
+    for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames), ("guidance_scale", args.guidance)):
+        if value is not None:
+            call_kwargs[key] = value
+    data = calibrate(
+        pipe, prompts, out=args.out, model_id=args.model, call_kwargs=call_kwargs,
+        num_steps=args.steps, budget=args.budget, warmup_steps=args.warmup_steps, final_steps=args.final_steps,
+        max_consecutive_reuse=args.max_consecutive_reuse, head_blocks=args.head_blocks, tail_blocks=args.tail_blocks,
+        selective_blocks=args.selective_blocks, selective_share=args.selective_share,
+        selective_tokens=args.selective_tokens,
+        forecast_order=args.forecast_order if args.forecast_order == "auto" else int(args.forecast_order),
+        target=args.target, refine=args.refine, token_stride=args.token_stride, seed=args.seed,
+    )
+    print(f"wrote {args.out}: schedule {''.join(map(str, data['schedule']))} compute_fraction {data['compute_fraction']:.3f}")
+    return 0
