@@ -20,7 +20,9 @@ Every cache gets our cache's warm-up steps and cap on consecutive reused steps w
 Attention peers:
 
 - FlexAttention with our masks: a dit-accel attention method plans as usual and its ``BlockMask`` runs through
-  ``torch.nn.attention.flex_attention`` (compiled on CUDA) instead of our kernel. The substitution replaces
+  ``torch.nn.attention.flex_attention`` (compiled on CUDA) instead of our kernel, converted per call to the form
+  FlexAttention runs fastest (listed tiles as full blocks, ragged edge tiles bounded by a mask_mod; on a CPU,
+  eager FlexAttention, whose mask_mod reads the tiles since the eager path ignores the block lists). The substitution replaces
   ``dit_accel.kernels.block_sparse_attention`` for the generation (the sparse route looks the kernel up there
   when it runs); the number of calls that reached it is reported, so a route that stops looking it up there
   shows as ``flex_calls: 0`` instead of silently timing our kernel;
@@ -125,7 +127,7 @@ class FirstBlockRecorder:
     subset of at most ``max_tokens`` tokens per row kept on the device in float32, grouped by guidance branch
     (call parity for families that call cond and uncond separately). No host sync while recording."""
 
-    def __init__(self, transformer: torch.nn.Module, sequential_cfg: bool, max_tokens: int = 4096) -> None:
+    def __init__(self, transformer: torch.nn.Module, sequential_cfg: bool, max_tokens: int = 1024) -> None:
         from diffusers.hooks._helpers import TransformerBlockRegistry
 
         from dit_accel.caching import find_blocks
@@ -269,6 +271,69 @@ def _flex_fn(device_type: str) -> Callable[..., torch.Tensor]:
     return _FLEX[device_type]
 
 
+_BOUNDS: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
+
+
+def _bounded(q_len: int, kv_len: int) -> Callable[..., torch.Tensor]:
+    """``mask_mod`` keeping positions inside the sequence (one function object per shape, so compiled
+    FlexAttention sees the same mask_mod at every call)."""
+    if (q_len, kv_len) not in _BOUNDS:
+        def within(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return (q_idx < q_len) & (kv_idx < kv_len)
+
+        _BOUNDS[(q_len, kv_len)] = within
+    return _BOUNDS[(q_len, kv_len)]
+
+
+def _tile_lookup(mask: Any) -> Callable[..., torch.Tensor]:
+    """``mask_mod`` that reads the mask's tiles (eager FlexAttention applies only the mask_mod, not the block lists)."""
+    q_len, kv_len = mask.seq_lengths
+    bq, bk = mask.BLOCK_SIZE
+    tiles = mask.to_dense().bool()  # (B, H, Q_BLOCKS, KV_BLOCKS); B and H may be 1
+
+    def lookup(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        bb = b if tiles.shape[0] > 1 else torch.zeros_like(b)
+        hh = h if tiles.shape[1] > 1 else torch.zeros_like(h)
+        return tiles[bb, hh, q_idx // bq, kv_idx // bk] & (q_idx < q_len) & (kv_idx < kv_len)
+
+    return lookup
+
+
+def flex_block_mask(mask: Any, *, compiled: bool = True) -> Any:
+    """Our ``BlockMask`` (every listed tile partial under ``noop_mask``) in the form FlexAttention runs fastest:
+    the listed tiles as *full* blocks (no mask_mod evaluated) except the tiles of a ragged last query block or
+    ragged last key block, which stay partial under a mask_mod bounding the sequence (the convention of
+    ``create_block_mask``). Same tiles, same result; built on the device without a host sync.
+
+    ``compiled=False`` (eager FlexAttention, the CPU path): eager FlexAttention ignores the block lists and
+    applies the mask_mod to every position, so the mask_mod reads the tiles themselves.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_len, kv_len = mask.seq_lengths
+    bq, bk = mask.BLOCK_SIZE
+    num, idx = mask.kv_num_blocks, mask.kv_indices
+    kv_blocks = idx.shape[-1]
+    last = kv_blocks - 1
+    valid = torch.arange(kv_blocks, device=idx.device) < num[..., None]
+    ordered = torch.where(valid, idx, torch.full_like(idx, kv_blocks)).sort(dim=-1).values  # listed tiles first
+    if kv_len % bk:  # the ragged last key block, when listed, is the last listed tile of its row
+        partial_num = ((ordered.gather(-1, (num - 1).clamp(min=0)[..., None])[..., 0] == last) & (num > 0)).to(num.dtype)
+    else:
+        partial_num = torch.zeros_like(num)
+    partial_idx = torch.full_like(idx, last)
+    full_num = num - partial_num
+    full_idx = ordered.clamp(max=last).to(idx.dtype)
+    if q_len % bq:  # the ragged last query block: all its tiles partial
+        partial_num, full_num = partial_num.clone(), full_num.clone()
+        partial_idx[..., -1, :] = full_idx[..., -1, :]
+        partial_num[..., -1] = num[..., -1]
+        full_num[..., -1] = 0
+    mask_mod = _bounded(q_len, kv_len) if compiled else _tile_lookup(mask)
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk),
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+
+
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if index.dim() == 1:
         return x.index_select(2, index.long())
@@ -284,12 +349,24 @@ def _scatter(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.scatter_(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]), x)
 
 
+_FLEX_CHECKED: set[tuple] = set()
+"""Call shapes whose FlexAttention output was compared with our kernel's (once per process)."""
+
+
 @dataclass
 class FlexKernel:
-    """A drop-in for ``dit_accel.kernels.block_sparse_attention`` that runs the mask through FlexAttention."""
+    """A drop-in for ``dit_accel.kernels.block_sparse_attention`` that runs the mask through FlexAttention.
 
+    ``reference``: our kernel; the first call of each shape in the process also runs it and records the largest
+    difference of the two outputs (``check_errors``), so a FlexAttention result that differs is visible in the
+    report (the check runs in a configuration's cold generation, never in its timed one after that)."""
+
+    reference: Callable[..., torch.Tensor] | None = None
+    """Our kernel, for the once-per-shape output check (``None``: no check)."""
     calls: int = 0
     """Calls that reached FlexAttention."""
+    check_errors: list[float] = field(default_factory=list)
+    """Max abs difference to our kernel, per checked call."""
     bench_kind: str = "flex"
     """Name the attention probe records its calls under."""
 
@@ -301,12 +378,20 @@ class FlexKernel:
         if return_lse or tile_stats:
             raise NotImplementedError("the FlexAttention peer runs methods without tile statistics or LSE only")
         self.calls += 1
+        inputs = (q, k, v)
         if q_index is not None:
             q = _gather(q, q_index)
         if kv_index is not None:
             k, v = _gather(k, kv_index), _gather(v, kv_index)
-        out = _flex_fn(q.device.type)(q, k, v, block_mask=mask, scale=scale)
-        return _scatter(out, q_index) if q_index is not None else out
+        compiled = q.device.type == "cuda"
+        out = _flex_fn(q.device.type)(q, k, v, block_mask=flex_block_mask(mask, compiled=compiled), scale=scale)
+        out = _scatter(out, q_index) if q_index is not None else out
+        key = (tuple(q.shape), str(q.dtype), q.device.type, q_index is not None)
+        if self.reference is not None and key not in _FLEX_CHECKED:
+            _FLEX_CHECKED.add(key)
+            ours = self.reference(*inputs, mask, scale=scale, q_index=q_index, kv_index=kv_index)
+            self.check_errors.append(float((out.float() - ours.float()).abs().max()))
+        return out
 
 
 # --- SageAttention ----------------------------------------------------------------------------------------------

@@ -347,11 +347,14 @@ def _flex(preset: str) -> Callable[[ModelContext], Active]:
         if method.needs_tile_stats:
             raise RuntimeError(f"preset {preset!r}'s method asks for tile statistics, which FlexAttention does not give")
         handle = dit_accel.apply(ctx.pipe, attention=method)
-        kernel = P.FlexKernel()
+        import dit_accel.kernels
+
+        kernel = P.FlexKernel(reference=dit_accel.kernels.block_sparse_attention)
         stack = contextlib.ExitStack()
         stack.enter_context(patched("dit_accel.kernels", "block_sparse_attention", kernel))
         return Active(handle=handle, closers=[lambda: dit_accel.remove(ctx.pipe), stack.close],
-                      counters={"flex_calls": lambda: kernel.calls})
+                      counters={"flex_calls": lambda: kernel.calls,
+                                "flex_max_abs_diff_vs_kernel": lambda: max(kernel.check_errors, default=None)})
 
     return activate
 
