@@ -130,11 +130,17 @@ def dry_run(options: Any, print_fn: Callable[[str], None] = print) -> dict[str, 
         now[0] += plan.build_s
         admitted, skipped = [], []
         model_sparse = False
-        for run in runs:
-            if run.key in same_as or (run.needs_cuda and not cuda):
-                continue
+        candidates = [r for r in runs if r.key not in same_as and (cuda or not r.needs_cuda)]
+        candidates.sort(key=lambda r: r.runs_last)  # as the real run: runs-last peers after the others
+
+        def cost(run: Any) -> float:
             allowance = RN.cold_allowance(run, cuda, first_sparse, model_sparse)
-            if budget.admit(plan.gen_s * (1 + run.extra_generations) + allowance, plan.gen_s * options.rounds):
+            return plan.gen_s * (1 + run.extra_generations + options.rounds) + allowance
+
+        for j, run in enumerate(candidates):
+            allowance = RN.cold_allowance(run, cuda, first_sparse, model_sparse)
+            keep = 0.0 if run.required else sum(cost(r) for r in candidates[j + 1:] if r.required)
+            if budget.admit(plan.gen_s * (1 + run.extra_generations) + allowance, plan.gen_s * options.rounds, keep):
                 now[0] += plan.gen_s * (1 + run.extra_generations) + allowance
                 admitted.append(run)
                 if run.kind in RN.SPARSE_KINDS:

@@ -53,7 +53,9 @@ BUILD_ALLOWANCE_S = 4.0
 RESERVE_S = 10.0
 """Seconds kept free at the end of the budget (final writes)."""
 SPARSE_KINDS = ("preset", "attention_part", "attention_peer")
+"""Run kinds that may run dit-accel's sparse path (their first cold generation pays the Triton compiles)."""
 COMPILED_SUFFIX = "+compile"
+"""Key suffix of the ``--compile`` variants."""
 RECOMPILE_LIMIT = 256
 """dynamo's per-code-object cache size with ``--compile`` (each configuration adds entries)."""
 
@@ -122,10 +124,10 @@ class Budget:
         self.reserved = 0.0
         return share
 
-    def admit(self, cold_s: float, timed_s: float) -> bool:
-        """Whether a configuration's cold and timed generations fit next to the time already promised; if so,
-        the timed part is promised."""
-        end = self.now() + cold_s + timed_s + self.reserved
+    def admit(self, cold_s: float, timed_s: float, keep_s: float = 0.0) -> bool:
+        """Whether a configuration's cold and timed generations fit next to the time already promised and
+        ``keep_s`` kept for configurations that must come first; if so, the timed part is promised."""
+        end = self.now() + cold_s + timed_s + self.reserved + keep_s
         if end > self.model_deadline or end > self.deadline:
             return False
         self.reserved += timed_s
@@ -146,16 +148,21 @@ class ModelPlan:
     """One model's estimated cost and configurations."""
 
     spec: M.ModelSpec
+    """The model."""
     layers: tuple[int, ...]
+    """Blocks built per block list."""
     description: dict[str, Any]
+    """Size and FLOP estimate (:func:`dit_accel.bench.models.describe`)."""
     gen_s: float
     """Estimated seconds of one generation."""
     build_s: float
+    """Seconds budgeted for the build."""
 
 
 def _select(runs: list[RS.RunSpec], patterns: tuple[str, ...], peer_preset: str) -> list[RS.RunSpec]:
     if not patterns:
         return runs
+
     def base(key: str) -> str:
         return key.removesuffix(COMPILED_SUFFIX)
 
@@ -245,7 +252,7 @@ def _scrub(ctx: RS.ModelContext) -> None:
             pass
     if sys.modules.get("cache_dit") is not None:
         try:
-            with RS._quiet_cache_dit():
+            with RS.quiet_cache_dit():
                 sys.modules["cache_dit"].disable_cache(ctx.pipe)
         except Exception:  # noqa: BLE001 - not applied, or already removed
             pass
@@ -254,6 +261,14 @@ def _scrub(ctx: RS.ModelContext) -> None:
 def _generate(ctx: RS.ModelContext, run: RS.RunSpec, clock: Clock, *, cold: bool, seed: int,
               recorder: Any = None) -> dict[str, Any]:
     """One generation of ``run``; returns the measurements of this generation."""
+    try:
+        return _generate_once(ctx, run, clock, cold=cold, seed=seed)
+    finally:
+        if recorder is not None:
+            recorder.remove()
+
+
+def _generate_once(ctx: RS.ModelContext, run: RS.RunSpec, clock: Clock, *, cold: bool, seed: int) -> dict[str, Any]:
     counter = None
     before = _dynamo_snapshot() if run.compiled else None
     with RS.activated(run, ctx) as active:
@@ -269,8 +284,6 @@ def _generate(ctx: RS.ModelContext, run: RS.RunSpec, clock: Clock, *, cold: bool
         finally:
             if counter is not None:
                 counter.remove()
-            if recorder is not None:
-                recorder.remove()
         out: dict[str, Any] = {"seconds": timing.seconds, "wall_s": timing.wall_s, "step_seconds": timing.step_seconds,
                                "peak_gib": timing.peak_gib, "attention_s": timing.attention_s,
                                "attention_calls": timing.attention_calls, "attention_s_by_kind": timing.attention_s_by_kind,
@@ -500,14 +513,19 @@ def _error_text(exc: BaseException) -> str:
 def run_bench(options: BenchOptions, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns the report as written to ``options.out``."""
     threads = torch.get_num_threads()
+    limits = (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit)
     try:
         return _run_bench(options, print_fn)
     finally:
         torch.set_num_threads(threads)
+        torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit = limits
 
 
 def _run_bench(options: BenchOptions, print_fn: Callable[[str], None]) -> dict[str, Any]:
     device = resolve_device(options.device)
+    if device.type == "cpu" and not options.tiny and options.device == "auto":
+        raise ValueError("no CUDA device: the real-size models need a GPU; use --tiny for the CPU flow "
+                         "(or --device cpu to run the real sizes on the CPU anyway)")
     if options.tiny and device.type == "cuda":
         print_fn("bench: --tiny on CUDA: tiny configs, CUDA clock")
     cuda = device.type == "cuda"
@@ -623,14 +641,19 @@ class _ModelBench:
             return False
         return True
 
-    def cold(self, run: RS.RunSpec) -> bool:
-        """Admit and run the cold generation; ``True`` when the run is in for the timed rounds."""
+    def cost(self, run: RS.RunSpec) -> float:
+        """Estimated seconds of a run's cold and timed generations."""
+        allowance = cold_allowance(run, self.cuda, self.first_sparse_done, self.model_sparse_done)
+        return self.gen_s * (1 + run.extra_generations + self.options.rounds) + allowance
+
+    def cold(self, run: RS.RunSpec, keep_s: float = 0.0) -> bool:
+        """Admit and run the cold generation; ``True`` when the run is in for the timed rounds. ``keep_s``: time
+        kept for required runs still to come (an optional run is admitted only beside them)."""
         from dit_accel.bench.peers import FirstBlockRecorder
 
         ctx, rec = self.ctx, self.records[run.key]
-        allowance = cold_allowance(run, self.cuda, self.first_sparse_done, self.model_sparse_done)
         timed = self.gen_s * self.options.rounds
-        if not self.budget.admit(self.gen_s * (1 + run.extra_generations) + allowance, timed):
+        if not self.budget.admit(self.cost(run) - timed, timed, keep_s):
             rec["skipped"] = "budget"
             self._say(f"{run.key}: skipped (budget)")
             self._save()
@@ -691,7 +714,13 @@ class _ModelBench:
     def run(self, runs: list[RS.RunSpec], same_as: dict[str, str]) -> bool:
         """Every configuration; returns ``first_sparse_done`` for the next model."""
         candidates = [r for r in runs if self.screen(r, same_as)]
-        admitted = [r for r in candidates if not r.runs_last and self.cold(r)]
+        admitted = []
+        for i, run in enumerate(candidates):
+            if run.runs_last:
+                continue
+            keep = 0.0 if run.required else sum(self.cost(r) for r in candidates[i + 1:] if r.required)
+            if self.cold(run, keep):
+                admitted.append(run)
         for r in range(self.options.rounds):
             for run in (admitted if r % 2 == 0 else list(reversed(admitted))):
                 self.timed(run, r)

@@ -280,11 +280,11 @@ def _dbcache(ctx: ModelContext) -> Active:
     ctx.notes["dbcache"] = {"target_fraction": target, "threshold": threshold, "replayed_step_share_fbc_rule": share,
                             "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, **guard}
     saved = _instance_forwards(ctx.transformer)
-    with _quiet_cache_dit():
+    with quiet_cache_dit():
         cache_dit.enable_cache(ctx.pipe, cache_config=config)
 
     def close() -> None:
-        with _quiet_cache_dit():
+        with quiet_cache_dit():
             cache_dit.disable_cache(ctx.pipe)
         left = _restore_instance_forwards(ctx.transformer, saved)
         if left:
@@ -318,7 +318,7 @@ def _restore_instance_forwards(root: torch.nn.Module, saved: dict[str, Any]) -> 
 
 
 @contextlib.contextmanager
-def _quiet_cache_dit() -> Iterator[None]:
+def quiet_cache_dit() -> Iterator[None]:
     """cache-dit prints and logs at INFO on every enable/disable: keep the bench's output readable."""
     import logging
 
