@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="quality and speed of configurations vs dense over a prompt set, with a report")
     eval_cmd.add_arguments(ev)
+
+    from dit_accel.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -326,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p = get_preset(name)
                 print(f"{p.tag:<16} attention={p.attention} cache={p.cache}  {p.description}")
             return 0
+        if ns.command == "bench":
+            return ns.func(ns)
         if ns.command == "eval":
             from dit_accel.eval import cli as eval_cmd
 
