@@ -20,6 +20,7 @@ replaces the part it configures (attention or cache) and keeps the other.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -266,7 +267,7 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         if config.method is not None and not bridge.is_host_dense(config.method) and run.forwards and not run.override_calls:
             logger.warning("dit-accel: no attention call reached dit-accel's attention override in %d model calls; "
                            "this ComfyUI may predate transformer_options['optimized_attention_override']", run.forwards)
-        logger.info("dit-accel run: %s", summary)
+        logger.info("dit-accel run: %s", json.dumps(summary, default=str, sort_keys=True))
         run.close()
 
 
