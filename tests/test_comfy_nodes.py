@@ -17,7 +17,7 @@ import torch
 
 import comfy_doubles as cd
 from dit_accel.comfy import bridge, nodes, patching
-from dit_accel.comfy.adapters import FluxAdapter, UnsupportedModel, WanAdapter, adapter_for
+from dit_accel.comfy.adapters import FluxAdapter, HunyuanVideoAdapter, SD3Adapter, UnsupportedModel, WanAdapter, adapter_for
 
 WAN_SHAPE = (1, 4, 1, 32, 32)  # grid (1, 16, 16): 256 tokens, 2 kernel blocks
 FLUX_SHAPE = (1, 4, 32, 32)    # grid (1, 16, 16): 256 image tokens + 8 text tokens
@@ -150,6 +150,14 @@ def test_adapters_classify_calls_and_split_single_streams() -> None:
     hidden, text = flux.streams(("single_block", 0), {"img": joint}, 4)
     assert torch.equal(text, joint[:, :4]) and torch.equal(hidden, joint[:, 4:])
     assert torch.equal(flux.pack(("single_block", 0), hidden, text)["img"], joint)
+    hunyuan = HunyuanVideoAdapter()  # text after the video, in the joint attention and in the single stream
+    hidden, text = hunyuan.streams(("single_block", 0), {"img": joint}, 4)
+    assert torch.equal(hidden, joint[:, :6]) and torch.equal(text, joint[:, 6:])
+    assert torch.equal(hunyuan.pack(("single_block", 0), hidden, text)["img"], joint)
+    assert hunyuan.self_attention(finfo, 264, 264) == (8, "last")
+    # SD3.5's image-only attn2 has no text tokens; the joint call has the text first
+    assert SD3Adapter().self_attention(finfo, 256, 256) == (0, "none")
+    assert SD3Adapter().self_attention(finfo, 264, 264) == (8, "first")
 
 
 def test_cache_runs_the_scheduler_and_chains_block_patches(flux: cd.ModelPatcher, caplog) -> None:
