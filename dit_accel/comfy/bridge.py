@@ -5,13 +5,13 @@ hooks instead of diffusers hooks; everything it needs from the rest of dit_accel
 small surface below, so that a change of dit_accel's internal layout is adapted here only:
 
 * presets: ``dit_accel.presets.get_preset`` / ``preset_names``;
-* attention: ``dit_accel.attention.methods.get_method`` / ``available_methods``,
-  ``dit_accel.attention.sparse_base.QUALITY_LEVELS`` (the quality knob's names),
+* attention: ``dit_accel.attention.registry.get_method`` / ``available_methods``,
+  ``dit_accel.attention.quality.QUALITY_LEVELS`` (the quality knob's names),
   ``dit_accel.attention.route.attend`` with a ``ModuleBinding`` per self-attention layer;
 * context: ``dit_accel.context.TransformerContext`` / ``StepClock`` / ``ForwardInputs`` (ComfyUI's
   sampler, not a diffusers pipeline, says which step and guidance branch runs);
 * caching: ``dit_accel.caching.make_cache_config`` / ``available_schedulers`` / ``build_scheduler`` /
-  ``load_schedule``, and the block runner ``dit_accel.caching.hooks.CacheController`` (with one
+  ``load_schedule``, and the block runner ``dit_accel.caching.controller.CacheController`` (with one
   ``BlockRef`` per ComfyUI block), so that guardrails, per-branch state, residual reuse and forecasts
   are the same code as on diffusers.
 
@@ -23,19 +23,19 @@ pairs (cache blocks), whatever the ComfyUI model's own layout is: that conversio
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
-from dit_accel.attention.methods import AttentionMethod, available_methods, get_method
+from dit_accel.attention.base import AttentionMethod
+from dit_accel.attention.quality import QUALITY_LEVELS
+from dit_accel.attention.registry import available_methods, get_method
 from dit_accel.attention.route import ModuleBinding, attend
-from dit_accel.attention.sparse_base import QUALITY_LEVELS
-from dit_accel.caching import available_schedulers, build_scheduler, load_schedule, make_cache_config
-from dit_accel.caching.config import CacheConfig
-from dit_accel.caching.hooks import BlockRef, CacheController
+from dit_accel.caching import CacheConfig, available_schedulers, build_scheduler, load_schedule, make_cache_config
+from dit_accel.caching.blocks import BlockRef
+from dit_accel.caching.controller import CacheController
 from dit_accel.context import ForwardInputs, StepClock, TransformerContext
 from dit_accel.presets import get_preset, preset_names
 
@@ -254,13 +254,6 @@ class Session:
         self.context.close()
 
 
-@dataclass
-class _Compute:
-    """What ``CacheController.run_block`` calls to run a block: ``fn_ref.original_forward``."""
-
-    fn_ref: SimpleNamespace = field(default_factory=SimpleNamespace)
-
-
 def _block_metadata():
     from diffusers.hooks._helpers import TransformerBlockMetadata
 
@@ -286,10 +279,12 @@ class CacheRunner:
                   compute: Callable[[torch.Tensor, "torch.Tensor | None"], Streams]) -> Streams:
         """The streams after block ``index``: ``compute(hidden, text)`` when the block runs, else the
         cached (or forecast) residual added at the span's first block and the input passed through."""
-        runner = _Compute()
-        runner.fn_ref.original_forward = lambda hidden_states, encoder_hidden_states: compute(hidden_states, encoder_hidden_states)
         ref = self.controller.blocks[index]
-        out = self.controller.run_block(index, ref, runner, (), {"hidden_states": hidden, "encoder_hidden_states": text})
+
+        def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> Streams:
+            return compute(hidden_states, encoder_hidden_states)
+
+        out = self.controller.run_block(index, ref, forward, (), {"hidden_states": hidden, "encoder_hidden_states": text})
         return out[0], out[1]
 
     def summary(self) -> dict[str, Any]:
