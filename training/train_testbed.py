@@ -1,13 +1,13 @@
 """Train the dit-accel testbed on one GPU and export the shipped weights folder.
 
-    python benchmarks/testbed_train.py --stage smoke,ae,classifier,dit --out .runs/tb \
+    python training/train_testbed.py --stage smoke,ae,classifier,dit --out .runs/tb \
         --ae-minutes 2 --classifier-minutes 1.5 --minutes 5 --total-minutes 14
-    python benchmarks/testbed_train.py --stage dit --out .runs/tb --resume .runs/tb --minutes 9
+    python training/train_testbed.py --stage dit --out .runs/tb --resume .runs/tb --minutes 9
 
 Stages (comma-separated, run in order):
     smoke       a few steps of everything at small sizes + per-bucket step times (a 20-second check)
     ae          train the autoencoder, measure latent statistics, export a pipeline folder (random DiT)
-    classifier  train the attribute classifier (data helper's `train_classifier`), save into the folder
+    classifier  train the attribute classifier (`training.classifier.train_classifier`), save into the folder
     dit         train DiT + text encoder (rectified flow, EMA, bf16), checkpoint, export EMA weights
 
 Layout of --out: `export/` (the pipeline folder: save_pretrained layout, fp16 EMA weights in shards
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_accel.testbed import captions, data  # noqa: E402
 from dit_accel.testbed.pipeline import TestbedPipeline, build_pipeline  # noqa: E402
-from dit_accel.testbed.train import (  # noqa: E402
+from training.trainer import (  # noqa: E402
     AutoencoderTrainConfig,
     EMA,
     DiTState,
@@ -111,13 +111,10 @@ def stage_smoke(device: torch.device, out: Path) -> None:
                      "loss": round(loss.item(), 4)})
         print(rows[-1], flush=True)
     pipe.transformer.eval()
-    try:
-        from dit_accel.testbed import classifier
+    from training.classifier import train_classifier
 
-        model, log = classifier.train_classifier(steps=3, batch_size=4, device=device)
-        print("smoke: classifier ok", log[-1] if log else "", flush=True)
-    except ImportError as exc:
-        print(f"smoke: classifier not available: {exc}", flush=True)
+    _, log = train_classifier(steps=3, batch_size=4, device=device)
+    print("smoke: classifier ok", log[-1] if log else "", flush=True)
     folder = out / "smoke_export"
     export_pipeline(pipe, None, folder)
     pipe2 = load_pipeline(folder, device)
@@ -143,27 +140,15 @@ def stage_ae(device: torch.device, out: Path, minutes: float, log: Path) -> None
 
 
 def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path) -> None:
-    """Attribute classifier training for `minutes` (`classifier.train_classifier`), saved to export/classifier,
+    """Attribute classifier training for `minutes` (`training.classifier.train_classifier`), saved to export/classifier,
     then its accuracy on the generator's own held-out videos (the ceiling for generated-video scores) at
     256x256x16 and 128x128x8, written to `out/classifier_ceiling.json` and training_info.json."""
-    import inspect
-
-    from dit_accel.testbed import classifier
+    from dit_accel.testbed.classifier import attribute_accuracy, save_classifier
+    from training.classifier import train_classifier
 
     t = time.perf_counter()
-    if "max_seconds" in inspect.signature(classifier.train_classifier).parameters:
-        model, clog = classifier.train_classifier(steps=10**7, batch_size=16, device=device, max_seconds=60 * minutes,
-                                                  log_every=100)
-        steps = clog[-1]["step"] if clog else None
-    else:  # older signature: time a few steps, then pick the step count
-        classifier.train_classifier(steps=3, batch_size=16, device=device, verbose=False)
-        sync(device)
-        t0 = time.perf_counter()
-        classifier.train_classifier(steps=8, batch_size=16, device=device, verbose=False)
-        sync(device)
-        steps = max(50, int(60 * minutes / ((time.perf_counter() - t0) / 8) * 0.95))
-        t = time.perf_counter()
-        model, clog = classifier.train_classifier(steps=steps, batch_size=16, device=device)
+    model, clog = train_classifier(steps=10**7, batch_size=16, device=device, max_seconds=60 * minutes, log_every=100)
+    steps = clog[-1]["step"] if clog else None
     seconds = time.perf_counter() - t
     for rec in clog:
         log_line(log, {"stage": "classifier", **{k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in rec.items()}})
@@ -180,18 +165,14 @@ def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path)
         for start in range(0, n, 64):  # 64 videos at a time keeps the renders small
             real = data.make_batch(min(64, n - start), frames, side, side, seed=seed + start, split=split, device=device)
             with torch.no_grad():
-                accs.append((real.video.shape[0], classifier.attribute_accuracy(model, real.video, real.labels,
-                                                                                batch_size=16)))
+                accs.append((real.video.shape[0], attribute_accuracy(model, real.video, real.labels, batch_size=16)))
         total = sum(c for c, _ in accs)
         ceilings[key] = {k: round(sum(c * a[k] for c, a in accs) / total, 4) for k in accs[0][1]}
         ceilings[key]["videos"] = total
         log_line(log, {"stage": f"classifier_{key}", **ceilings[key]})
         print(key, ceilings[key], flush=True)
     heldout = ceilings["heldout_real_256x16"]
-    if "dtype" in inspect.signature(classifier.save_classifier).parameters:
-        classifier.save_classifier(model.to("cpu"), out / "export" / "classifier", dtype=torch.float16)  # 40 MB cap
-    else:
-        classifier.save_classifier(model.to("cpu"), out / "export" / "classifier")
+    save_classifier(model.to("cpu"), out / "export" / "classifier", dtype=torch.float16)  # fp16 keeps the package small
     info = read_training_info(out / "export")
     info["classifier"] = {"steps": steps, "seconds": round(seconds, 1), "last": clog[-1] if clog else None,
                           **ceilings}
@@ -203,7 +184,7 @@ def stage_classifier(device: torch.device, out: Path, minutes: float, log: Path)
 def stage_dit(device: torch.device, out: Path, resume: Path | None, minutes: float, total_minutes: float,
               log: Path, high_sigma_share: float = DiTTrainConfig.high_sigma_share,
               direction_contrast: float = DiTTrainConfig.direction_contrast) -> None:
-    """DiT training session; exports EMA weights to `out/export` at every checkpoint and at the end."""
+    """One DiT training call; exports EMA weights to `out/export` at every checkpoint and at the end."""
     export = out / "export"
     source = resume if resume is not None else out
     full = (source / "ckpt.pt").is_file()
@@ -250,10 +231,10 @@ def main() -> None:
     parser.add_argument("--stage", default="smoke,ae,classifier,dit", help="comma-separated stages")
     parser.add_argument("--out", type=Path, default=Path(".runs/testbed"))
     parser.add_argument("--resume", type=Path, default=None, help="out folder or pipeline folder to resume from")
-    parser.add_argument("--minutes", type=float, default=5.0, help="DiT training minutes in this session")
-    parser.add_argument("--total-minutes", type=float, default=14.0, help="planned DiT minutes over all sessions")
+    parser.add_argument("--minutes", type=float, default=5.0, help="DiT training minutes in this call")
+    parser.add_argument("--total-minutes", type=float, default=14.0, help="planned DiT minutes over all calls")
     parser.add_argument("--high-sigma-share", type=float, default=DiTTrainConfig.high_sigma_share,
-                        help="share of DiT samples with sigma uniform in the high-noise range (0: sessions 1-3)")
+                        help="share of DiT samples with sigma uniform in the high-noise range (0: the logit-normal alone)")
     parser.add_argument("--direction-contrast", type=float, default=DiTTrainConfig.direction_contrast,
                         help="weight of the direction-contrastive term (0: off; see DiTTrainConfig.direction_contrast)")
     parser.add_argument("--ae-minutes", type=float, default=2.0)

@@ -1,10 +1,10 @@
 """Draw the testbed DiT's loss curve from the committed training log (no matplotlib needed).
 
-    python benchmarks/testbed_loss_plot.py   # reads benchmarks/results/testbed_loss_log.jsonl, writes testbed_loss.png
+    python training/loss_plot.py   # reads training/results/loss_log.jsonl, writes training/results/loss.png
 
 Grey: training loss per log line (25 steps, mixed sizes, so noisy); blue: its moving mean over 20 lines;
-red dots: the end-of-session validation loss (held-out captions at 256x256x16, fixed noise). Log scale.
-Dashed lines: where a session changed the sigma distribution (`high_sigma_share` of the session lines, 0 when
+red dots: the validation loss at the end of each training call (held-out captions at 256x256x16, fixed noise). Log scale.
+Dashed lines: where a training call changed the sigma distribution (`high_sigma_share` of the `dit_session` lines, 0 when
 absent): the training loss averages over other noise levels from there on, so its level is not comparable
 across such a line; the validation loss is (same batch, same sigmas).
 """
@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def read_log(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, training loss) of the DiT log lines, (end step, validation loss) of the session lines, and
-    (first step, new share) of each session whose `high_sigma_share` differs from the session before it."""
+    """(step, training loss) of the DiT log lines, (end step, validation loss) of the `dit_session` lines, and
+    (first step, new share) of each call whose `high_sigma_share` differs from the call before it."""
     train, val, changes = [], [], []
     share = 0.0
     for line in path.read_text().splitlines():
@@ -88,8 +88,8 @@ def draw(train: list[tuple[int, float]], val: list[tuple[int, float]], out: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log", type=Path, default=RESULTS / "testbed_loss_log.jsonl")
-    parser.add_argument("--out", type=Path, default=RESULTS / "testbed_loss.png")
+    parser.add_argument("--log", type=Path, default=RESULTS / "loss_log.jsonl", help="training log (JSONL)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "loss.png", help="PNG to write")
     args = parser.parse_args()
     train, val, changes = read_log(args.log)
     if not train:

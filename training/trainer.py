@@ -1,7 +1,7 @@
 """Training of the testbed: autoencoder first, then the DiT + text encoder by rectified flow.
 
 All loops are bounded by wall-clock seconds (the GPU lease is counted in time, not steps) and draw
-fresh videos from `data.make_batch` every step: nothing is stored. `benchmarks/testbed_train.py`
+fresh videos from `data.make_batch` every step: nothing is stored. `training/train_testbed.py`
 is the command-line entry; these functions are importable so tests can run a few CPU steps.
 
 Rectified flow (as diffusers' FlowMatchEulerDiscreteScheduler samples it):
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import captions, data
-from .autoencoder import TestbedAutoencoder
-from .pipeline import TestbedPipeline
+from dit_accel.testbed import captions, data
+from dit_accel.testbed.autoencoder import TestbedAutoencoder
+from dit_accel.testbed.pipeline import TestbedPipeline
 
 # ----------------------------------------------------------------------------------------- utilities
 
@@ -209,9 +209,9 @@ class DiTTrainConfig:
     """DiT (+ text encoder) training knobs."""
 
     seconds: float = 300.0
-    """Wall-clock budget of this session."""
+    """Wall-clock budget of this training call (one GPU lease; training resumes across calls)."""
     total_seconds: float = 840.0
-    """Planned training time over all sessions (the LR schedule and the size curriculum follow it)."""
+    """Planned training time over all calls (the LR schedule and the size curriculum follow it)."""
     lr: float = 4e-4
     """Peak AdamW learning rate."""
     warmup_steps: int = 300
@@ -224,18 +224,18 @@ class DiTTrainConfig:
     """Timestep shift of the sigma distribution (same as the sampling scheduler's)."""
     high_sigma_share: float = 0.3
     """Share of samples whose sigma is drawn uniformly from `high_sigma_range` instead of the shifted
-    logit-normal (see `sample_sigmas`). Sessions 1-3 trained with 0 (the logit-normal alone), session 4 with 0.3
-    then 0.4; at 0.3, 14 % of samples lie above sigma 0.95 instead of 3 %."""
+    logit-normal (see `sample_sigmas`); 0 is the logit-normal alone. At 0.3, 14 % of samples lie above sigma 0.95
+    instead of 3 %: where objects are placed and which way they move is decided there. The shipped weights'
+    `training_info.json` records the share of each call."""
     high_sigma_range: tuple[float, float] = (0.85, 1.0)
     """(low, high) of the uniform high-noise component."""
     direction_contrast: float = 0.0
-    """Weight of the direction-contrastive term (`direction_contrast_loss`; 0: off, as in sessions 1-4). Each step
+    """Weight of the direction-contrastive term (`direction_contrast_loss`; 0: off, as for the shipped weights). Each step
     it takes up to a quarter of the batch whose captions name a direction, noises them at a sigma drawn from
     `high_sigma_range`, and asks the object-pixel loss with every direction word reversed to exceed the loss with
     the true caption by `direction_contrast_margin` (relative). Costs two more forward/backward passes of those
-    videos. Built after session 4 found the DiT ignoring direction words; trained with at 1.0 in session 5 (the
-    loss then used the words, the sampled motion did not follow: benchmarks/results/testbed_report.md), not in
-    the shipped weights."""
+    videos. At 1.0 the loss comes to use the direction words, but the sampled motion does not follow them
+    (training/REPORT.md)."""
     direction_contrast_margin: float = 0.02
     """Relative gap (reversed / true - 1) above which the contrastive term stops pushing."""
     buckets: tuple[tuple[int, int, int], ...] = (
@@ -248,7 +248,7 @@ class DiTTrainConfig:
     )
     """(progress upper bound, bucket probabilities): small/short clips early, eval size later."""
     validation_size: tuple[int, int] = (256, 16)
-    """(side, frames) of the end-of-session validation loss (held-out captions, fixed noise)."""
+    """(side, frames) of the validation loss at the end of each call (held-out captions, fixed noise)."""
     log_every: int = 25
     """Steps between log lines."""
     checkpoint_every_s: float = 150.0
@@ -259,18 +259,18 @@ class DiTTrainConfig:
 
 @dataclass
 class DiTState:
-    """Progress carried across sessions."""
+    """Progress carried across training calls."""
 
     step: int = 0
     """Optimizer steps done."""
     elapsed_s: float = 0.0
-    """Training seconds done (all sessions)."""
+    """Training seconds done (all calls)."""
     samples: int = 0
     """Videos seen."""
     tokens: int = 0
     """Video tokens seen."""
     sessions: list[dict[str, Any]] = field(default_factory=list)
-    """Per-session summaries."""
+    """One summary per training call (key ``sessions`` in ``training_info.json``)."""
 
 
 def pick_bucket(cfg: DiTTrainConfig, progress: float, rng: random.Random) -> tuple[int, int, int]:
@@ -293,7 +293,7 @@ def sample_sigmas(n: int, shift: float, device: torch.device, generator: torch.G
     u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
     sigmas = shift * u / (1 + (shift - 1) * u)
     if high_share == 0.0:
-        return sigmas  # same draws as sessions 1-3
+        return sigmas  # the same draws as before the share existed, so resumed runs stay reproducible
     pick = torch.rand(n, generator=generator, device=device) < high_share
     return torch.where(pick, uniform_sigmas(n, high_range, device, generator), sigmas).clamp_max(1.0 - 1e-4)
 
@@ -343,8 +343,8 @@ def encode_videos(ae: TestbedAutoencoder, video: torch.Tensor, device: torch.dev
 
 
 VALIDATION_SIGMAS: tuple[float, ...] = (0.2, 0.5, 0.8)
-"""Sigmas of the monitoring loss `val_loss`, one per held-out video (unchanged since session 1, so sessions
-compare)."""
+"""Sigmas of the monitoring loss `val_loss`, one per held-out video (fixed, so every training call's loss
+compares with the others')."""
 
 VALIDATION_HIGH_SIGMAS: tuple[float, ...] = (0.95, 0.98)
 """Sigmas where the sampler decides where objects go: the direction-word sensitivity is also read here."""
@@ -354,11 +354,11 @@ VALIDATION_HIGH_SIGMAS: tuple[float, ...] = (0.95, 0.98)
 def validation_losses(pipe: TestbedPipeline, device: torch.device, side: int = 256, frames: int = 16
                       ) -> dict[str, float]:
     """Monitoring losses on a fixed held-out batch (fixed noise), each with the true captions and with every
-    direction word reversed (equal when the model ignores direction words, as the 16,401-step DiT did:
-    testbed_text_probe.json).
+    direction word reversed (equal when the model ignores direction words; ``training/text_probe.py`` measures
+    the same on more captions and words).
 
     Returns ``val_loss`` / ``val_loss_reversed`` (video i at sigma ``VALIDATION_SIGMAS[i]``: the monitoring loss
-    of every session), ``val_high_loss`` / ``val_high_loss_reversed`` (every video at each of
+    of every training call), ``val_high_loss`` / ``val_high_loss_reversed`` (every video at each of
     :data:`VALIDATION_HIGH_SIGMAS`, averaged, on object pixels only: the background carries no direction), and
     the two sensitivities ``val_direction_sensitivity`` / ``val_high_direction_sensitivity`` (reversed / true - 1).
     """
@@ -469,7 +469,7 @@ def train_dit(pipe: TestbedPipeline, cfg: DiTTrainConfig, device: torch.device, 
         print(f"weights-only resume at step {state.step}: fresh AdamW, re-warm-up 100 steps", flush=True)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1 + state.step)
     session_start_step, session_t0 = state.step, time.perf_counter()
-    wall0 = last_ck = session_t0  # wall0: this session's budget; session_t0: time not yet added to state
+    wall0 = last_ck = session_t0  # wall0: this call's budget; session_t0: time not yet added to state
     losses: list[float] = []
     gaps: list[torch.Tensor] = []  # direction gaps of the contrastive term, between log lines
     bucket_counts: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """How much does the flow-matching loss reward knowing an object's direction? A property of the data alone.
 
-    python benchmarks/testbed_direction_value.py   # CPU, seconds; writes benchmarks/results/testbed_direction_value.json
+    python training/direction_value.py   # CPU, seconds; writes training/results/direction_value.json
 
 At sigma -> 1 the best possible prediction of the clean video is its mean given the caption, E[x0 | caption].
 For one object on a plain background, this script estimates by Monte Carlo the mean video of "moving left"
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=400, help="videos per mean and for the test set")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--side", type=int, default=64, help="pixels (geometry is in frame units, so size-free)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "testbed_direction_value.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "direction_value.json")
     args = parser.parse_args()
     rows = {size: direction_gap(size, args.videos, args.frames, args.side) for size in ("small", "medium", "large")}
     for size, row in rows.items():

@@ -1,6 +1,6 @@
 """Which caption words does the testbed DiT use? Denoising loss with the true caption vs edited captions.
 
-    python benchmarks/testbed_text_probe.py   # CPU, a few minutes; writes benchmarks/results/testbed_text_probe.json
+    python training/text_probe.py   # CPU, a few minutes; writes training/results/text_probe.json
 
 Held-out real videos (the generator's, with their captions) are noised at fixed sigmas with fixed noise, and
 the rectified-flow loss of the shipped DiT is measured with: the true caption; every direction word reversed
@@ -10,7 +10,7 @@ when it is edited; a word it ignores leaves the loss where it is. Each loss is a
 (latent pixels an object touches, `train.object_weight`), with the objects' share of the whole loss: where the
 direction words could matter, and whether the background drowns the objects out.
 
-    python benchmarks/testbed_text_probe.py --sigmas 0.3 0.5 0.7 0.9 0.95 0.98 --out benchmarks/results/testbed_text_probe_s5.json
+    python training/text_probe.py --sigmas 0.3 0.5 0.7 0.9 0.95 0.98   # the committed result's sigmas
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_accel.testbed import WEIGHTS_DIR, captions, data, load_testbed_pipeline  # noqa: E402
-from dit_accel.testbed.train import (  # noqa: E402
+from training.trainer import (  # noqa: E402
     encode_videos,
     object_weight,
     read_training_info,
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=4242)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "testbed_text_probe.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "text_probe.json")
     parser.add_argument("--weights", type=Path, default=None,
                         help="a pipeline folder saved by save_pretrained (default: the shipped weights)")
     args = parser.parse_args()
