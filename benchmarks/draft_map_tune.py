@@ -1,7 +1,7 @@
 """Search the draft kernels' launch parameters on the GPU (issue 5: the combo refresh plan at Wan-1.3B 480p).
 
 The refresh plan of combo/draft is map kernel + selection kernel + a little host work; the map was 0.38-0.40 ms
-of a 0.51 ms plan on the H200 (``sparse_speed_gpu_s4_presets_13b.json``). This script times the plan's estimate
+of a 0.51 ms plan on the H200 (``sparse_speed_presets_wan13b.json``). This script times the plan's estimate
 (``method.estimate(..., block_indices=True)``: :func:`~dit_accel.kernels.draft_map.draft_map_triton` then
 :func:`~dit_accel.kernels.draft_map.select_blocks_triton` writing the BlockMask rows) over
 :class:`~dit_accel.kernels.draft_map.MapLaunch` variants by coordinate descent (one field at a time, from the

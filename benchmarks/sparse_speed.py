@@ -4,7 +4,7 @@ sparse attention call, and the attention speed-up against dense cuDNN SDPA in th
     python benchmarks/sparse_speed.py --out benchmarks/results                 # GPU: Wan2.1 1.3B 480p + 14B 720p
     python benchmarks/sparse_speed.py --tiny --out /tmp                        # CPU smoke test, tiny shape
     python benchmarks/sparse_speed.py --device cpu --skip-attention --shapes wan2.1-1.3b-480p   # CPU: plan + gather only
-    python benchmarks/sparse_speed.py --labels none --preset-densities benchmarks/results/eval_gpu_presets_v3_s4/report.json
+    python benchmarks/sparse_speed.py --labels none --preset-densities benchmarks/results/eval_presets_gpu/report.json
                                                                                # GPU: each preset at its testbed density
     python benchmarks/sparse_speed.py --summary out/a.json out/b.json          # print the summary table of results
 
@@ -440,7 +440,7 @@ def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.
 PRESET_ORDER: tuple[str, ...] = ("quality", "balanced", "fast", "turbo")
 """The shipped sparse presets (``dit_accel.presets``), in the order positional ``--preset-densities`` are read."""
 
-DEFAULT_PRESET_REPORT = "benchmarks/results/eval_gpu_presets_v3_s4/report.json"
+DEFAULT_PRESET_REPORT = "benchmarks/results/eval_presets_gpu/report.json"
 """The committed eval report of the v3 presets on the testbed (H100, 16 prompts; session-3 weights)."""
 
 
