@@ -452,18 +452,19 @@ def readme_presets(results: Path = RESULTS) -> str:
         parts = [p.attention or "stock"] + ([p.cache] if p.cache else [])
         speed, psnr = quality.get(name, ("-", "-"))
         body.append([f"`{p.tag}`", " + ".join(parts), speed, psnr, " / ".join(attention_speed.get(name, [])) or "-"])
-    lines = [_table(["preset", "attention + cache", "testbed speed-up (GPU)", "testbed PSNR vs dense",
-                     "attention call speed-up, Wan2.1 1.3B 480p / 14B 720p (GPU)"], body), ""]
+    lines = [_table(["preset", "attention + cache", "testbed: speed-up", "testbed: PSNR vs dense",
+                     "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
     if quality_source is not None:
         name, data = quality_source
-        lines.append(f"Testbed columns: whole generation, {weights_label(name, data)}; "
-                     + source(name, data, prefix="").replace("Source: ", "from ") )
+        device, date = device_and_date(data)
+        lines.append(f"Testbed: whole generation against the stock pipeline, {weights_label(name, data)}; "
+                     f"[`{name}`](benchmarks/results/{name}), {device}, {date}.")
     if speed_runs:
-        first = next(iter(speed_runs.items()))
-        lines.append("Attention column: one sparse self-attention call at the preset's testbed density against cuDNN; "
-                     + source(first[0], first[1], prefix="").replace("Source: ", "from ").rstrip(".")
-                     + " and its 14B twin. More: [docs/performance.md](docs/performance.md), [docs/quality.md](docs/quality.md).")
-    return "\n".join(lines) + "\n"
+        links = " and ".join(f"[`{n}`](benchmarks/results/{n})" for n in speed_runs)
+        device, date = device_and_date(next(iter(speed_runs.values())))
+        lines.append(f"Attention call: one sparse self-attention call at the preset's testbed density against cuDNN, "
+                     f"random inputs at the real shapes; {links}, {device}, {date}.")
+    return "\n\n".join(lines) + "\n"
 
 
 README_BLOCKS: dict[str, Callable[[Path], str]] = {"presets": readme_presets}
