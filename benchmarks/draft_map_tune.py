@@ -1,4 +1,4 @@
-"""Search the draft kernels' launch parameters on the GPU (issue 5: the combo refresh plan at Wan-1.3B 480p).
+"""Search the draft kernels' launch parameters on the GPU (target: the combo refresh plan at Wan-1.3B 480p).
 
 The refresh plan of combo/draft is map kernel + selection kernel + a little host work; the map was 0.38-0.40 ms
 of a 0.51 ms plan on the H200 (``sparse_speed_presets_wan13b.json``). This script times the plan's estimate

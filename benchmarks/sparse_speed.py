@@ -254,7 +254,7 @@ def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
 
 
 def block_mask_by_sort(keep: torch.Tensor, seq_len: int):
-    """The BlockMask as ``block_mask_from_bool`` built it up to session 3 (a stable argsort on "not selected"),
+    """The BlockMask as ``block_mask_from_bool`` built it before the sort-free compaction (a stable argsort on "not selected"),
     kept here only to time it beside the sort-free compaction (same kv_num_blocks / kv_indices)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -351,7 +351,7 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         finally:
             draft_module.DRAFT_MAP_BACKEND = "auto"
     row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
-    # the session-3 BlockMask (stable argsort), timed beside the sort-free compaction: before/after in one run
+    # the argsort BlockMask, timed beside the sort-free compaction: before/after in one run
     row["block_mask_ms_sort"] = time_ms(lambda: block_mask_by_sort(keep, S), device, reps)
     new_mask, sort_mask = block_mask_from_bool(keep, S, S), block_mask_by_sort(keep, S)
     row["block_mask_equal_sort"] = bool(torch.equal(new_mask.kv_num_blocks, sort_mask.kv_num_blocks)
@@ -386,7 +386,7 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
             draft_map_kernel.MAP_LAUNCH, draft_map_kernel.SCORE_PRECISION = saved
         row["map_ms_variants"] = variants
         launch = saved[0]
-        # the session-3/4 key names, kept for the summaries of older JSON files
+        # earlier key names, kept for the summaries of older JSON files
         row["map_defaults"] = {"MAP_ROWS": launch.map_rows, "MAP_STAGES": launch.stages, "SCORE_PRECISION": saved[1],
                                "KEY_CHUNK": launch.key_chunk, "launch": asdict(launch)}
     return row
@@ -441,7 +441,7 @@ PRESET_ORDER: tuple[str, ...] = ("quality", "balanced", "fast", "turbo")
 """The shipped sparse presets (``dit_accel.presets``), in the order positional ``--preset-densities`` are read."""
 
 DEFAULT_PRESET_REPORT = "benchmarks/results/eval_presets_gpu/report.json"
-"""The committed eval report of the v3 presets on the testbed (H100, 16 prompts; session-3 weights)."""
+"""The committed eval report of the presets on the testbed (GPU, 16 prompts), whose densities the preset rows take."""
 
 
 @dataclass(frozen=True)
@@ -637,7 +637,7 @@ def preset_rows(base: dict, densities: list[PresetDensity], shape: dict, q: torc
       the fitted method's (the knob's are ``knob_*_plan_ms``). ``kernel_random_ms``: the kernel with random
       key blocks per head at the same density, to show whether the mask's shape matters.
     * ``speedup_vs_dense = dense_ms / (kernel_ms + plan_ms_per_call_50_steps + forward_perm_ms_per_call)``;
-      ``overhead`` = (amortised plan + permutation) / kernel (issue 5's target: <= 5 %).
+      ``overhead`` = (amortised plan + permutation) / kernel (target: <= 5 %).
     """
     grid = tuple(shape["grid"])
     S = q.shape[-2]
@@ -771,7 +771,7 @@ def bench_shape(label: str, shape: dict, device: torch.device, dtype: torch.dtyp
                     _, call = hand_call(grid, S, step[0], ctx)
                     return method.plan(q, k, call)
             plan_ms = time_ms(plan_once, device, reps)
-            # the same plan with the draft map on the torch reference (the session-2 code path): before/after
+            # the same plan with the draft map on the torch reference (the torch-op code path): before/after
             draft_module.DRAFT_MAP_BACKEND = "torch"
             try:
                 plan_ms_torch_map = time_ms(plan_once, device, reps)
@@ -845,7 +845,7 @@ def _pct(x: float | None) -> str:
 
 def summary_lines(results: dict) -> list[str]:
     """Markdown tables of one results dict (or several merged): dense per shape, the planning share of the
-    sparse call (method, amortised and breakdown rows: issue 5's <= 5 % target) and each preset's attention
+    sparse call (method, amortised and breakdown rows: the <= 5 % target) and each preset's attention
     call against cuDNN dense."""
     rows = results["rows"]
     env = results.get("env", {})

@@ -141,7 +141,7 @@ class ClassifierConfig:
         if self.architecture != ARCHITECTURE:
             raise ValueError(
                 f"ClassifierConfig.architecture must be {ARCHITECTURE!r}, got {self.architecture!r} "
-                "(weights of an older classifier.py; retrain with train_classifier)"
+                "(weights of an older classifier.py; retrain it with training/classifier.py)"
             )
 
 
