@@ -492,12 +492,14 @@ def _generate_once(pipe: Any, args: GenerateArgs, device: Any, steps: int | None
     return _Generation(_frames_of(output), seconds, [round(s, 4) for s in per_step], call)
 
 
-def accelerated_label(acceleration: dict[str, Any]) -> str:
-    """A short name for an applied configuration: the preset tag, or its attention/cache parts."""
-    if acceleration.get("preset"):
-        return str(acceleration["preset"])
-    parts = [f"{kind} {acceleration[kind]}" for kind in ("attention", "cache") if acceleration.get(kind)]
-    return ", ".join(parts) or "nothing applied"
+def accelerated_label(acceleration: dict[str, Any], args: GenerateArgs) -> str:
+    """A short name for an applied configuration: the preset tag and what ``--attention`` / ``--cache`` changed."""
+    parts = [str(acceleration["preset"])] if acceleration.get("preset") else []
+    without_preset = not parts
+    for kind in ("attention", "cache"):
+        if getattr(args, kind) is not None or without_preset:
+            parts.append(f"{kind} {acceleration.get(kind) or 'none'}")
+    return ", ".join(parts)
 
 
 def run_generate(args: GenerateArgs) -> dict[str, Any]:
@@ -533,7 +535,7 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     acceleration = handle.summary()
-    label = accelerated_label(acceleration)
+    label = accelerated_label(acceleration, args)
     try:
         if hasattr(pipe, "set_progress_bar_config") and args.compare:
             pipe.set_progress_bar_config(desc=label)
