@@ -1,10 +1,5 @@
-"""``dit-accel bench``: its options, the dry-run estimate, and the entry point ``dit_accel/cli.py`` calls.
-
-Wiring in ``dit_accel/cli.py`` (nothing heavy imported at module level here)::
-
-    from dit_accel.bench.cli import add_bench_parser
-    add_bench_parser(sub)          # sets func=run on the subparser: main() calls ns.func(ns)
-"""
+"""``dit-accel bench``: its options (:func:`add_arguments`), the dry-run estimate, and :func:`run`, which
+``dit_accel/cli.py`` calls. Nothing heavy is imported at module level here."""
 
 from __future__ import annotations
 
@@ -40,16 +35,18 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand to ``sub`` (the main parser's subparsers); returns it."""
-    p = sub.add_parser(
-        "bench",
-        help="time every model family at real size: stock, presets, their parts and the peers (bench.json + PNG)",
-        description="Random-weight pipelines at their published configs (reduced depth), timed on the device: "
-                    "stock, stock with cuDNN, each preset, its attention-only and cache-only parts, diffusers' "
-                    "FirstBlockCache/MagCache/TaylorSeer, cache-dit DBCache, FlexAttention with our masks, "
-                    "SageAttention. --testbed-quality measures the presets' quality and speed on the testbed instead.",
-    )
+HELP = "time every model family at real size: stock, presets, their parts and the peers (bench.json + PNG)"
+"""One line for ``dit-accel --help``."""
+
+DESCRIPTION = ("Random-weight pipelines at their published configs (reduced depth), timed on the device: "
+               "stock, stock with cuDNN, each preset, its attention-only and cache-only parts, diffusers' "
+               "FirstBlockCache/MagCache/TaylorSeer, cache-dit DBCache, FlexAttention with our masks, "
+               "SageAttention. --testbed-quality measures the presets' quality and speed on the testbed instead.")
+"""The subcommand's ``--help`` description."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``dit-accel bench`` to ``p``."""
     p.add_argument("--tiny", action="store_true", help="tiny configs of every family (a CPU run in well under a minute)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: cuda if available")
     p.add_argument("--models", type=_names, default=[], metavar="A,B",
@@ -80,8 +77,6 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                    help="--testbed-quality: held-out prompts (default 16; tiny 2)")
     p.add_argument("--size", type=_positive_int, nargs=3, default=None, metavar=("H", "W", "FRAMES"),
                    help="--testbed-quality: height, width, frames (default 256 256 16; tiny 32 32 4)")
-    p.set_defaults(func=run)
-    return p
 
 
 def _options(ns: argparse.Namespace, argv: list[str]) -> Any:
@@ -195,10 +190,9 @@ def run(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dit_accel.bench``: the ``bench`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="python -m dit_accel.bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(sub)
-    args = ["bench", *(sys.argv[1:] if argv is None else argv)]
+    parser = argparse.ArgumentParser(prog="python -m dit_accel.bench", description=DESCRIPTION)
+    add_arguments(parser)
+    args = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(args)
-    ns.argv = ["python -m dit_accel.bench", *args[1:]]
-    return ns.func(ns)
+    ns.argv = ["python -m dit_accel.bench", *args]
+    return run(ns)

@@ -35,7 +35,7 @@ from . import video as V
 from .configs import DENSE, EvalConfig, parse_config
 from .features import TestbedClassifierFeatures, VideoFeatures
 
-__all__ = ["EvalSettings", "METRIC_GROUPS", "builtin_prompts", "distribution_metrics", "evaluate", "environment", "SCHEMA"]
+__all__ = ["EvalSettings", "METRIC_GROUPS", "builtin_prompts", "distribution_metrics", "evaluate", "environment", "model_info", "SCHEMA"]
 
 SCHEMA = "dit-accel-eval/1"
 """Version tag of the report layout."""
@@ -94,6 +94,20 @@ def builtin_prompts(count: int = 8, seed: int = 0) -> list[str]:
         raise ValueError(f"count must be >= 1, got {count}")
     # Rendering at the smallest size is cheap; only the captions are used.
     return make_batch(count, 1, 8, 8, seed=seed, split="heldout").captions
+
+
+def model_info(pipe: Any) -> dict[str, Any]:
+    """Which weights ran: the pipeline's folder or hub id and, for a testbed folder, its DiT's training steps
+    (from ``training_info.json``), so a report says which state of the testbed it measured."""
+    import json
+    from pathlib import Path
+
+    path = getattr(pipe, "name_or_path", None)
+    info: dict[str, Any] = {"name_or_path": None if path is None else str(path)}
+    training_info = Path(str(path)) / "training_info.json" if path else None
+    if training_info is not None and training_info.is_file():
+        info["testbed_dit_steps"] = json.loads(training_info.read_text()).get("dit", {}).get("step")
+    return info
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -518,6 +532,7 @@ def evaluate(
     return {
         "schema": SCHEMA,
         "model": model_name or type(pipe).__name__,
+        "model_info": model_info(pipe),
         "environment": environment(device),
         "settings": asdict(settings) | {"frames_shape": shape, "flow_backend": V.flow_backend(settings.flow)},
         "prompts": list(prompts),
