@@ -681,14 +681,10 @@ def info_report(device: str = "auto") -> dict[str, Any]:
                   + (" (TMA loads on 9.0 and newer)" if capability[0] >= 9 else " (no TMA below 9.0: pointer loads)"))
     report["triton_kernel"] = {"usable": kernel[0], "why": kernel[1]}
 
-    import dit_accel.kernels as kernels
+    from dit_accel.kernels import fp8_supported
 
-    fp8_support = getattr(kernels, "fp8_support", None)
-    if callable(fp8_support):
-        usable, why = fp8_support(dev)
-        report["fp8"] = {"usable": bool(usable), "why": str(why)}
-    else:
-        report["fp8"] = {"usable": None, "why": "this build's kernels package reports no fp8 support"}
+    usable, why = fp8_supported(torch.empty(0, device=dev))
+    report["fp8"] = {"usable": usable, "why": why}
     return report
 
 
