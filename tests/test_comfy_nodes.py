@@ -123,7 +123,7 @@ def test_step_branches_and_grid_come_from_comfyui_inputs() -> None:
     options = {"sample_sigmas": sigmas, "cond_or_uncond": [1, 0]}
     x = torch.zeros(4, 4, 3, 9, 16)  # two rows per branch; H = 9 is padded to 10 (the patch)
     run.begin_forward(x, torch.full((4,), 0.5), torch.zeros(4, 7, 32), {}, options)
-    ctx = run.session.context
+    ctx = run.sampling.context
     assert (ctx.clock.step, ctx.clock.num_steps) == (2, 4)
     assert ctx.branches == ("uncond", "uncond", "cond", "cond")
     assert ctx.grid == (3, 5, 8) and ctx.patch_size == (1, 2, 2)
@@ -184,7 +184,7 @@ def test_cache_runs_the_scheduler_and_chains_block_patches(flux: cd.ModelPatcher
 
 def test_layers_keep_their_index_when_the_cache_skips_blocks(wan: cd.ModelPatcher) -> None:
     layers: list[int] = []
-    original = bridge.Session.attend_self
+    original = bridge.SamplingRun.attend_self
 
     def spy(self, method, layer, *args, **kwargs):
         layers.append(layer)
@@ -192,11 +192,11 @@ def test_layers_keep_their_index_when_the_cache_skips_blocks(wan: cd.ModelPatche
 
     patched = nodes.apply_feature_cache(nodes.apply_sparse_attention(wan, "full", "balanced", "bf16", 0), "fixed", 0.5, warmup_steps=1,
                                         options='{"final_steps": 0, "tail_blocks": 1}')
-    bridge.Session.attend_self = spy
+    bridge.SamplingRun.attend_self = spy
     try:
         cd.sample(patched, WAN_SHAPE, steps=3)
     finally:
-        bridge.Session.attend_self = original
+        bridge.SamplingRun.attend_self = original
     # steps 0 and 1 compute blocks 0-2; step 2 reuses the span (blocks 0-1) and runs only block 2, still layer 2
     assert layers == [0, 1, 2, 0, 1, 2, 2]
 

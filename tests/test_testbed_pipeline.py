@@ -170,7 +170,7 @@ def test_sigma_sampler_high_noise_share() -> None:
 
     cpu = torch.device("cpu")
     plain = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0))
-    # A share of 0 draws exactly what sessions 1-3 drew.
+    # A share of 0 draws exactly what the recipe without the high-noise share drew.
     torch.testing.assert_close(sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=0.0), plain)
     high = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=1.0, high_range=(0.9, 1.0))
     assert ((high >= 0.9) & (high < 1.0)).all()

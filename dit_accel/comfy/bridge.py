@@ -42,7 +42,7 @@ from dit_accel.presets import get_preset, preset_names
 __all__ = [
     "AccelConfig",
     "CacheRunner",
-    "Session",
+    "SamplingRun",
     "available_methods",
     "available_schedulers",
     "build_cache_config",
@@ -174,7 +174,7 @@ def is_host_dense(method: AttentionMethod) -> bool:
 
 
 # --- per sampling run ---------------------------------------------------------------------------
-class Session:
+class SamplingRun:
     """dit_accel's per-transformer context for one ComfyUI sampling run (one KSampler execution).
 
     ComfyUI says which step and branch runs (its sigmas and ``cond_or_uncond``); :meth:`begin_forward`
@@ -269,11 +269,11 @@ class CacheRunner:
     call (taken at block 0, before any block runs).
     """
 
-    def __init__(self, session: Session, config: CacheConfig, blocks: list[tuple[str, torch.nn.Module]]) -> None:
+    def __init__(self, sampling: SamplingRun, config: CacheConfig, blocks: list[tuple[str, torch.nn.Module]]) -> None:
         scheduler = build_scheduler(config, len(blocks))
         metadata = _block_metadata()
         refs = [BlockRef(name, module, metadata) for name, module in blocks]
-        self.controller = CacheController("diffusion_model", session.context, scheduler, refs)
+        self.controller = CacheController("diffusion_model", sampling.context, scheduler, refs)
 
     def run_block(self, index: int, hidden: torch.Tensor, text: torch.Tensor | None,
                   compute: Callable[[torch.Tensor, "torch.Tensor | None"], Streams]) -> Streams:

@@ -58,12 +58,12 @@ class Run:
         self.config = config
         self.adapter = adapter
         self.diffusion_model = diffusion_model
-        self.session = bridge.Session(diffusion_model, adapter.name)
+        self.sampling = bridge.SamplingRun(diffusion_model, adapter.name)
         blocks = adapter.block_keys(diffusion_model)
         self.block_index: dict[BlockKey, int] = {key: i for i, (key, _) in enumerate(blocks)}
         self.cache = None
         if config.cache is not None:
-            self.cache = bridge.CacheRunner(self.session, config.cache,
+            self.cache = bridge.CacheRunner(self.sampling, config.cache,
                                             [(f"{key[0]}.{key[1]}", module) for key, module in blocks])
         self.forward: ForwardInfo | None = None
         self.forwards = 0
@@ -77,14 +77,14 @@ class Run:
     # --- per model call --------------------------------------------------------------------------
     def begin_forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor | None,
                       extra: dict[str, Any], transformer_options: dict[str, Any]) -> None:
-        """Tell the session which step, branches and grid the coming model call has."""
+        """tell the sampling run which step, branches and grid the coming model call has."""
         info = self.adapter.read_forward(self.diffusion_model, x, context, extra)
         step, num_steps, step_sigma = self._step(sigma, transformer_options)
         self.forward = info
         self.forwards += 1
         self._layer = 0
         self.stream_text_len = info.text_tokens
-        self.session.begin_forward(step=step, num_steps=num_steps, step_sigma=step_sigma,
+        self.sampling.begin_forward(step=step, num_steps=num_steps, step_sigma=step_sigma,
                                    branches=branches_of(transformer_options.get("cond_or_uncond"), info.batch),
                                    grid=info.grid, patch_size=info.patch_size, text_tokens=info.text_tokens)
 
@@ -138,7 +138,7 @@ class Run:
         else:
             b, s, inner = q.shape
             q4, k4, v4 = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-        out = self.session.attend_self(method, layer, q4, k4, v4, text_tokens=kind[0], text_position=kind[1])
+        out = self.sampling.attend_self(method, layer, q4, k4, v4, text_tokens=kind[0], text_position=kind[1])
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -169,7 +169,7 @@ class Run:
         out: dict[str, Any] = {"config": self.config.label, "family": self.adapter.name, "model_calls": self.forwards}
         if self.config.method is not None:
             out["attention"] = self.config.method.name
-            out.update(self.session.attention_summary())
+            out.update(self.sampling.attention_summary())
         if self.cache is not None:
             out["cache"] = self.cache.summary()
         return out
@@ -178,7 +178,7 @@ class Run:
         """Drop every tensor this run kept."""
         if self.cache is not None:
             self.cache.close()
-        self.session.close()
+        self.sampling.close()
 
 
 def _arg(args: tuple, kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
