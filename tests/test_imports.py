@@ -25,6 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dit_accel"
 
+HOST_ONLY = {"comfy_api": "dit_accel.comfy.nodes_v3"}
+"""Packages that exist only inside a host application, and the one module allowed to need each: ComfyUI's
+``comfy_api`` is importable only in a running ComfyUI, where the V3 nodes load."""
+
 
 def package_modules() -> list[str]:
     """Dotted names of every module of the ``dit_accel`` source tree (``__main__`` modules left out)."""
@@ -59,6 +63,10 @@ def _import_alone(name: str) -> tuple[str, str | None]:
     assert not any(m == "dit_accel" or m.startswith("dit_accel.") for m in sys.modules), "parent imported dit_accel"
     try:
         importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if HOST_ONLY.get((err.name or "").split(".")[0]) == name:
+            return name, None
+        return name, traceback.format_exc()
     except BaseException:  # noqa: BLE001 - reported to the parent
         return name, traceback.format_exc()
     return name, None
