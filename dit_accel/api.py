@@ -109,8 +109,9 @@ class AccelHandle:
     ``density`` (fraction of 128x128 tiles computed; 1.0 for dense), ``plan_ms`` (host time of
     ``plan``), ``backend`` (``"block_sparse"`` or the dense backend name), ``dense_reason``
     (``None`` when sparse, else ``"mask"``, ``"short_sequence"``, ``"head_dim"``, ``"method"``,
-    ``"dropout_or_causal"``), ``seq_len``, ``text_tokens``, and, only when the tokens were permuted,
-    ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
+    ``"dropout_or_causal"``, ``"grad"``: gradients are on, so SDPA runs for its autograd; inside a compiled
+    region such calls are traced as SDPA and not recorded), ``seq_len``, ``text_tokens``, and, only when the
+    tokens were permuted, ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
     index; ``"folded"``: the permutation was folded into the kernel; ``"forward+folded"``: a k-means order
     relative to the tile order), and, with a feature cache, ``cache_decision`` (the cache's decision for the
     transformer call: ``"compute"``, ``"reuse"``, ``"selective"``, or ``"probe"`` in the probe blocks before the
