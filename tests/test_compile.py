@@ -130,3 +130,44 @@ def test_repeated_blocks_compile_once_for_every_layer(case_name):
         assert torch.equal(a, b)
     assert records == eager_records
     dit_accel.remove(handle.target)
+
+
+def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager():
+    # the pipeline wrapper, the scheduler's host timesteps and diffusers' cache_context("cond"/"uncond") are read
+    # in the begin_forward op's eager body
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel.from_config(
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
+             text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        return pipe(prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
+                    height=64, width=96, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                    generator=g).frames
+
+    def records(handle):
+        return [(s["step"], s["num_steps"], s["branch"], s["layer"], s["backend"], s["seq_len"]) for s in handle.stats()]
+
+    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    eager = run()
+    eager_records = records(handle)
+    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        transformer.compile(fullgraph=True, backend="eager")
+        compiled = run()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(eager, compiled)
+    assert records(handle) == eager_records
+    assert {(r[0], r[1], r[2]) for r in eager_records} == {(s, 3, b) for s in range(3) for b in ("cond", "uncond")}
+    dit_accel.remove(pipe)
