@@ -720,6 +720,8 @@ def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod =
     counted from timesteps, guidance branches from call order); ``dit_accel.remove(transformer)``
     undoes it and restores the processors the transformer had at that moment. The token order is
     ``"call"`` here (the permutation folded into each attention call); ``apply`` installs ``"forward"``.
+    The processors hold nothing per module: this call attaches an attention site (layer, ``method``, context)
+    to each of the family's modules, which is what they read.
     """
     family = detect_family(transformer)
     resolved = get_method(method, **method_config)

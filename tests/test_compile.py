@@ -171,3 +171,26 @@ def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager()
     assert records(handle) == eager_records
     assert {(r[0], r[1], r[2]) for r in eager_records} == {(s, 3, b) for s in range(3) for b in ("cond", "uncond")}
     dit_accel.remove(pipe)
+
+
+def test_custom_ops_pass_opcheck_and_name_bad_keys():
+    from dit_accel.attention.op import attention, site_of
+
+    case = TINY_CASES["wan"]
+    model, inputs = case.build(), case.inputs()
+    handle = dit_accel.apply(model, attention=dit_accel.get_method("full", min_seq_len=0))
+    run_model(model, inputs)
+    site = site_of(model.blocks[1].attn1)
+    q, k, v = (torch.randn(1, 2, 200, 64) for _ in range(3))
+    args = (q, k, v, None, site.key, site.token, 0, "none", "none", 0.0, False, None)
+    assert set(torch.library.opcheck(torch.ops.dit_accel.attention.default, args).values()) == {"SUCCESS"}
+    hook = model._diffusers_hook.get_hook("dit_accel_context")
+    begin = (site.token, hook.key, torch.tensor([400.0]), None, None, 1, [2, 10, 10], [1, 2, 2], 0)
+    assert set(torch.library.opcheck(torch.ops.dit_accel.begin_forward.default, begin).values()) == {"SUCCESS"}
+    assert int(site.token) == handle.contexts["transformer"].forward_index
+
+    with pytest.raises(RuntimeError, match="no attention site with key 123456789"):
+        torch.ops.dit_accel.attention(q, k, v, None, torch.tensor(123456789), site.token, 0, "none", "none", 0.0, False, None)
+    with pytest.raises(ValueError, match=r"text_padding must be one of \('none', 'trailing'\), got 'all'"):
+        attention(site, q, k, v, text_padding="all")
+    dit_accel.remove(model)

@@ -11,7 +11,9 @@ What names the module inside a graph: dit-accel attaches an :class:`AttentionSit
 it patches (the module's attribute ``_dit_accel_site``). The op receives the site's ``key`` (a 0-d int64
 CPU tensor) and the context's ``forward_token``, never a Python value that differs between layers, so one
 compiled block serves every layer without recompiling (dynamo guards a tensor on its dtype, shape and device,
-not on its value). Processors themselves hold nothing per layer: ``Proc()`` without arguments works (diffusers
+not on its value). Those are CPU tensors on purpose (the op body reads them without a device sync; a
+model's ``.to(device)`` does not move them); inductor therefore leaves CUDA graphs off for graphs holding the
+op, whose planning is host work anyway. Processors themselves hold nothing per layer: ``Proc()`` without arguments works (diffusers
 rebuilds processors as ``proc.__class__()`` when it loads and unloads IP-Adapters), and a processor on a
 module without a site runs dense attention.
 
