@@ -48,7 +48,7 @@ class ModuleBinding:
     role: Literal["self", "cross"]
     """``"self"``: self/joint attention over the visual tokens; ``"cross"``: always dense."""
     module_id: int
-    """``id()`` of the attention module the processor was built for (checked at every call)."""
+    """``id()`` of the attention module this binding belongs to (its ``AttentionSite`` is attached to it)."""
 
 
 def _sparse_head_dim_ok(q: torch.Tensor) -> bool:
