@@ -17,21 +17,40 @@ transformer forward, at the first block's entry, and restore it at the last bloc
 every attention call then runs the kernel without a token index; see
 :mod:`dit_accel.attention.token_order`). ``"auto"`` (the default) picks ``"forward"`` where it is
 supported and saves work, else ``"call"``.
+
+Processors and modules: each patched attention module gets an ``AttentionSite`` (``dit_accel.attention.op``)
+holding its layer, method and context; the processors themselves are stateless and built without arguments.
+diffusers' IP-Adapter loaders rebuild processors as ``proc.__class__()`` and put their own IP-Adapter
+processors on some modules: those modules then run the IP-Adapter's (dense) attention, listed by
+:meth:`AccelHandle.replaced_processors`, and a pipeline's ``unload_ip_adapter()`` puts dit-accel's processors
+back (``apply`` on a bare transformer cannot see the pipeline's unload: apply again after it). ``remove`` puts
+the saved processors back only where dit-accel's run, so an IP-Adapter loaded after ``apply`` stays.
+
+Copies: ``copy.deepcopy`` of a patched transformer returns an independent patched clone (its own context,
+hooks, attention sites and cache, in bare-transformer mode, with the same method and cache settings).
+diffusers' hooks keep calling the original module after a plain deep copy, so the clone is built from an
+unpatched copy and patched again; a transformer that also carries hooks of other libraries cannot be
+deep-copied (clear error). A pipeline with dit-accel applied cannot be deep-copied either: copy its
+transformer, or ``remove`` first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from diffusers.hooks.hooks import HookRegistry
 
 from dit_accel.attention.base import AttentionMethod
+from dit_accel.attention.op import SITE_ATTR, bind_module, site_of, unbind_module
+from dit_accel.attention.processors import DitAccelProcessorMixin
 from dit_accel.attention.registry import get_method
 from dit_accel.attention.route import ModuleBinding
 from dit_accel.attention.token_order import (
@@ -51,6 +70,7 @@ TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 
 _ATTACHMENT_ATTR = "_dit_accel_attachment"
 _HANDLE_ATTR = "_dit_accel_handle"
+_DEEPCOPY_ATTR = "__deepcopy__"  # copy.deepcopy looks it up on the instance, so a patched module can own it
 
 
 def available_caches() -> list[str]:
@@ -89,8 +109,9 @@ class AccelHandle:
     ``density`` (fraction of 128x128 tiles computed; 1.0 for dense), ``plan_ms`` (host time of
     ``plan``), ``backend`` (``"block_sparse"`` or the dense backend name), ``dense_reason``
     (``None`` when sparse, else ``"mask"``, ``"short_sequence"``, ``"head_dim"``, ``"method"``,
-    ``"dropout_or_causal"``), ``seq_len``, ``text_tokens``, and, only when the tokens were permuted,
-    ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
+    ``"dropout_or_causal"``, ``"grad"``: gradients are on, so SDPA runs for its autograd; inside a compiled
+    region such calls are traced as SDPA and not recorded), ``seq_len``, ``text_tokens``, and, only when the
+    tokens were permuted, ``token_order`` (``"forward"``: the sequence arrived in tile order and the kernel ran without a token
     index; ``"folded"``: the permutation was folded into the kernel; ``"forward+folded"``: a k-means order
     relative to the tile order), and, with a feature cache, ``cache_decision`` (the cache's decision for the
     transformer call: ``"compute"``, ``"reuse"``, ``"selective"``, or ``"probe"`` in the probe blocks before the
@@ -223,7 +244,43 @@ class AccelHandle:
             "families": self.families,
             "token_order": self.token_orders,
             "dense_backend": dense_backend_name(),
+            "replaced_processors": self.replaced_processors(),
         }
+
+    def replaced_processors(self) -> dict[str, dict[str, str]]:
+        """Per transformer: the modules dit-accel patched that now run another processor (module name -> its
+        class), e.g. IP-Adapter processors loaded after ``apply``; those calls run that processor's own
+        (dense) attention and leave no statistics record. Empty dicts when every patched module runs ours."""
+        out: dict[str, dict[str, str]] = {}
+        for a in self._attachments:
+            if self.method is None:
+                continue
+            out[a.name] = {
+                name: type(module.processor).__name__
+                for name, module, _, _ in a.family.attention_modules(a.transformer)
+                if site_of(module) is not None and not isinstance(module.processor, DitAccelProcessorMixin)
+            }
+        return out
+
+    def reinstall_processors(self) -> list[str]:
+        """Put dit-accel's processor back on the patched modules that run their family's stock processor again
+        (e.g. after diffusers' ``unload_ip_adapter()``); returns those module names. Modules running any other
+        processor are left alone."""
+        restored: list[str] = []
+        for a in self._attachments:
+            if self.method is None:
+                continue
+            for name, module, _, _ in a.family.attention_modules(a.transformer):
+                if site_of(module) is not None and type(module.processor) is a.family.stock_processor_cls:
+                    module.set_processor(a.family.processor_cls())
+                    restored.append(f"{a.name}.{name}")
+        return restored
+
+    def __deepcopy__(self, memo: dict) -> "AccelHandle":
+        raise TypeError(
+            f"cannot deep-copy a {type(self.target).__name__} with dit-accel applied: copy.deepcopy(pipe.transformer) "
+            "gives an independently patched transformer, or call dit_accel.remove(...) first and apply to each copy"
+        )
 
     def remove(self) -> None:
         """Undo everything this handle installed (same as ``dit_accel.remove(target)``)."""
@@ -268,12 +325,42 @@ def _wrapped_pipeline_class(cls: type) -> type:
             return original_call(self, *args, **kwargs)
 
         functools.update_wrapper(__call__, original_call)
-        _WRAPPED[cls] = type(
-            cls.__name__,
-            (cls,),
-            {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_dit_accel_wrapped": True},
-        )
+        namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_dit_accel_wrapped": True}
+        if hasattr(cls, "load_ip_adapter"):
+            namespace["load_ip_adapter"] = _after(cls.load_ip_adapter, _report_replaced)
+        if hasattr(cls, "unload_ip_adapter"):
+            namespace["unload_ip_adapter"] = _after(cls.unload_ip_adapter, _reinstall_after_unload)
+        _WRAPPED[cls] = type(cls.__name__, (cls,), namespace)
     return _WRAPPED[cls]
+
+
+def _after(method: Any, then: Any) -> Any:
+    """``method`` followed by ``then(handle)`` when dit-accel is applied to the pipeline."""
+
+    def wrapper(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        handle = self.__dict__.get(_HANDLE_ATTR)
+        if isinstance(handle, AccelHandle) and handle.active:
+            then(handle)
+        return result
+
+    return functools.update_wrapper(wrapper, method)
+
+
+def _report_replaced(handle: AccelHandle) -> None:
+    for name, replaced in handle.replaced_processors().items():
+        if replaced:
+            classes = sorted(set(replaced.values()))
+            logger.warning(
+                "dit_accel: %d attention modules of %s now run %s instead of dit-accel's processor (dense, no "
+                "statistics); unload_ip_adapter() puts dit-accel's back", len(replaced), name, classes
+            )
+
+
+def _reinstall_after_unload(handle: AccelHandle) -> None:
+    restored = handle.reinstall_processors()
+    if restored:
+        logger.info("dit_accel: processors put back on %d modules after unload_ip_adapter()", len(restored))
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -339,6 +426,7 @@ def _attach(name: str, transformer: torch.nn.Module, family: Family, handle: Acc
         name, transformer, family, context, hook, saved, created_registry, had_forward_attr, handle
     )
     transformer.__dict__[_ATTACHMENT_ATTR] = attachment
+    transformer.__dict__[_DEEPCOPY_ATTR] = _CloneOnDeepcopy(attachment)
     handle._attachments.append(attachment)
     return attachment
 
@@ -351,7 +439,13 @@ def _detach(attachment: _Attachment) -> None:
     if attachment.cache is not None:
         attachment.cache.remove()
         attachment.cache = None
-    transformer.set_attn_processor(dict(attachment.saved_processors))
+    # The saved processors go back where ours run; a processor loaded after apply (an IP-Adapter) stays.
+    current = transformer.attn_processors
+    transformer.set_attn_processor(
+        {k: (attachment.saved_processors.get(k, p) if isinstance(p, DitAccelProcessorMixin) else p) for k, p in current.items()}
+    )
+    for _, module, _, _ in attachment.family.attention_modules(transformer):
+        unbind_module(module)
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(ContextHook.HOOK_NAME, recurse=False)
@@ -360,16 +454,24 @@ def _detach(attachment: _Attachment) -> None:
             if not attachment.had_forward_attr:
                 transformer.__dict__.pop("forward", None)
     transformer.__dict__.pop(_ATTACHMENT_ATTR, None)
+    transformer.__dict__.pop(_DEEPCOPY_ATTR, None)
     attachment.context.close()
     if attachment in attachment.handle._attachments:
         attachment.handle._attachments.remove(attachment)
+
+
+def _bind_sites(attachment: _Attachment, method: AttentionMethod) -> None:
+    """Attach an attention site (layer, role, method, context) to every module the family patches."""
+    for name, module, role, layer in attachment.family.attention_modules(attachment.transformer):
+        bind_module(module, ModuleBinding(attachment.context, method, layer, name, role, id(module)))
 
 
 def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[str, Any]:
     transformer = attachment.transformer
     processors = dict(transformer.attn_processors)
     stock = attachment.family.stock_processor_cls
-    for name, module, role, layer in attachment.family.attention_modules(transformer):
+    modules = attachment.family.attention_modules(transformer)
+    for name, _, _, _ in modules:
         current = processors[f"{name}.processor"]
         if not isinstance(current, stock):
             # e.g. an IP-Adapter, PAG or fused-projection processor: replacing it would silently drop
@@ -378,9 +480,99 @@ def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[
                 f"module {name!r} runs {type(current).__name__}, not the stock {stock.__name__} dit-accel "
                 "builds on; remove that processor first (e.g. unload IP-Adapters, unfuse_qkv_projections())"
             )
-        binding = ModuleBinding(attachment.context, method, layer, name, role, id(module))
-        processors[f"{name}.processor"] = attachment.family.processor_cls(binding)
+    _bind_sites(attachment, method)
+    for name, _, _, _ in modules:
+        processors[f"{name}.processor"] = attachment.family.processor_cls()
     return processors
+
+
+def _install_extras(attachment: _Attachment, cache_config: Any | None, token_order: str, method: AttentionMethod | None) -> None:
+    """The feature cache and the forward token order of one attached transformer (after its processors)."""
+    if cache_config is not None:
+        from dit_accel.caching import install_cache
+
+        # after the context hook, so steps and branches are known before block 0 runs
+        attachment.cache = install_cache(attachment.transformer, attachment.context, cache_config)
+    if token_order == "forward":
+        # last, so its block hooks are the outermost: the cache sees the sequence in tile order
+        attachment.token_order = install_token_order(
+            attachment.transformer, attachment.context, attachment.family.name, getattr(method, "token_order_tile", None)
+        )
+
+
+# --- copy.deepcopy of a patched transformer ----------------------------------------------------------
+class _CloneOnDeepcopy:
+    """A patched transformer's ``__deepcopy__``: copy it unpatched, then patch the copy with the same settings."""
+
+    def __init__(self, attachment: _Attachment) -> None:
+        self.attachment = attachment
+
+    def __call__(self, memo: dict) -> torch.nn.Module:
+        original = self.attachment
+        with _unpatched(original.transformer):
+            clone = copy.deepcopy(original.transformer, memo)
+        source = original.handle
+        handle = AccelHandle(clone, source.method, source.preset, source.cache, StepClock(), source.token_order_option)
+        clone.__dict__[_HANDLE_ATTR] = handle
+        try:
+            attachment = _attach("transformer", clone, original.family, handle)
+            attachment.saved_processors = copy.deepcopy(original.saved_processors, memo)
+            if source.method is not None:
+                _bind_sites(attachment, source.method)
+            cache = None if original.cache is None else original.cache.config
+            order = "forward" if original.token_order is not None else "call"
+            _install_extras(attachment, cache, order, source.method)
+        except Exception:
+            handle.remove()
+            raise
+        return clone
+
+
+def _is_ours(hook: Any) -> bool:
+    return type(hook).__module__.startswith("dit_accel.")
+
+
+@contextlib.contextmanager
+def _unpatched(transformer: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``transformer`` looks as before dit-accel: its hooks, attention sites and attachment
+    are taken out of the modules' ``__dict__`` (the same objects go back afterwards; processors stay, they
+    hold nothing per module). Raises ``TypeError`` when a module also carries hooks of another library."""
+    taken: list[tuple[dict, str, Any]] = []
+    placed: list[tuple[dict, str]] = []
+
+    def take(d: dict, key: str) -> None:
+        if key in d:
+            taken.append((d, key, d.pop(key)))
+
+    try:
+        for name, module in transformer.named_modules():
+            d = module.__dict__
+            registry = d.get("_diffusers_hook")
+            if registry is not None and registry.hooks:
+                foreign = sorted(n for n, h in registry.hooks.items() if not _is_ours(h))
+                if foreign:
+                    raise TypeError(
+                        f"cannot deep-copy {type(transformer).__name__}: module {name or '<root>'!r} carries diffusers "
+                        f"hooks {foreign} besides dit-accel's (after a deep copy diffusers' hooks still call the "
+                        "original module); remove them or dit-accel before copying"
+                    )
+                first = registry._fn_refs[0]
+                before = first.original_forward if first.original_forward is not None else first.forward
+                take(d, "_diffusers_hook")
+                take(d, "forward")
+                if getattr(before, "__func__", None) is not type(module).forward:
+                    d["forward"] = before  # the module had an instance-level forward of its own
+                    placed.append((d, "forward"))
+            take(d, SITE_ATTR)
+        root = transformer.__dict__
+        for key in (_ATTACHMENT_ATTR, _HANDLE_ATTR, _DEEPCOPY_ATTR):
+            take(root, key)
+        yield
+    finally:
+        for d, key in placed:
+            d.pop(key, None)
+        for d, key, value in reversed(taken):
+            d[key] = value
 
 
 def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, Any | None]:
@@ -471,16 +663,7 @@ def apply(
             attachment = _attach(name, tr, family, handle)
             if method is not None:
                 tr.set_attn_processor(_build_processors(attachment, method))
-            if cache_config is not None:
-                from dit_accel.caching import install_cache
-
-                # after the context hook, so steps and branches are known before block 0 runs
-                attachment.cache = install_cache(tr, attachment.context, cache_config)
-            if orders[name] == "forward":
-                # last, so its block hooks are the outermost: the cache sees the sequence in tile order
-                attachment.token_order = install_token_order(
-                    tr, attachment.context, family.name, getattr(method, "token_order_tile", None)
-                )
+            _install_extras(attachment, cache_config, orders[name], method)
         if is_pipe:
             handle._pipeline_class = type(target)
             target.__dict__[_HANDLE_ATTR] = handle
@@ -537,6 +720,8 @@ def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod =
     counted from timesteps, guidance branches from call order); ``dit_accel.remove(transformer)``
     undoes it and restores the processors the transformer had at that moment. The token order is
     ``"call"`` here (the permutation folded into each attention call); ``apply`` installs ``"forward"``.
+    The processors hold nothing per module: this call attaches an attention site (layer, ``method``, context)
+    to each of the family's modules, which is what they read.
     """
     family = detect_family(transformer)
     resolved = get_method(method, **method_config)

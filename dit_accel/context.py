@@ -30,13 +30,21 @@ Guidance branches (checked in diffusers 0.42.1 pipeline sources):
 
 When dit-accel was applied to a bare transformer (no pipeline), guidance is not known: batched
 families label every row ``cond``; sequential families use the call order within a timestep.
+
+Under ``torch.compile`` the hook's bookkeeping needs host values (the timestep, FLUX's grid, HunyuanVideo's
+text padding) that a traced tensor cannot give without a device-to-host sync, so inside a compiled region the
+hook hands its inputs to the ``dit_accel::begin_forward`` custom op, whose eager body does exactly what the
+hook does in eager mode. The op updates the context's ``forward_token``, which every attention op reads: the
+data dependency keeps the attention calls after it in any compiled graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
@@ -278,6 +286,9 @@ class TransformerContext:
         the token-order hook, ``dit_accel.attention.token_order``); ``None``: row-major order."""
         self.forward_index = -1
         """Number of transformer forwards begun so far, minus one (tells a hook which forward it is in)."""
+        self.forward_token = torch.full((), -1, dtype=torch.int64)
+        """``forward_index`` as a CPU tensor: the ``dit_accel::begin_forward`` op writes it and every attention
+        op reads it, so compiled graphs keep the attention calls after the forward's bookkeeping."""
         self.stats_enabled = True
         self.cache_status: dict[Branch, CacheStatus] = {}
         """The feature cache's decision for the call in progress, per branch (empty without a cache)."""
@@ -329,6 +340,7 @@ class TransformerContext:
     def begin_forward(self, inputs: ForwardInputs, timestep: float, cache_context: Any | None) -> None:
         """Update the context at the start of one transformer forward."""
         self.forward_index += 1
+        self.forward_token.fill_(self.forward_index)
         self.token_order_tile = None  # the token-order hook sets it again when block 0 permutes
         self.grid = inputs.grid
         self.patch_size = inputs.patch_size
@@ -395,11 +407,16 @@ class TransformerContext:
         }
 
 
+_HOOK_KEYS = itertools.count(1)
+_HOOKS: "weakref.WeakValueDictionary[int, ContextHook]" = weakref.WeakValueDictionary()
+
+
 class ContextHook(ModelHook):
     """Transformer forward pre-hook that fills a :class:`TransformerContext` from the forward inputs.
 
     Stateful in diffusers' sense only so that ``cache_context(...)`` (set by Wan, FLUX and HunyuanVideo
-    pipelines) reaches its ``StateManager``; it never changes the inputs.
+    pipelines) reaches its ``StateManager``; it never changes the inputs. Inside a compiled region it calls the
+    ``dit_accel::begin_forward`` op instead of reading host values itself (see the module docstring).
     """
 
     _is_stateful = True
@@ -412,6 +429,9 @@ class ContextHook(ModelHook):
         # diffusers' _set_cache_context finds StateManager attributes on stateful hooks.
         self.cache_state = StateManager(_NoState)
         self._signature: inspect.Signature | None = None
+        self.key = torch.tensor(next(_HOOK_KEYS), dtype=torch.int64)
+        """Names this hook in ``dit_accel::begin_forward`` calls (a tensor, so compiled graphs hold no Python value)."""
+        _HOOKS[int(self.key)] = self
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward)
@@ -445,11 +465,29 @@ class ContextHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         bound = self._signature.bind(module, *args, **kwargs)
         inputs = self.read_inputs(bound)
+        if torch.compiler.is_compiling():
+            torch.ops.dit_accel.begin_forward(
+                self.context.forward_token,
+                self.key,
+                inputs.timestep,
+                inputs.grid_tensor,
+                inputs.text_valid_tensor,
+                inputs.batch_size,
+                [] if inputs.grid is None else list(inputs.grid),
+                list(inputs.patch_size),
+                inputs.text_tokens,
+            )
+        else:
+            self.begin(inputs)
+        return args, kwargs
+
+    def begin(self, inputs: ForwardInputs) -> None:
+        """Start one forward in the context: step, branches, layout (host values, read with at most one sync)."""
         host = self._host_timestep(inputs)
         if host is not None:
             self.context.text_valid = None
             self.context.begin_forward(inputs, host, self.cache_state._context)
-            return args, kwargs
+            return
         # One host sync per forward: the step needs the timestep value; FLUX's grid and
         # HunyuanVideo's text padding ride along in the same transfer.
         parts = [inputs.timestep.detach().float().max().reshape(1)]
@@ -466,11 +504,46 @@ class ContextHook(ModelHook):
             pos += 3
         self.context.text_valid = tuple(int(v) for v in values[pos:]) if inputs.text_valid_tensor is not None else None
         self.context.begin_forward(inputs, timestep, self.cache_state._context)
-        return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.context.reset_state()
         return module
+
+
+@torch.library.custom_op("dit_accel::begin_forward", mutates_args=("token",))
+def _begin_forward_op(
+    token: torch.Tensor,
+    hook_key: torch.Tensor,
+    timestep: torch.Tensor,
+    grid_tensor: torch.Tensor | None,
+    text_valid: torch.Tensor | None,
+    batch_size: int,
+    grid: list[int],
+    patch_size: list[int],
+    text_tokens: int,
+) -> None:
+    """:meth:`ContextHook.begin` for a compiled forward: the hook's inputs as op arguments (``grid`` empty when
+    unknown); writes the new forward index into ``token``."""
+    hook = _HOOKS.get(int(hook_key))
+    if hook is None:
+        raise RuntimeError(f"dit_accel::begin_forward: no context hook with key {int(hook_key)} (dit-accel was removed)")
+    inputs = ForwardInputs(
+        batch_size=batch_size,
+        timestep=timestep,
+        grid=tuple(grid) if grid else None,  # type: ignore[arg-type]
+        patch_size=tuple(patch_size),  # type: ignore[arg-type]
+        text_tokens=text_tokens,
+        grid_tensor=grid_tensor,
+        text_valid_tensor=text_valid,
+    )
+    hook.begin(inputs)
+    # Under functionalisation ``token`` may be a copy of the context's tensor that is copied back after the op.
+    token.fill_(hook.context.forward_index)
+
+
+@_begin_forward_op.register_fake
+def _begin_forward_fake(token, hook_key, timestep, grid_tensor, text_valid, batch_size, grid, patch_size, text_tokens):
+    return None
 
 
 class _NoState:

@@ -149,13 +149,30 @@ def test_short_sequences_and_unsupported_head_dims_go_dense():
 
 
 @pytest.mark.parametrize("case_name", ["wan", "sd3"])
-def test_one_processor_instance_for_all_modules_is_refused(case_name):
+def test_one_processor_instance_serves_every_module(case_name):
+    # Processors hold nothing per module (the module's attention site does), like diffusers' own processors.
     case = TINY_CASES[case_name]
     model, inputs = case.build(), case.inputs()
+    reference = run_model(model, inputs)
     originals = dict(model.attn_processors)
-    one = next(iter(dit_accel.processors_for(model).values()))
-    model.set_attn_processor(one)  # the same object on every module: layer indices would be wrong
-    with pytest.raises(RuntimeError, match="was built for module"):
-        run_model(model, inputs)
+    one = type(next(iter(dit_accel.processors_for(model, method="full", min_seq_len=0).values())))()
+    model.set_attn_processor(one)
+    out = run_model(model, inputs)
+    assert (out - reference).abs().max().item() <= 1e-5
+    stats = dit_accel.get_handle(model).stats()
+    family = detect_family(model)
+    expected = [(name, layer) for name, _, role, layer in family.attention_modules(model) if role == "self"]
+    assert [(s["module"], s["layer"]) for s in stats] == expected
+    assert {s["backend"] for s in stats} == {"block_sparse"}
     dit_accel.remove(model)
     assert all(model.attn_processors[k] is originals[k] for k in originals)
+
+
+def test_processor_on_an_unbound_module_runs_dense_like_stock():
+    case = TINY_CASES["sd3"]
+    model, inputs = case.build(), case.inputs()
+    reference = run_model(model, inputs)
+    processor_cls = detect_family(model).processor_cls
+    model.set_attn_processor(processor_cls())  # built without arguments, no dit-accel site on the modules
+    assert (run_model(model, inputs) - reference).abs().max().item() <= 1e-5
+    assert dit_accel.get_handle(model) is None

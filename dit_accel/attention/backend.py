@@ -3,10 +3,16 @@
 Wan, FLUX.1, LTX-Video and HunyuanVideo processors call ``dispatch_attention_fn(q, k, v, ...,
 backend=self._attention_backend, parallel_config=self._parallel_config)``. Our processors for
 those families subclass the stock processor, keep its code unchanged, and set
-``_attention_backend`` to this backend; their ``__call__`` publishes the module's binding and the
-call's text layout in a context variable which the backend function reads. This is also the
-plug-in point for diffusers context parallelism later (under Ulysses the backend sees the whole
+``_attention_backend`` to this backend; their ``__call__`` publishes the module's attention site and the
+call's text layout (:func:`publish`), which the backend function reads. This is also the
+plug-in point for diffusers context parallelism (under Ulysses the backend sees the whole
 sequence for its heads).
+
+Publishing: in eager mode through a context variable (safe across threads and async tasks). Dynamo cannot
+trace context variables, so while a compiled region is traced the call goes on a plain list that only
+exists at trace time: the processor pushes and pops it around the stock ``__call__`` within one traced
+frame, so the compiled code never touches it and the site's tensors flow straight into the
+``dit_accel::attention`` op.
 
 How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` enum and
 ``_AttentionBackendRegistry`` is private. We add one member to the enum in place (the pattern
@@ -24,8 +30,7 @@ without a dit-accel processor run dense), and ``set_attention_backend(<other>)``
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.models.attention_dispatch import (
@@ -35,28 +40,51 @@ from diffusers.models.attention_dispatch import (
 )
 
 from dit_accel.attention.dense import dense_attention
-from dit_accel.attention.route import ModuleBinding, attend
+from dit_accel.attention.op import AttentionSite, attention
 from dit_accel.context import TextPosition
 
 BACKEND_NAME = "dit_accel"
 """Name of the backend in diffusers' registry (``transformer.set_attention_backend("dit_accel")``)."""
 
 
-@dataclass(frozen=True)
-class ActiveCall:
+class ActiveCall(NamedTuple):
     """What a processor publishes for the backend during one ``__call__``."""
 
-    binding: ModuleBinding
-    """The module being run."""
+    site: AttentionSite
+    """The attention site of the module being run."""
     text_tokens: int = 0
-    """Text tokens in this call's joint sequence."""
+    """Text tokens in this call's joint sequence (``op.FORWARD_TEXT``: the forward's text count)."""
     text_position: TextPosition = "none"
     """Where they sit."""
-    trailing_key_padding: int | None = None
-    """Trailing padded text keys hidden by the call's mask (HunyuanVideo), when the same for all rows."""
+    text_padding: str = "none"
+    """``"trailing"`` when padded text keys at the end may be hidden by the call's mask (HunyuanVideo)."""
 
 
 ACTIVE_CALL: contextvars.ContextVar[ActiveCall | None] = contextvars.ContextVar("dit_accel_active_call", default=None)
+_TRACED_CALLS: list[ActiveCall | None] = []
+
+
+def publish(call: ActiveCall | None) -> contextvars.Token | None:
+    """Make ``call`` the active call until :func:`unpublish` with the returned token (``None``: run dense)."""
+    if torch.compiler.is_compiling():
+        _TRACED_CALLS.append(call)
+        return None
+    return ACTIVE_CALL.set(call)
+
+
+def unpublish(token: contextvars.Token | None) -> None:
+    """End the call :func:`publish` started."""
+    if torch.compiler.is_compiling():
+        _TRACED_CALLS.pop()
+    elif token is not None:
+        ACTIVE_CALL.reset(token)
+
+
+def active_call() -> ActiveCall | None:
+    """The call published by the processor running now, or ``None``."""
+    if torch.compiler.is_compiling():
+        return _TRACED_CALLS[-1] if _TRACED_CALLS else None
+    return ACTIVE_CALL.get()
 
 
 def _extend_enum(name: str) -> AttentionBackendName:
@@ -84,7 +112,7 @@ def _attend_bshd(
     scale: float | None,
     enable_gqa: bool,
 ) -> torch.Tensor:
-    """Route one call (BSHD in and out) through the processor's binding, or dense without one."""
+    """Route one call (BSHD in and out) through the published site, or dense without one."""
     if (
         attn_mask is not None
         and attn_mask.ndim == 2
@@ -93,24 +121,23 @@ def _attend_bshd(
     ):
         attn_mask = attn_mask[:, None, None, :]  # same 2-D mask convention as diffusers' native backend
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    active = ACTIVE_CALL.get()
+    active = active_call()
     if active is None or enable_gqa:
         out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    else:
-        out = attend(
-            active.binding,
-            q,
-            k,
-            v,
-            attn_mask,
-            text_tokens=active.text_tokens,
-            text_position=active.text_position,
-            trailing_key_padding=active.trailing_key_padding,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-        )
-    return out.transpose(1, 2)
+        return out.transpose(1, 2)
+    return attention(
+        active.site,
+        q,
+        k,
+        v,
+        attn_mask,
+        text_tokens=active.text_tokens,
+        text_position=active.text_position,
+        text_padding=active.text_padding,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+    )
 
 
 def _context_parallel_forward_op(

@@ -1,8 +1,9 @@
 """One place that decides, per attention call, between the block-sparse path and the dense path.
 
 Every processor (and the diffusers dispatcher backend) ends in :func:`attend` with ``(B, H, S, D)``
-tensors. Dense is used for: cross-attention, calls with an attention mask (except a mask that only
-hides trailing padded text keys, which is removed by truncation), dropout or causal attention,
+tensors, called from the eager body of the ``dit_accel::attention`` op (:mod:`dit_accel.attention.op`). Dense is used for: cross-attention, calls with an attention mask (except a mask that only
+hides trailing padded text keys, which is removed by truncation), gradients (q, k or v requires grad while
+grad mode is on), dropout or causal attention,
 sequences shorter than the method's ``min_seq_len``, head dims the sparse kernel does not take,
 and calls the method declines (``plan`` returned ``None``). A plan runs on the kernel in
 :func:`run_plan`, the one place that turns a plan into a kernel call.
@@ -47,7 +48,7 @@ class ModuleBinding:
     role: Literal["self", "cross"]
     """``"self"``: self/joint attention over the visual tokens; ``"cross"``: always dense."""
     module_id: int
-    """``id()`` of the attention module the processor was built for (checked at every call)."""
+    """``id()`` of the attention module this binding belongs to (its ``AttentionSite`` is attached to it)."""
 
 
 def _sparse_head_dim_ok(q: torch.Tensor) -> bool:
@@ -151,7 +152,9 @@ def attend(
         return torch.cat([head, tail], dim=2)
     if attn_mask is not None and trailing_key_padding == 0:
         attn_mask = None  # the mask hides nothing
-    if attn_mask is not None:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        reason = "grad"  # the block-sparse kernels have no backward; SDPA's autograd gives the true gradient
+    elif attn_mask is not None:
         reason = "mask"
     elif dropout_p > 0.0 or is_causal:
         reason = "dropout_or_causal"

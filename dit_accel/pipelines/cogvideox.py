@@ -13,18 +13,14 @@ import inspect
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
+from dit_accel.attention.op import attention
 from dit_accel.attention.processors import DitAccelProcessorMixin
-from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of, split_heads
 
 
 class CogVideoXDitAccelProcessor(DitAccelProcessorMixin, CogVideoXAttnProcessor2_0):
     """``CogVideoXAttnProcessor2_0`` with its SDPA call routed through dit-accel."""
-
-    def __init__(self, binding: ModuleBinding) -> None:
-        CogVideoXAttnProcessor2_0.__init__(self)
-        self._bind(binding)
 
     def __call__(
         self,
@@ -34,7 +30,7 @@ class CogVideoXDitAccelProcessor(DitAccelProcessorMixin, CogVideoXAttnProcessor2
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_module(attn)
+        site = self._site(attn)
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
@@ -63,10 +59,10 @@ class CogVideoXDitAccelProcessor(DitAccelProcessorMixin, CogVideoXAttnProcessor2
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
-        hidden_states = attend(
-            self.binding, query, key, value, attention_mask, text_tokens=text_seq_length, text_position="first"
+        hidden_states = attention(
+            site, query, key, value, attention_mask, text_tokens=text_seq_length, text_position="first"
         )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
 

@@ -13,8 +13,8 @@ import inspect
 
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+from dit_accel.attention.op import FORWARD_TEXT
 from dit_accel.attention.processors import DispatcherProcessorMixin
-from dit_accel.attention.route import ModuleBinding
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of
 
@@ -22,17 +22,14 @@ from dit_accel.pipelines.base import Family, arg, module_of
 class FluxDitAccelProcessor(DispatcherProcessorMixin, FluxAttnProcessor):
     """``FluxAttnProcessor`` with attention routed through dit-accel."""
 
-    def __init__(self, binding: ModuleBinding) -> None:
-        FluxAttnProcessor.__init__(self)
-        self._bind(binding)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is not None:
-            text = encoder_hidden_states.shape[1]
-        else:  # single-stream block: text already joined in front; its count comes from the forward
-            text = self.binding.context.text_tokens
-        with self._publish(attn, text, "first"):
+        # Single-stream blocks get text already joined in front; its count comes from the forward.
+        text = FORWARD_TEXT if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        token = self._publish(attn, text, "first")
+        try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            self._unpublish(token)
 
 
 def read_inputs(bound: inspect.BoundArguments) -> ForwardInputs:

@@ -16,7 +16,6 @@ import inspect
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from dit_accel.attention.processors import DispatcherProcessorMixin
-from dit_accel.attention.route import ModuleBinding
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of
 
@@ -24,18 +23,14 @@ from dit_accel.pipelines.base import Family, arg, module_of
 class HunyuanVideoDitAccelProcessor(DispatcherProcessorMixin, HunyuanVideoAttnProcessor2_0):
     """``HunyuanVideoAttnProcessor2_0`` with attention routed through dit-accel."""
 
-    def __init__(self, binding: ModuleBinding) -> None:
-        HunyuanVideoAttnProcessor2_0.__init__(self)
-        self._bind(binding)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        padding = None
-        valid = self.binding.context.text_valid
-        if attention_mask is not None and text > 0 and valid and len(set(valid)) == 1 and valid[0] <= text:
-            padding = text - valid[0]
-        with self._publish(attn, text, "last", padding):
+        # The padded text count per row comes from the forward's text mask (read with the timestep).
+        token = self._publish(attn, text, "last", "trailing")
+        try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            self._unpublish(token)
 
 
 def read_inputs(bound: inspect.BoundArguments) -> ForwardInputs:

@@ -12,7 +12,6 @@ import inspect
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
 from dit_accel.attention.processors import DispatcherProcessorMixin
-from dit_accel.attention.route import ModuleBinding
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of
 
@@ -20,13 +19,12 @@ from dit_accel.pipelines.base import Family, arg, module_of
 class LTXVideoDitAccelProcessor(DispatcherProcessorMixin, LTXVideoAttnProcessor):
     """``LTXVideoAttnProcessor`` with attention routed through dit-accel."""
 
-    def __init__(self, binding: ModuleBinding) -> None:
-        LTXVideoAttnProcessor.__init__(self)
-        self._bind(binding)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        with self._publish(attn):
+        token = self._publish(attn)
+        try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            self._unpublish(token)
 
 
 def read_inputs(bound: inspect.BoundArguments) -> ForwardInputs:

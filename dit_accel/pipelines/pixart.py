@@ -13,18 +13,14 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import deprecate
 
+from dit_accel.attention.op import attention
 from dit_accel.attention.processors import DitAccelProcessorMixin
-from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of, split_heads
 
 
 class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
     """``AttnProcessor2_0`` (as used by PixArt) with its SDPA call routed through dit-accel."""
-
-    def __init__(self, binding: ModuleBinding) -> None:
-        AttnProcessor2_0.__init__(self)
-        self._bind(binding)
 
     def __call__(
         self,
@@ -36,7 +32,7 @@ class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        self._check_module(attn)
+        site = self._site(attn)
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored.")
         residual = hidden_states
@@ -72,8 +68,8 @@ class PixArtDitAccelProcessor(DitAccelProcessorMixin, AttnProcessor2_0):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = attend(self.binding, query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attention(site, query, key, value, attention_mask)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

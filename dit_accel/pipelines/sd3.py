@@ -13,18 +13,14 @@ import inspect
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
+from dit_accel.attention.op import attention
 from dit_accel.attention.processors import DitAccelProcessorMixin
-from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import ForwardInputs
 from dit_accel.pipelines.base import Family, arg, module_of, split_heads
 
 
 class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
     """``JointAttnProcessor2_0`` with its SDPA call routed through dit-accel."""
-
-    def __init__(self, binding: ModuleBinding) -> None:
-        JointAttnProcessor2_0.__init__(self)
-        self._bind(binding)
 
     def __call__(
         self,
@@ -35,7 +31,7 @@ class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
-        self._check_module(attn)
+        site = self._site(attn)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
@@ -65,8 +61,8 @@ class SD3DitAccelProcessor(DitAccelProcessorMixin, JointAttnProcessor2_0):
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
 
-        hidden_states = attend(self.binding, query, key, value, text_tokens=text_tokens, text_position="last")
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attention(site, query, key, value, text_tokens=text_tokens, text_position="last")
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:
