@@ -61,6 +61,9 @@ case "$STUDY" in
     setup; run python3 benchmarks/caching_compare.py --out "$OUT/caching_compare.json" "$@" ;;
   combined_quality)
     setup; run python3 benchmarks/combined_quality.py --out-dir "$OUT" "$@" ;;
+  compile_check)
+    # Wan2.1-1.3B 480p compiled vs eager, dynamo counters; split with --variants if it nears the time limit
+    setup; run python3 benchmarks/compile_check.py --out "$OUT/compile_check.json" "$@" ;;
   dense_backends)
     setup; run python3 benchmarks/dense_backends.py --out "$OUT" "$@" ;;
   draft_map_tune)
