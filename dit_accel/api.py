@@ -41,6 +41,7 @@ from dit_accel.attention.token_order import (
     validate_token_order,
 )
 from dit_accel.context import ContextHook, StepClock, TransformerContext
+from dit_accel.parallel.context_parallel import check_context_parallel, follow_context_parallel, parallel_config_of
 from dit_accel.pipelines.base import Family
 from dit_accel.pipelines.families import detect_family, supported_transformer_classes
 
@@ -359,6 +360,8 @@ def _detach(attachment: _Attachment) -> None:
             del transformer._diffusers_hook
             if not attachment.had_forward_attr:
                 transformer.__dict__.pop("forward", None)
+    # The saved processors predate an enable_parallelism called after apply: give them its config.
+    follow_context_parallel(transformer)
     transformer.__dict__.pop(_ATTACHMENT_ATTR, None)
     attachment.context.close()
     if attachment in attachment.handle._attachments:
@@ -379,7 +382,10 @@ def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[
                 "builds on; remove that processor first (e.g. unload IP-Adapters, unfuse_qkv_projections())"
             )
         binding = ModuleBinding(attachment.context, method, layer, name, role, id(module))
-        processors[f"{name}.processor"] = attachment.family.processor_cls(binding)
+        processor = attachment.family.processor_cls(binding)
+        # enable_parallelism configures only the processors present when it ran.
+        processor._parallel_config = parallel_config_of(transformer)
+        processors[f"{name}.processor"] = processor
     return processors
 
 
@@ -454,6 +460,8 @@ def apply(
         )
     families = [(name, tr, detect_family(tr)) for name, tr in transformers]
     orders = {name: resolve_token_order(token_order, family.name, method) for name, _, family in families}
+    for _, tr, _ in families:
+        check_context_parallel(tr)
 
     remove(target)
     for _, tr, _ in families:
@@ -481,6 +489,8 @@ def apply(
                 attachment.token_order = install_token_order(
                     tr, attachment.context, family.name, getattr(method, "token_order_tile", None)
                 )
+            # enable_parallelism ran before apply: diffusers' split/gather hooks go back outside ours.
+            follow_context_parallel(tr)
         if is_pipe:
             handle._pipeline_class = type(target)
             target.__dict__[_HANDLE_ATTR] = handle
@@ -540,6 +550,7 @@ def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod =
     """
     family = detect_family(transformer)
     resolved = get_method(method, **method_config)
+    check_context_parallel(transformer)
     attachment = transformer.__dict__.get(_ATTACHMENT_ATTR)
     if attachment is None:
         handle = AccelHandle(transformer, resolved, None, None, StepClock())

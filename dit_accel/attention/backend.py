@@ -5,8 +5,8 @@ backend=self._attention_backend, parallel_config=self._parallel_config)``. Our p
 those families subclass the stock processor, keep its code unchanged, and set
 ``_attention_backend`` to this backend; their ``__call__`` publishes the module's binding and the
 call's text layout in a context variable which the backend function reads. This is also the
-plug-in point for diffusers context parallelism later (under Ulysses the backend sees the whole
-sequence for its heads).
+plug-in point for diffusers context parallelism (under Ulysses the backend sees the whole sequence
+for its heads; see :mod:`dit_accel.parallel.context_parallel`).
 
 How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` enum and
 ``_AttentionBackendRegistry`` is private. We add one member to the enum in place (the pattern
@@ -14,8 +14,9 @@ cache-dit uses) and register the function with ``_AttentionBackendRegistry.regis
 private API, so it is feature-checked at import and pinned by ``diffusers>=0.42.1,<0.43``;
 the backend supports diffusers' Ulysses context parallelism (after the all-to-all each rank
 holds the whole sequence for a subset of heads, so token layouts and block masks stay global);
-ring attention (``ring_degree > 1``) is refused with a clear error, because each ring step sees
-only a chunk of the keys and needs the LSE, which the sparse path does not merge yet;
+ring attention (``ring_degree > 1``, also Ulysses+ring) is refused with a clear error naming the
+supported mode, because each ring step sees only a chunk of the keys, which a block-sparse plan over
+the whole token grid cannot be split into;
 ``transformer.set_attention_backend("dit_accel")`` works (on every dispatcher module, where calls
 without a dit-accel processor run dense), and ``set_attention_backend(<other>)`` after
 ``dit_accel.apply`` replaces ours on those processors (then everything runs on that backend).
@@ -37,6 +38,7 @@ from diffusers.models.attention_dispatch import (
 from dit_accel.attention.dense import dense_attention
 from dit_accel.attention.route import ModuleBinding, attend
 from dit_accel.context import TextPosition
+from dit_accel.parallel.context_parallel import SUPPORTED_MODE, require_supported
 
 BACKEND_NAME = "dit_accel"
 """Name of the backend in diffusers' registry (``transformer.set_attention_backend("dit_accel")``)."""
@@ -129,7 +131,8 @@ def _context_parallel_forward_op(
 ) -> torch.Tensor:
     """diffusers' templated-CP ``forward_op``: under Ulysses it sees the full sequence for its heads."""
     if return_lse:
-        raise ValueError("the dit_accel attention backend does not return LSE (needed by ring attention)")
+        # Ulysses never asks for it; ring attention does, and is refused before reaching here.
+        raise ValueError(f"the dit_accel attention backend does not return LSE; supported context parallelism: {SUPPORTED_MODE}")
     return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
@@ -155,11 +158,7 @@ def _dit_accel_attention(
         raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
     if _parallel_config is None or _parallel_config.context_parallel_config is None:
         return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    cp = _parallel_config.context_parallel_config
-    if cp.ring_degree is not None and cp.ring_degree > 1:
-        raise ValueError(
-            f"the dit_accel attention backend supports Ulysses context parallelism only, got ring_degree={cp.ring_degree}"
-        )
+    require_supported(_parallel_config.context_parallel_config)
     return _templated_context_parallel_attention(
         query,
         key,
