@@ -55,6 +55,8 @@ class GenerateArgs:
     dtype: str
     log: Path
     overwrite: bool
+    prompts_file: Path | None = None
+    """One prompt per line, generated over the launched processes (``dit_accel.parallel.prompts``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="'testbed' (the shipped model, default), a local diffusers pipeline folder, or a hub id "
         "(loaded with DiffusionPipeline.from_pretrained; needs the weights locally or network access)",
     )
-    gen.add_argument("--prompt", required=True, help="text prompt (for the testbed: a caption of its grammar)")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text prompt (for the testbed: a caption of its grammar)")
+    what.add_argument("--prompts-file", type=Path, default=None,
+                      help="one prompt per line; prompt i is written to OUTPUT with _{i:04d} before the suffix, with "
+                           "seed SEED+i; under `accelerate launch` or `torchrun` each process generates its share")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt, if the pipeline takes one")
     gen.add_argument("--height", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
     gen.add_argument("--width", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
@@ -116,14 +122,14 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
     output: Path = ns.output
     if output.suffix.lower() not in (".mp4", ".png"):
         raise CLIError(f"--output must end in .mp4 (video) or .png (image), got {str(output)!r}")
-    if output.exists() and not ns.overwrite:
+    if output.exists() and not ns.overwrite and ns.prompts_file is None:
         # Refuse before generating, so no minutes of work are lost to a name clash.
         raise CLIError(f"{str(output)!r} exists; pass --overwrite to replace it or choose another --output")
     if ns.preset is None and ns.attention is None and ns.cache is None:
         ns.preset = "dense"
     return GenerateArgs(
         model=ns.model,
-        prompt=ns.prompt,
+        prompt=ns.prompt or "",
         negative_prompt=ns.negative_prompt,
         height=ns.height,
         width=ns.width,
@@ -141,6 +147,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         dtype=ns.dtype,
         log=ns.log if ns.log is not None else output.with_suffix(".jsonl"),
         overwrite=ns.overwrite,
+        prompts_file=ns.prompts_file,
     )
 
 
@@ -241,8 +248,9 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
-def run_generate(args: GenerateArgs) -> dict[str, Any]:
-    """Load, accelerate, generate, write the media and the run-log line; return the log record."""
+def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = True) -> dict[str, Any]:
+    """Load (unless ``pipe`` is given), accelerate, generate, write the media and (``write_log``) the run-log
+    line; return the log record."""
     import torch
 
     import dit_accel
@@ -252,7 +260,8 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         t0 = time.perf_counter()
-        pipe = load_pipeline(args.model, device, dtype)
+        if pipe is None:
+            pipe = load_pipeline(args.model, device, dtype)
     except ValueError as err:
         raise CLIError(str(err)) from err
     load_s = time.perf_counter() - t0
@@ -312,7 +321,8 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         "cache_stats": handle.cache_summary(),
         "output": str(written),
     }
-    _append_jsonl(args.log, record)
+    if write_log:
+        _append_jsonl(args.log, record)
     dit_accel.remove(pipe)
     return record
 
@@ -345,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CLIError(str(err)) from err
         if ns.command == "generate":
             args = _to_generate_args(ns)
+            if args.prompts_file is not None:
+                from dit_accel.parallel.prompts import run_prompts_file
+
+                return run_prompts_file(args)
             record = run_generate(args)
             print(
                 f"wrote {record['output']} ({record['frames_shape'][0]} frames, "
