@@ -51,20 +51,16 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dit_accel  # noqa: E402
+from e2e_speed import CONFIGS as MODELS  # noqa: E402
+from e2e_speed import build  # noqa: E402
 
-WAN_14B = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, num_attention_heads=40,
-               attention_head_dim=128, ffn_dim=13824, num_layers=40)
-"""Wan2.1-T2V-14B's transformer config (as the released checkpoint's)."""
-
-TINY = dict(WAN_14B, num_attention_heads=2, attention_head_dim=64, ffn_dim=64, text_dim=32, num_layers=2)
-"""CPU check: the same architecture at a tiny width."""
-
-SIZES = {"full": dict(height=720, width=1280, num_frames=81, text_tokens=512),
+SIZES = {"wan2.1-14b-720p": dict(height=720, width=1280, num_frames=81, text_tokens=512),
          "tiny": dict(height=128, width=128, num_frames=9, text_tokens=16)}
-"""Pixel size, frames and prompt length per mode (latents: /8 spatially, (F-1)/4+1 frames)."""
+"""Pixel size, frames and prompt length per model config of ``e2e_speed.CONFIGS`` (latents: /8 spatially,
+(F-1)/4+1 frames): Wan2.1-T2V-14B's transformer at 720p, and a tiny one for the CPU check."""
 
 CONFIGS = ("dense", "balanced")
 """Configurations timed, in order."""
@@ -72,22 +68,11 @@ CONFIGS = ("dense", "balanced")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "scale_2gpu.json"
 
 
-def build_transformer(cfg: dict, device: torch.device, dtype: torch.dtype):
-    """Random-weight ``WanTransformer3DModel``: built in float32 on ``device``, cast to ``dtype`` with the
-    ``_keep_in_fp32_modules`` tensors kept in float32, as ``from_pretrained(torch_dtype=...)`` leaves them."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel.from_config(cfg)
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    saved = {n: t.data for n, t in tensors if t.is_floating_point() and any(p in keep for p in n.split("."))}
-    model = model.to(dtype).eval().requires_grad_(False)
-    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if n in saved:
-            t.data = saved[n]
-    return model
+def build_transformer(name: str, layers: int | None, device: torch.device, dtype: torch.dtype):
+    """Random-weight ``WanTransformer3DModel`` of ``e2e_speed.CONFIGS[name]`` (``layers`` of them), built as
+    ``e2e_speed.build`` does (float32 modules kept as ``from_pretrained(torch_dtype=...)`` leaves them)."""
+    model, _, cfg, _ = build(name, layers, device, dtype)
+    return model, cfg
 
 
 def make_pipeline(transformer):
@@ -187,7 +172,7 @@ def versions() -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=None, help="transformer layers to build (default: 40; tiny: 2)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers to build (default: all 40; tiny: 2)")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps of the timed call (default 5)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps of the warm-up call (default 1)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (> 1: two forwards per step)")
@@ -219,13 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers  # noqa: F401  diffusers' CP split hook logs through transformers' logger.warning_once
     from diffusers import ContextParallelConfig
 
-    cfg = dict(TINY if args.tiny else WAN_14B)
-    if args.layers is not None:
-        cfg["num_layers"] = args.layers
-    size = SIZES["tiny" if args.tiny else "full"]
+    name = "tiny" if args.tiny else "wan2.1-14b-720p"
+    size = SIZES[name]
     start = time.perf_counter()
 
-    model = build_transformer(cfg, device, dtype)
+    model, cfg = build_transformer(name, args.layers, device, dtype)
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)  # one set of weights on every rank, whatever the RNG did
     backend = "_native_cudnn" if device_type == "cuda" else "native"
@@ -246,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
         "world_size": world,
         "versions": versions(),
-        "settings": {"model": "tiny" if args.tiny else "wan2.1-t2v-14b", "layers": cfg["num_layers"],
-                     "full_model_layers": WAN_14B["num_layers"], **size, "latent_grid": list(latent_grid),
+        "settings": {"model": name, "layers": cfg["num_layers"], "full_model_layers": MODELS[name]["model"]["num_layers"], **size, "latent_grid": list(latent_grid),
                      "tokens": math.prod(latent_grid), "steps": args.steps, "warmup_steps": args.warmup_steps,
                      "guidance": args.guidance, "dtype": str(dtype).replace("torch.", ""), "dense_backend": backend,
                      "ulysses_degree": world, "build_s": round(built_s, 1)},

@@ -79,6 +79,18 @@ def _enable(model, mesh) -> None:
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, mesh=mesh))
 
 
+def _single_and_parallel(accelerate: Callable, inputs: dict, mesh) -> tuple[Any, Any, float]:
+    """``accelerate`` (a model -> handle function) on a single-process model and, before ``enable_parallelism``,
+    on a context-parallel one; one generation each. Returns both handles and the outputs' max difference."""
+    single = _wan()
+    ref_handle = accelerate(single)
+    reference = _generate(single, inputs, ref_handle)
+    model = _wan()
+    handle = accelerate(model)
+    _enable(model, mesh)
+    return ref_handle, handle, _max_diff(_generate(model, inputs, handle), reference)
+
+
 def scenario_full(mesh) -> dict:
     """The ``full`` method (every tile) under Ulysses: each rank's attention sees the whole sequence."""
     import dit_accel
@@ -105,16 +117,10 @@ def scenario_sparse_cached(mesh) -> dict:
                                cache=ProCacheConfig(schedule=[1, 1, 0, 1], warmup_steps=1, final_steps=0,
                                                     num_inference_steps=len(STEPS)))
 
-    single, inputs = _wan(), _inputs()
-    ref_handle = accelerate(single)
-    reference = _generate(single, inputs, ref_handle)
-    model = _wan()
-    handle = accelerate(model)
-    _enable(model, mesh)
-    out = _generate(model, inputs, handle)
+    ref_handle, handle, diff = _single_and_parallel(accelerate, _inputs(), mesh)
     sparse = [s for s in handle.stats() if s["backend"] == "block_sparse"]
     return {
-        "diff": _max_diff(out, reference),
+        "diff": diff,
         "decisions": _decisions(handle),
         "reference_decisions": _decisions(ref_handle),
         "seq_lens": sorted({s["seq_len"] for s in handle.stats()}),
@@ -151,29 +157,20 @@ def scenario_forced_decisions(mesh) -> dict:
         return dit_accel.apply(model, cache=ProbeCacheConfig(threshold=threshold, warmup_steps=0, final_steps=0,
                                                              num_inference_steps=len(STEPS)))
 
-    single = _wan()
-    ref_handle = accelerate(single)
-    reference = _generate(single, inputs, ref_handle)
-    model = _wan()
-    handle = accelerate(model)
-    _enable(model, mesh)
-    out = _generate(model, inputs, handle)
+    ref_handle, handle, diff = _single_and_parallel(accelerate, inputs, mesh)
     return {"local": local, "whole": whole, "threshold": threshold, "decisions": _decisions(handle),
-            "reference_decisions": _decisions(ref_handle), "diff": _max_diff(out, reference)}
+            "reference_decisions": _decisions(ref_handle), "diff": diff}
 
 
 def scenario_token_order_forward(mesh) -> dict:
     """``token_order="forward"`` under context parallelism: every forward falls back to the folded order."""
     import dit_accel
 
-    single, inputs = _wan(), _inputs()
-    ref_handle = dit_accel.apply(single, attention=dit_accel.get_method("permuted", **SPARSE), token_order="forward")
-    reference = _generate(single, inputs, ref_handle)
-    model = _wan()
-    handle = dit_accel.apply(model, attention=dit_accel.get_method("permuted", **SPARSE), token_order="forward")
-    _enable(model, mesh)
-    out = _generate(model, inputs, handle)
-    return {"diff": _max_diff(out, reference), "summary": handle.token_order_summary(),
+    def accelerate(model):
+        return dit_accel.apply(model, attention=dit_accel.get_method("permuted", **SPARSE), token_order="forward")
+
+    ref_handle, handle, diff = _single_and_parallel(accelerate, _inputs(), mesh)
+    return {"diff": diff, "summary": handle.token_order_summary(),
             "reference_summary": ref_handle.token_order_summary(),
             "orders": sorted({s.get("token_order") for s in handle.stats() if s["backend"] == "block_sparse"})}
 
