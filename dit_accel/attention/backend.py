@@ -13,7 +13,9 @@ How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` en
 cache-dit uses) and register the function with ``_AttentionBackendRegistry.register``. Limits:
 private API, so it is feature-checked at import and pinned by ``diffusers>=0.42.1,<0.43``;
 the backend supports diffusers' Ulysses context parallelism (after the all-to-all each rank
-holds the whole sequence for a subset of heads, so token layouts and block masks stay global);
+holds the whole sequence for a subset of heads, so token layouts and block masks stay global;
+joint text+visual calls (FLUX, HunyuanVideo) run dense there, their text tokens being spread over
+the gathered sequence);
 ring attention (``ring_degree > 1``, also Ulysses+ring) is refused with a clear error naming the
 supported mode, because each ring step sees only a chunk of the keys, which a block-sparse plan over
 the whole token grid cannot be split into;
@@ -85,8 +87,9 @@ def _attend_bshd(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
+    active: ActiveCall | None,
 ) -> torch.Tensor:
-    """Route one call (BSHD in and out) through the processor's binding, or dense without one."""
+    """Route one call (BSHD in and out) through the processor's binding ``active``, or dense without one."""
     if (
         attn_mask is not None
         and attn_mask.ndim == 2
@@ -95,7 +98,6 @@ def _attend_bshd(
     ):
         attn_mask = attn_mask[:, None, None, :]  # same 2-D mask convention as diffusers' native backend
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    active = ACTIVE_CALL.get()
     if active is None or enable_gqa:
         out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
@@ -133,7 +135,12 @@ def _context_parallel_forward_op(
     if return_lse:
         # Ulysses never asks for it; ring attention does, and is refused before reaching here.
         raise ValueError(f"the dit_accel attention backend does not return LSE; supported context parallelism: {SUPPORTED_MODE}")
-    return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    active = ACTIVE_CALL.get()
+    if active is not None and active.text_tokens > 0:
+        # Each rank's chunk of a joint sequence is [text, visual] (or [visual, text]); after the all-to-all the text
+        # tokens lie in N places along the sequence, which no token layout describes: such calls run dense.
+        active = None
+    return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, active)
 
 
 def _context_parallel_backward_op(*args: Any, **kwargs: Any) -> None:
@@ -157,7 +164,7 @@ def _dit_accel_attention(
     if return_lse:
         raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
     if _parallel_config is None or _parallel_config.context_parallel_config is None:
-        return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, ACTIVE_CALL.get())
     require_supported(_parallel_config.context_parallel_config)
     return _templated_context_parallel_attention(
         query,
