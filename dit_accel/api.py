@@ -443,6 +443,9 @@ def apply(
     for a Wan transformer running such a method, else ``"call"``. Outputs agree up to float reassociation
     (see :mod:`dit_accel.attention.token_order`); :meth:`AccelHandle.token_orders` tells which one runs.
 
+    Context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``) may
+    be enabled before or after ``apply``; ring attention is refused (see :mod:`dit_accel.parallel.context_parallel`).
+
     Applying again first removes the previous application. Raises ``TypeError``/``ValueError`` naming the
     bad value and the allowed ones; nothing is changed when it raises.
     """
