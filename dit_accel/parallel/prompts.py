@@ -1,7 +1,7 @@
 """``dit-accel generate --prompts-file``: many prompts, one pipeline load per process, spread over processes.
 
     dit-accel generate --prompts-file prompts.txt --preset balanced -o outputs/clip.mp4            # one process
-    accelerate launch --num_processes 2 -m dit_accel.cli generate --prompts-file prompts.txt ...  # two GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m dit_accel.cli generate --prompts-file prompts.txt ...  # two GPUs
     torchrun --nproc-per-node 2 -m dit_accel.cli generate --prompts-file prompts.txt ...
 
 * The prompts file holds one prompt per line (blank lines skipped). Prompt ``i`` (0-based, counting prompts)
@@ -10,7 +10,8 @@
 * accelerate's ``PartialState`` reads the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; set by
   ``accelerate launch`` and by ``torchrun``), initialises the process group and puts each process on its own
   GPU; ``split_between_processes`` gives process ``r`` a contiguous share of the prompt indices (the first
-  ``len % N`` processes one more). Without a launcher it is one process with every prompt.
+  ``len % N`` processes one more). Without a launcher it is one process with every prompt. On a CPU-only machine
+  ``accelerate launch --cpu`` starts a single process (its multi-CPU mode needs MPI): use ``torchrun`` there.
 * Each process loads the pipeline once, generates its share and writes its media files. The run-log records
   are gathered on every process (``gather_object``); rank 0 appends them to the run log in prompt order,
   then one summary line, and prints the summary.
