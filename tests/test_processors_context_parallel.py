@@ -175,6 +175,26 @@ def scenario_token_order_forward(mesh) -> dict:
             "orders": sorted({s.get("token_order") for s in handle.stats() if s["backend"] == "block_sparse"})}
 
 
+def scenario_guidance_branches(mesh) -> dict:
+    """A CFG pipeline (the testbed: ``cond`` then ``uncond`` per step, both on every rank) with the probe cache."""
+    import dit_accel
+    from dit_accel.caching import ProbeCacheConfig
+    from sparse_helpers import generate, tiny_testbed
+
+    def run(parallel: bool):
+        pipe = tiny_testbed()
+        handle = dit_accel.apply(pipe, cache=ProbeCacheConfig(threshold=0.2, warmup_steps=1, final_steps=0))
+        if parallel:
+            _enable(pipe.transformer, mesh)
+        out = generate(pipe, steps=5)
+        return out, [(r["step"], r["branch"], r["decision"], r["probe_change"]) for r in handle.cache_stats()]
+
+    reference, reference_decisions = run(False)
+    out, decisions = run(True)
+    return {"diff": (out - reference).abs().max().item(), "decisions": decisions,
+            "reference_decisions": reference_decisions}
+
+
 def scenario_joint_text_dense(mesh) -> dict:
     """FLUX (joint [text, image] attention): with a sparse method, context-parallel calls run dense."""
     import dit_accel
@@ -277,6 +297,7 @@ SCENARIOS: dict[str, Callable[..., dict]] = {
     "sparse_cached": scenario_sparse_cached,
     "forced_decisions": scenario_forced_decisions,
     "token_order_forward": scenario_token_order_forward,
+    "guidance_branches": scenario_guidance_branches,
     "joint_text_dense": scenario_joint_text_dense,
     "apply_after_enable": scenario_apply_after_enable,
     "ring_refused": scenario_ring_refused,
@@ -378,6 +399,14 @@ def test_forward_token_order_falls_back_to_folded_under_context_parallelism(rank
         assert r["summary"]["transformer"]["forwards"] == {"context_parallel": len(STEPS)}
         assert r["orders"] == ["folded"]
         assert r["diff"] <= 1e-4
+
+
+def test_guidance_branches_decide_alike_on_every_rank(ranks):
+    a, b = _result(ranks, "guidance_branches")
+    assert a["decisions"] == b["decisions"]
+    assert {d[1] for d in a["decisions"]} == {"cond", "uncond"}
+    assert [d[:3] for d in a["decisions"]] == [d[:3] for d in a["reference_decisions"]]
+    assert a["diff"] <= 1e-4 and b["diff"] <= 1e-4
 
 
 def test_joint_text_attention_runs_dense_under_context_parallelism(ranks):
