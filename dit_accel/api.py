@@ -60,6 +60,7 @@ from dit_accel.attention.token_order import (
     validate_token_order,
 )
 from dit_accel.context import ContextHook, StepClock, TransformerContext
+from dit_accel.parallel.context_parallel import check_context_parallel, follow_context_parallel, parallel_config_of
 from dit_accel.pipelines.base import Family
 from dit_accel.pipelines.families import detect_family, supported_transformer_classes
 
@@ -453,6 +454,8 @@ def _detach(attachment: _Attachment) -> None:
             del transformer._diffusers_hook
             if not attachment.had_forward_attr:
                 transformer.__dict__.pop("forward", None)
+    # The saved processors predate an enable_parallelism called after apply: give them its config.
+    follow_context_parallel(transformer)
     transformer.__dict__.pop(_ATTACHMENT_ATTR, None)
     transformer.__dict__.pop(_DEEPCOPY_ATTR, None)
     attachment.context.close()
@@ -481,8 +484,12 @@ def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[
                 "builds on; remove that processor first (e.g. unload IP-Adapters, unfuse_qkv_projections())"
             )
     _bind_sites(attachment, method)
+    # enable_parallelism configures only the processors present when it ran.
+    parallel_config = parallel_config_of(transformer)
     for name, _, _, _ in modules:
-        processors[f"{name}.processor"] = attachment.family.processor_cls()
+        processor = attachment.family.processor_cls()
+        processor._parallel_config = parallel_config
+        processors[f"{name}.processor"] = processor
     return processors
 
 
@@ -629,6 +636,9 @@ def apply(
     for a Wan transformer running such a method, else ``"call"``. Outputs agree up to float reassociation
     (see :mod:`dit_accel.attention.token_order`); :meth:`AccelHandle.token_orders` tells which one runs.
 
+    Context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``) may
+    be enabled before or after ``apply``; ring attention is refused (see :mod:`dit_accel.parallel.context_parallel`).
+
     Applying again first removes the previous application. Raises ``TypeError``/``ValueError`` naming the
     bad value and the allowed ones; nothing is changed when it raises.
     """
@@ -646,6 +656,8 @@ def apply(
         )
     families = [(name, tr, detect_family(tr)) for name, tr in transformers]
     orders = {name: resolve_token_order(token_order, family.name, method) for name, _, family in families}
+    for _, tr, _ in families:
+        check_context_parallel(tr)
 
     remove(target)
     for _, tr, _ in families:
@@ -664,6 +676,8 @@ def apply(
             if method is not None:
                 tr.set_attn_processor(_build_processors(attachment, method))
             _install_extras(attachment, cache_config, orders[name], method)
+            # enable_parallelism ran before apply: diffusers' split/gather hooks go back outside ours.
+            follow_context_parallel(tr)
         if is_pipe:
             handle._pipeline_class = type(target)
             target.__dict__[_HANDLE_ATTR] = handle
@@ -725,6 +739,7 @@ def processors_for(transformer: torch.nn.Module, method: str | AttentionMethod =
     """
     family = detect_family(transformer)
     resolved = get_method(method, **method_config)
+    check_context_parallel(transformer)
     attachment = transformer.__dict__.get(_ATTACHMENT_ATTR)
     if attachment is None:
         handle = AccelHandle(transformer, resolved, None, None, StepClock())

@@ -88,6 +88,8 @@ class GenerateArgs:
     """Also generate with the stock pipeline and write both side by side."""
     warmup_steps: int = 2
     """With ``compare``: steps of the untimed warm-up generation of each side (0: none)."""
+    prompts_file: Path | None = None
+    """One prompt per line, generated over the launched processes (``dit_accel.parallel.prompts``)."""
 
 
 class _UsageError(Exception):
@@ -111,7 +113,11 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
         help="'testbed' (the shipped model, default), a local diffusers pipeline folder, or a hub id "
         "(loaded with DiffusionPipeline.from_pretrained; needs the weights locally or network access)",
     )
-    gen.add_argument("--prompt", default=None, help="text prompt (required; for the testbed: a caption of its grammar)")
+    gen.add_argument("--prompt", default=None,
+                     help="text prompt (this or --prompts-file is required; for the testbed: a caption of its grammar)")
+    gen.add_argument("--prompts-file", type=Path, default=None,
+                     help="one prompt per line; prompt i is written to OUTPUT with _{i:04d} before the suffix, with "
+                          "seed SEED+i; under `accelerate launch` or `torchrun` each process generates its share")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt, if the pipeline takes one")
     gen.add_argument("--height", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
     gen.add_argument("--width", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
@@ -176,6 +182,10 @@ class Subcommand:
 
 def _run_generate(ns: argparse.Namespace) -> int:
     args = _to_generate_args(ns)
+    if args.prompts_file is not None:
+        from dit_accel.parallel.prompts import run_prompts_file
+
+        return run_prompts_file(args)
     record = run_generate(args)
     if args.compare:
         print(compare_summary(record))
@@ -346,9 +356,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if extras:
         target, message = _unknown_message(parser, command, extras)
         argparse.ArgumentParser.error(target, message)
-    if ns.command == "generate" and ns.prompt is None:
-        # --prompt is checked here, not by argparse, so that a misspelt option is reported as unknown first.
-        argparse.ArgumentParser.error(_subparser(parser, "generate"), "the following arguments are required: --prompt")
+    if ns.command == "generate" and (ns.prompt is None) == (ns.prompts_file is None):
+        # Checked here, not by argparse, so that a misspelt option is reported as unknown first.
+        message = ("the following arguments are required: --prompt (or --prompts-file)" if ns.prompt is None
+                   else "argument --prompts-file: not allowed with argument --prompt")
+        argparse.ArgumentParser.error(_subparser(parser, "generate"), message)
     return ns
 
 
@@ -356,14 +368,17 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
     output: Path = ns.output
     if output.suffix.lower() not in (".mp4", ".png"):
         raise CLIError(f"--output must end in .mp4 (video) or .png (image), got {str(output)!r}")
-    if output.exists() and not ns.overwrite:
-        # Refuse before generating, so no minutes of work are lost to a name clash.
+    if ns.prompts_file is not None and ns.compare:
+        raise CLIError("--compare takes one --prompt, not --prompts-file")
+    if output.exists() and not ns.overwrite and ns.prompts_file is None:
+        # Refuse before generating, so no minutes of work are lost to a name clash (a prompts file writes
+        # numbered outputs, which dit_accel.parallel.prompts checks).
         raise CLIError(f"{str(output)!r} exists; pass --overwrite to replace it or choose another --output")
     if ns.preset is None and ns.attention is None and ns.cache is None:
         ns.preset = "dense"
     return GenerateArgs(
         model=ns.model,
-        prompt=ns.prompt,
+        prompt=ns.prompt or "",
         negative_prompt=ns.negative_prompt,
         height=ns.height,
         width=ns.width,
@@ -383,6 +398,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         overwrite=ns.overwrite,
         compare=ns.compare,
         warmup_steps=ns.warmup_steps,
+        prompts_file=ns.prompts_file,
     )
 
 
@@ -517,8 +533,9 @@ def accelerated_label(acceleration: dict[str, Any], args: GenerateArgs) -> str:
     return ", ".join(parts)
 
 
-def run_generate(args: GenerateArgs) -> dict[str, Any]:
-    """Load, accelerate, generate, write the media and the run-log line; return the log record.
+def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = True) -> dict[str, Any]:
+    """Load (unless ``pipe`` is given), accelerate, generate, write the media and (``write_log``) the run-log
+    line; return the log record.
 
     With ``args.compare`` the stock pipeline generates first from the same seed, each side after an
     untimed warm-up of ``args.warmup_steps`` steps, and the output shows both side by side.
@@ -531,7 +548,8 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         t0 = time.perf_counter()
-        pipe = load_pipeline(args.model, device, dtype)
+        if pipe is None:
+            pipe = load_pipeline(args.model, device, dtype)
     except ValueError as err:
         raise CLIError(str(err)) from err
     load_s = time.perf_counter() - t0
@@ -608,7 +626,8 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         })
     record["output"] = str(written)
     record["log"] = str(args.log)
-    _append_jsonl(args.log, record)
+    if write_log:
+        _append_jsonl(args.log, record)
     return record
 
 

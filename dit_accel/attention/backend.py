@@ -6,7 +6,7 @@ those families subclass the stock processor, keep its code unchanged, and set
 ``_attention_backend`` to this backend; their ``__call__`` publishes the module's attention site and the
 call's text layout (:func:`publish`), which the backend function reads. This is also the
 plug-in point for diffusers context parallelism (under Ulysses the backend sees the whole
-sequence for its heads).
+sequence for its heads; see :mod:`dit_accel.parallel.context_parallel`).
 
 Publishing: in eager mode through a context variable (safe across threads and async tasks). Dynamo cannot
 trace context variables, so while a compiled region is traced the call goes on a plain list that only
@@ -19,9 +19,12 @@ How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` en
 cache-dit uses) and register the function with ``_AttentionBackendRegistry.register``. Limits:
 private API, so it is feature-checked at import and pinned by ``diffusers>=0.42.1,<0.43``;
 the backend supports diffusers' Ulysses context parallelism (after the all-to-all each rank
-holds the whole sequence for a subset of heads, so token layouts and block masks stay global);
-ring attention (``ring_degree > 1``) is refused with a clear error, because each ring step sees
-only a chunk of the keys and needs the LSE, which the sparse path does not merge yet;
+holds the whole sequence for a subset of heads, so token layouts and block masks stay global;
+joint text+visual calls (FLUX, HunyuanVideo) run dense there, their text tokens being spread over
+the gathered sequence);
+ring attention (``ring_degree > 1``, also Ulysses+ring) is refused with a clear error naming the
+supported mode, because each ring step sees only a chunk of the keys, which a block-sparse plan over
+the whole token grid cannot be split into;
 ``transformer.set_attention_backend("dit_accel")`` works (on every dispatcher module, where calls
 without a dit-accel processor run dense), and ``set_attention_backend(<other>)`` after
 ``dit_accel.apply`` replaces ours on those processors (then everything runs on that backend).
@@ -42,6 +45,7 @@ from diffusers.models.attention_dispatch import (
 from dit_accel.attention.dense import dense_attention
 from dit_accel.attention.op import AttentionSite, attention
 from dit_accel.context import TextPosition
+from dit_accel.parallel.context_parallel import SUPPORTED_MODE, require_supported
 
 BACKEND_NAME = "dit_accel"
 """Name of the backend in diffusers' registry (``transformer.set_attention_backend("dit_accel")``)."""
@@ -111,8 +115,9 @@ def _attend_bshd(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
+    active: ActiveCall | None,
 ) -> torch.Tensor:
-    """Route one call (BSHD in and out) through the published site, or dense without one."""
+    """Route one call (BSHD in and out) through the published site of ``active``, or dense without one."""
     if (
         attn_mask is not None
         and attn_mask.ndim == 2
@@ -121,7 +126,6 @@ def _attend_bshd(
     ):
         attn_mask = attn_mask[:, None, None, :]  # same 2-D mask convention as diffusers' native backend
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    active = active_call()
     if active is None or enable_gqa:
         out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         return out.transpose(1, 2)
@@ -156,8 +160,15 @@ def _context_parallel_forward_op(
 ) -> torch.Tensor:
     """diffusers' templated-CP ``forward_op``: under Ulysses it sees the full sequence for its heads."""
     if return_lse:
-        raise ValueError("the dit_accel attention backend does not return LSE (needed by ring attention)")
-    return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        # Ulysses never asks for it; ring attention does, and is refused before reaching here.
+        raise ValueError(f"the dit_accel attention backend does not return LSE; supported context parallelism: {SUPPORTED_MODE}")
+    active = active_call()
+    if active is not None and active.text_tokens != 0:
+        # Each rank's chunk of a joint sequence is [text, visual] (or [visual, text]); after the all-to-all the text
+        # tokens lie in N places along the sequence, which no token layout describes: such calls run dense
+        # (``op.FORWARD_TEXT``, a negative count, stands for the forward's text tokens).
+        active = None
+    return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, active)
 
 
 def _context_parallel_backward_op(*args: Any, **kwargs: Any) -> None:
@@ -181,12 +192,8 @@ def _dit_accel_attention(
     if return_lse:
         raise ValueError("the dit_accel attention backend does not return LSE (return_lse=True given)")
     if _parallel_config is None or _parallel_config.context_parallel_config is None:
-        return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    cp = _parallel_config.context_parallel_config
-    if cp.ring_degree is not None and cp.ring_degree > 1:
-        raise ValueError(
-            f"the dit_accel attention backend supports Ulysses context parallelism only, got ring_degree={cp.ring_degree}"
-        )
+        return _attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, active_call())
+    require_supported(_parallel_config.context_parallel_config)
     return _templated_context_parallel_attention(
         query,
         key,

@@ -13,6 +13,11 @@ before any block runs) labels every batch row ``cond``/``uncond``/``extra``. Sta
 scheduler's state class); with batched guidance the rows of each branch are sliced out of the residuals; a
 call takes one decision for all its rows (computing if any branch needs it). The decision is published per
 branch in ``context.cache_status`` before the blocks run.
+
+Several processes: when the transformer's sequence is sharded over ranks (diffusers context parallelism), every
+rank must take the same decision (a skipped block skips its collectives). The probe's relative change is the one
+decision input computed on the rank's shard; :meth:`CacheController.relative_changes` sums its parts over
+:attr:`CacheController.decision_group` (see :mod:`dit_accel.parallel.context_parallel`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class CallPlan:
     """Block evaluations of this call (a token share counts as that share of a block)."""
 
 
+def _no_group() -> None:
+    """The decision group of a controller that decides alone."""
+    return None
+
+
 def combine(decisions) -> Decision:
     """One decision for a call whose branches voted: the most computing one wins."""
     ds = list(decisions)
@@ -87,6 +97,10 @@ class CacheController:
         """Each block's own forward, in block order (set when installed; selective tokens run blocks with it)."""
         self.tokens = SelectiveTokens(blocks, scheduler.token_share) if scheduler.token_share > 0 else None
         """The selective-token recomputation (ProCache with ``selective_tokens``), else ``None``."""
+        self.decision_group: Callable[[], Any] = _no_group
+        """Returns the process group whose ranks must take the same decisions (the transformer's context-parallel
+        group, set by ``install_controller``), or ``None`` when this process decides alone. Read at every probe,
+        so it follows ``enable_parallelism`` called after the cache was installed."""
 
     # --- state ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -266,17 +280,7 @@ class CacheController:
         for branch, rows in plan.groups:
             part = probe if len(plan.groups) == 1 else probe[rows]
             changes.append(self.scheduler.observe_probe(self._state(branch), part))
-        known = [c for c in changes if c is not None]
-        values: list[float] = []
-        if known:
-            parts = torch.stack(known)  # (branches, 2): numerator and denominator of the relative L1
-            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                # Context parallelism: each rank holds a token shard; sum so that every rank takes the same decision.
-                torch.distributed.all_reduce(parts)
-            # One host sync for all branches of the call.
-            values = [n / max(d, 1e-12) for n, d in parts.tolist()]
-        it = iter(values)
-        change_by_branch = {b: (next(it) if c is not None else None) for (b, _), c in zip(plan.groups, changes)}
+        change_by_branch = self.relative_changes([b for b, _ in plan.groups], changes, probe)
         plan.changes = change_by_branch
         if plan.decision is not Decision.PROBE:
             return
@@ -289,6 +293,24 @@ class CacheController:
         if plan.decision is Decision.REUSE:
             plan.reuse_end = self.scheduler.reuse_end(plan.decision)
         self._publish()
+
+    def relative_changes(self, branches: list[str], parts: list[torch.Tensor | None],
+                         like: torch.Tensor) -> dict[str, float | None]:
+        """Per branch, the probe's relative L1 change from its ``[numerator, denominator]`` (``None``: unknown),
+        the same on every rank of :attr:`decision_group`: there the parts are summed over the ranks first (each
+        holds a token shard of equal size, so the sums' ratio is the whole sequence's), and a change known on
+        only some ranks counts as unknown. One host sync for all branches of the call."""
+        group = self.decision_group()
+        if group is None and all(p is None for p in parts):
+            return {b: None for b in branches}
+        rows = [torch.cat([p.float(), p.new_ones(1, dtype=torch.float32)]) if p is not None
+                else torch.zeros(3, device=like.device) for p in parts]
+        table = torch.stack(rows)  # (branches, 3): numerator, denominator, ranks that know it
+        ranks = 1
+        if group is not None:
+            torch.distributed.all_reduce(table, group=group)
+            ranks = torch.distributed.get_world_size(group)
+        return {b: (n / max(d, 1e-12) if round(k) == ranks else None) for b, (n, d, k) in zip(branches, table.tolist())}
 
     def end_call(self) -> None:
         """Update counters and statistics once the last block returned."""

@@ -5,6 +5,7 @@ projection for ``target="output"``) that hands the call to the transformer's
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from dit_accel.caching.blocks import BlockRef, find_blocks
 from dit_accel.caching.controller import CacheController
 from dit_accel.caching.registry import build_scheduler, make_cache_config
 from dit_accel.context import TransformerContext
+from dit_accel.parallel.context_parallel import context_parallel_group
 
 logger = logging.getLogger("dit_accel")
 
@@ -162,6 +164,8 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
         output_module = getattr(transformer, "proj_out", None)
         if not isinstance(output_module, torch.nn.Module):
             raise ValueError(f"target='output' needs an output projection `proj_out`; {type(transformer).__name__} has none")
+    # Ranks sharing the transformer's sequence must decide alike (looked up per probe: CP may come later).
+    controller.decision_group = functools.partial(context_parallel_group, transformer)
     attachment = CacheAttachment(transformer, controller)
     try:
         hooked = [(ref.module, CacheBlockHook(controller, index, ref)) for index, ref in enumerate(blocks)]
