@@ -153,15 +153,23 @@ class AccelHandle:
 
         Keys: ``attention_calls``, ``sparse_calls``, ``mean_density`` (over all self-attention calls,
         dense ones counting 1.0; ``None`` without calls), ``plan_ms_total``, ``backends`` and
-        ``dense_reasons`` (name -> count).
+        ``dense_reasons`` (name -> count), ``dense_head_share`` (of the heads of the planned calls, the share the
+        break-even routing ran dense; ``None`` without such calls) and ``precision_fallbacks`` (reason -> count).
         """
         rows = self.stats()
         backends: dict[str, int] = {}
         reasons: dict[str, int] = {}
+        fallbacks: dict[str, int] = {}
+        dense_heads = heads = 0
         for r in rows:
             backends[r["backend"]] = backends.get(r["backend"], 0) + 1
             if r["dense_reason"] is not None:
                 reasons[r["dense_reason"]] = reasons.get(r["dense_reason"], 0) + 1
+            if "heads" in r:
+                dense_heads += len(r["dense_heads"])
+                heads += r["heads"]
+            if "precision_fallback" in r:
+                fallbacks[r["precision_fallback"]] = fallbacks.get(r["precision_fallback"], 0) + 1
         return {
             "attention_calls": len(rows),
             "sparse_calls": sum(1 for r in rows if r["dense_reason"] is None),
@@ -169,6 +177,8 @@ class AccelHandle:
             "plan_ms_total": sum(r["plan_ms"] for r in rows),
             "backends": backends,
             "dense_reasons": reasons,
+            "dense_head_share": dense_heads / heads if heads else None,
+            "precision_fallbacks": fallbacks,
         }
 
     @property
@@ -383,6 +393,26 @@ def _build_processors(attachment: _Attachment, method: AttentionMethod) -> dict[
     return processors
 
 
+def with_precision(method: AttentionMethod | None, precision: str | None) -> AttentionMethod | None:
+    """``method`` with its kernel ``precision`` set (``None`` keeps the method's own). Raises ``ValueError`` for a
+    precision other than bf16 on a method that runs no configurable kernel (``dense``, ``full``)."""
+    if precision is None:
+        return method
+    from dit_accel.attention.base import ConfiguredMethod
+    from dit_accel.kernels.fp8_common import check_precision
+
+    check_precision(precision)
+    if isinstance(method, ConfiguredMethod):
+        if method.cfg.precision == precision:
+            return method
+        return type(method)(dataclasses.replace(method.cfg, precision=precision))
+    if precision != "bf16":
+        name = None if method is None else method.name
+        raise ValueError(f"precision {precision!r} applies to the sparse attention methods; attention {name!r} has "
+                         "no kernel precision (choose a sparse method or preset)")
+    return method
+
+
 def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, Any | None]:
     """Preset, attention method and cache config after applying the overrides (raises on bad values)."""
     resolved_preset = None
@@ -422,6 +452,7 @@ def apply(
     attention: str | AttentionMethod | None = None,
     cache: Any | None = None,
     token_order: str = "auto",
+    precision: str | None = None,
 ) -> AccelHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
 
@@ -437,11 +468,16 @@ def apply(
     for a Wan transformer running such a method, else ``"call"``. Outputs agree up to float reassociation
     (see :mod:`dit_accel.attention.token_order`); :meth:`AccelHandle.token_orders` tells which one runs.
 
+    ``precision`` (``"bf16"`` or ``"fp8"``; ``None`` keeps the method's or preset's): the block-sparse kernel's
+    precision (:attr:`dit_accel.attention.base.SparseConfig.precision`); where the device cannot run fp8 the calls
+    run bf16 and the statistics say why.
+
     Applying again first removes the previous application. Raises ``TypeError``/``ValueError`` naming the
     bad value and the allowed ones; nothing is changed when it raises.
     """
     validate_token_order(token_order)
     resolved_preset, method, cache_config = _resolve(preset, attention, cache)
+    method = with_precision(method, precision)
     target = pipe_or_transformer
     if _is_pipeline(target):
         transformers = _pipeline_transformers(target)

@@ -49,6 +49,7 @@ class GenerateArgs:
     attention: str | None
     cache: str | None
     token_order: str
+    precision: str | None
     output: Path
     fps: int
     device: str
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--token-order", choices=TOKEN_ORDERS, default="auto",
                      help="where the 3D-tile token permutation runs: once per transformer forward (Wan family), "
                           "in every attention call, or auto (default: forward where supported)")
+    gen.add_argument("--precision", choices=("bf16", "fp8"), default=None,
+                     help="block-sparse kernel precision (default: the preset's or method's; fp8 falls back to bf16 "
+                          "where the device has no 8-bit kernel, and the run log says why)")
     gen.add_argument("--output", "-o", type=Path, default=Path("outputs/out.mp4"), help="output .mp4 (video) or .png (image)")
     gen.add_argument("--fps", type=positive_int, default=8, help="frames per second of the mp4 (default 8)")
     gen.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
@@ -131,6 +135,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         attention=ns.attention,
         cache=ns.cache,
         token_order=ns.token_order,
+        precision=ns.precision,
         output=output,
         fps=ns.fps,
         device=ns.device,
@@ -255,7 +260,7 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
 
     try:
         handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
-                                 token_order=args.token_order)
+                                 token_order=args.token_order, precision=args.precision)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
 
