@@ -159,3 +159,22 @@ def test_apply_sets_the_precision_of_the_method_and_refuses_it_without_a_kernel(
     with pytest.raises(ValueError, match="precision must be one of"):
         dit_accel.apply(pipe, attention="draft", precision="int4")
     assert dit_accel.get_handle(pipe) is None
+
+
+def test_dense_backend_per_shape():
+    from dit_accel.attention.dense import PROBED_MIN_KEYS, dense_call_backend, prefers_probed_order
+
+    long = torch.empty(1, 2, PROBED_MIN_KEYS, 64)
+    short = torch.empty(1, 2, PROBED_MIN_KEYS - 1, 64)
+    text = torch.empty(1, 2, 32, 64)
+    assert prefers_probed_order(long, long, None)
+    assert not prefers_probed_order(short, short, None)  # no measurement below: torch's own dispatch
+    assert not prefers_probed_order(long, text, None)  # cross-attention over text tokens
+    assert not prefers_probed_order(long, long, torch.ones(1, 1, 1, PROBED_MIN_KEYS, dtype=torch.bool))
+    assert dense_call_backend(long, long) == "cpu_sdpa"
+
+
+def test_dense_method_skips_planning():
+    from dit_accel.attention.exact import DenseMethod
+
+    assert DenseMethod.plans is False and dit_accel.get_method("draft").plans is True

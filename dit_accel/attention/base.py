@@ -77,6 +77,9 @@ class AttentionMethod:
     """Registry name, e.g. ``"full"``."""
     needs_tile_stats: ClassVar[bool] = False
     """When True the kernel also returns per-tile statistics, passed to :meth:`observe`."""
+    plans: ClassVar[bool] = True
+    """False for a method whose ``plan`` always returns ``None`` (``dense``): the route then skips the call context
+    and the plan (host work on every call)."""
     plans_in_tile_order: ClassVar[bool] = False
     """Whether the method forms its blocks in the 3D-tile order; then the forward token order
     (:mod:`dit_accel.attention.token_order`) saves the per-call permutation."""

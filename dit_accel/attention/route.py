@@ -35,8 +35,9 @@ from typing import Literal
 import torch
 
 from dit_accel.attention.base import AttentionMethod, SparsePlan
-from dit_accel.attention.dense import dense_attention, dense_backend_name
+from dit_accel.attention.dense import dense_attention, dense_backend_name, dense_call_backend
 from dit_accel.context import AttentionCall, State, TextPosition, TransformerContext, timed
+from dit_accel.kernels.block_sparse_common import SUPPORTED_HEAD_DIMS
 
 SPARSE_BACKEND = "block_sparse"
 """Name recorded in statistics for calls that ran on the block-sparse kernel."""
@@ -58,12 +59,6 @@ class ModuleBinding:
     """``"self"``: self/joint attention over the visual tokens; ``"cross"``: always dense."""
     module_id: int
     """``id()`` of the attention module the processor was built for (checked at every call)."""
-
-
-def _sparse_head_dim_ok(q: torch.Tensor) -> bool:
-    from dit_accel.kernels import SUPPORTED_HEAD_DIMS
-
-    return q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
 def block_mask_density_tensor(mask) -> torch.Tensor:
@@ -341,41 +336,51 @@ def attend(
         return torch.cat([head, tail], dim=2)
     if attn_mask is not None and trailing_key_padding == 0:
         attn_mask = None  # the mask hides nothing
+    method = binding.method
     if attn_mask is not None:
         reason = "mask"
     elif dropout_p > 0.0 or is_causal:
         reason = "dropout_or_causal"
-    elif seq_len < binding.method.min_seq_len:
+    elif seq_len < method.min_seq_len:
         reason = "short_sequence"
-    elif not _sparse_head_dim_ok(q):
+    elif q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         reason = "head_dim"
+    elif not method.plans:
+        reason = "method"
 
-    layout = ctx.layout(seq_len, text_tokens, text_position)
+    stats = ctx.stats_enabled
+    if reason is None or stats:
+        layout = ctx.layout(seq_len, text_tokens, text_position)
     plan: SparsePlan | None = None
     plan_ms = 0.0
     call: AttentionCall | None = None
     if reason is None:
         call = ctx.attention_call(binding.layer, binding.module_name, layout)
         start = timed()
-        result = binding.method.plan(q, k, call)
+        result = method.plan(q, k, call)
         plan_ms = timed() - start
         if result is None:
             reason = "method"
         else:
             plan = result if isinstance(result, SparsePlan) else SparsePlan(result)
 
+    if plan is not None:
+        out = run_plan(method, call, plan, q, k, v, scale)
+    else:
+        out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    if not stats:
+        return out
+
+    # the statistics record: built only while statistics are on (it is host work on every call)
     token_order = "forward" if layout.tile_order is not None else None
     if plan is not None:
-        out = run_plan(binding.method, call, plan, q, k, v, scale)
         if plan.perm is not None:
             token_order = "forward+folded" if token_order == "forward" else "folded"
         density: torch.Tensor | float = block_mask_density_tensor(plan.mask)
         backend = SPARSE_BACKEND
     else:
-        out = dense_attention(q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         density = 1.0
-        backend = dense_backend_name(q.device)
-
+        backend = dense_call_backend(q, k, attn_mask)
     branches = ctx.branches
     record = {
         "transformer": ctx.name,
@@ -385,7 +390,7 @@ def attend(
         "layer": binding.layer,
         "module": binding.module_name,
         "branch": branches[0] if len(set(branches)) == 1 else ",".join(branches),
-        "method": binding.method.name,
+        "method": method.name,
         "density": density,
         "plan_ms": plan_ms,
         "backend": backend,
