@@ -26,7 +26,8 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.hooks.hooks import HookRegistry
@@ -43,6 +44,9 @@ from dit_accel.attention.token_order import (
 from dit_accel.context import ContextHook, StepClock, TransformerContext
 from dit_accel.pipelines.base import Family
 from dit_accel.pipelines.families import detect_family, supported_transformer_classes
+
+if TYPE_CHECKING:
+    from dit_accel.presets import Preset
 
 logger = logging.getLogger("dit_accel")
 
@@ -415,17 +419,21 @@ def with_precision(method: AttentionMethod | None, precision: str | None) -> Att
 
 def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, Any | None]:
     """Preset, attention method and cache config after applying the overrides (raises on bad values)."""
+    from dit_accel.presets import Preset, get_preset
+
     resolved_preset = None
     attention_name = attention
     attention_config: dict[str, Any] = {}
     cache_name = cache
     cache_config: dict[str, Any] = {}
     if preset is not None:
-        from dit_accel.presets import get_preset
-
-        resolved_preset = get_preset(preset) if isinstance(preset, str) else None
-        if resolved_preset is None:
-            raise TypeError(f"preset must be a str (a preset name), got {type(preset).__name__}: {preset!r}")
+        if isinstance(preset, Preset):
+            resolved_preset = preset
+        elif isinstance(preset, str):
+            resolved_preset = get_preset(preset)
+        else:
+            raise TypeError(f"preset must be a str (a preset name or a .json preset file) or a Preset, got "
+                            f"{type(preset).__name__}: {preset!r}")
         if attention is None:
             attention_name = resolved_preset.attention
             attention_config = dict(resolved_preset.attention_config)
@@ -448,7 +456,7 @@ def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMet
 # --- public functions -------------------------------------------------------------------------------
 def apply(
     pipe_or_transformer: Any,
-    preset: str | None = None,
+    preset: "str | Path | Preset | None" = None,
     attention: str | AttentionMethod | None = None,
     cache: Any | None = None,
     token_order: str = "auto",
@@ -456,7 +464,9 @@ def apply(
 ) -> AccelHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
 
-    ``preset`` names a preset (``dit_accel.presets``); ``attention`` (a method name or an
+    ``preset`` names a preset (``dit_accel.presets``), or is a preset file (a ``.json`` path written by
+    ``dit_accel.calibrate``; refused with a ``ValueError`` naming both config hashes when it was calibrated on
+    another model configuration), or a ``Preset``; ``attention`` (a method name or an
     :class:`AttentionMethod`) and ``cache`` (a scheduler name from :func:`available_caches` or a
     ``dit_accel.caching.CacheConfig``) override the preset's; a name equal to the preset's keeps the
     preset's options. With no preset and no attention the
@@ -476,6 +486,10 @@ def apply(
     bad value and the allowed ones; nothing is changed when it raises.
     """
     validate_token_order(token_order)
+    from dit_accel.preset_file import is_preset_file, load_preset_file
+
+    if is_preset_file(preset):
+        preset = load_preset_file(preset, pipe_or_transformer)
     resolved_preset, method, cache_config = _resolve(preset, attention, cache)
     method = with_precision(method, precision)
     target = pipe_or_transformer

@@ -97,6 +97,26 @@ def head_densities(mask, batch: int, heads: int) -> torch.Tensor:
     return (counts / float(-(-q_len // bq) * -(-kv_len // bk))).expand(batch, heads)
 
 
+def cost_table_for(device: torch.device):
+    """The cost table ``dense_above="auto"`` reads on ``device``: the device's own on CUDA
+    (:func:`~dit_accel.kernels.cost_model.cost_table`), the table shipped for the GPU elsewhere (see
+    :attr:`~dit_accel.attention.base.SparseConfig.dense_above`)."""
+    from dit_accel.kernels.cost_model import cost_table
+
+    return cost_table(device) if device.type == "cuda" else _shipped()
+
+
+_SHIPPED: list = []
+
+
+def _shipped():
+    if not _SHIPPED:
+        from dit_accel.kernels.cost_model import shipped_table
+
+        _SHIPPED.append(shipped_table())
+    return _SHIPPED[0]
+
+
 _BREAK_EVEN: dict[tuple, tuple[float, str]] = {}
 
 
@@ -110,9 +130,7 @@ def break_even_of(dense_above: float | str, device: torch.device, seq_len: int, 
     key = (device.type, device.index, seq_len, head_dim, precision)
     hit = _BREAK_EVEN.get(key)
     if hit is None:
-        from dit_accel.kernels.cost_model import cost_table, shipped_table
-
-        table = cost_table(device) if device.type == "cuda" else shipped_table()
+        table = cost_table_for(device)
         hit = _BREAK_EVEN[key] = (table.break_even_density(seq_len, head_dim, precision), table.source)
     return hit
 
