@@ -1,6 +1,6 @@
 """Which dense SDPA backend is fastest, per head dim, at the attention shapes of our model families?
 
-    python benchmarks/dense_backends.py --out benchmarks/results   # on a GPU; writes dense_backends_gpu.json
+    python benchmarks/dense_backends.py --out benchmarks/results   # on a GPU; writes dense_backends.json
 
 Times torch SDPA with each backend forced (cuDNN, flash, memory-efficient) on bf16 (B, H, S, D) tensors,
 CUDA events, median of `--reps` after warm-up. `dit_accel.attention.dense` picks its backend order from
@@ -80,7 +80,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cudnn": torch.backends.cudnn.version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = args.out / "dense_backends_gpu.json"
+    path = args.out / "dense_backends.json"
     path.write_text(json.dumps({"env": env, "timing": f"CUDA events, median of {args.reps} after 3 warm-up calls, bf16, B=1",
                                 "rows": rows}, indent=1))
     print(f"wrote {path}")

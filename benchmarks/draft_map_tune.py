@@ -1,7 +1,7 @@
-"""Search the draft kernels' launch parameters on the GPU (issue 5: the combo refresh plan at Wan-1.3B 480p).
+"""Search the draft kernels' launch parameters on the GPU (target: the combo refresh plan at Wan-1.3B 480p).
 
 The refresh plan of combo/draft is map kernel + selection kernel + a little host work; the map was 0.38-0.40 ms
-of a 0.51 ms plan on the H200 (``sparse_speed_gpu_s4_presets_13b.json``). This script times the plan's estimate
+of a 0.51 ms plan on the H200 (``sparse_speed_presets_wan13b.json``). This script times the plan's estimate
 (``method.stages.select.estimate(..., block_indices=True)``: :func:`~dit_accel.kernels.draft_map.draft_map_triton` then
 :func:`~dit_accel.kernels.draft_map.select_blocks_triton` writing the BlockMask rows) over
 :class:`~dit_accel.kernels.draft_map.MapLaunch` variants by coordinate descent (one field at a time, from the
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--only", default="", help=f"comma list of the fields searched (default: all of {list(CHOICES)})")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--name", default="draft_map_tune")
+    parser.add_argument("--name", default="draft_map_tune", help="basename of the JSON written into --out")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating shipped/best timings per check shape")
     parser.add_argument("--then-sparse-speed", action="store_true",
                         help="sparse_speed planning-share rows with the best launch installed (first searched shape)")
     args = parser.parse_args(argv)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             estimate = map_inputs(sparse_speed.SHAPES[name], device, dtype)
             reference = estimate()
             # alternate the two launches so that clock drift hits both alike
-            for rnd in range(3):
+            for rnd in range(args.rounds):
                 for tag, launch in (("shipped", shipped), ("best", best)):
                     row = dict(time_launch(launch, estimate, device, args.reps, reference), shape=name, tag=tag,
                                round=rnd)

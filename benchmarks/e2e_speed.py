@@ -348,7 +348,7 @@ def main() -> None:
         "results": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "e2e_speed_gpu.json" if device.type == "cuda" else args.out / "e2e_speed_cpu.json"
+    path = args.out / "e2e_speed.json" if device.type == "cuda" else args.out / "e2e_speed_cpu.json"
     t0 = time.perf_counter()
     for name in args.configs:
         if time.perf_counter() - t0 > args.time_budget:

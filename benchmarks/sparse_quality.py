@@ -51,7 +51,7 @@ TOP_P = (0.97, 0.9, 0.8, 0.65, 0.5)
 
 SWEEPS: dict[str, list[dict]] = {
     "draft": [{"top_p": p} for p in TOP_P],
-    # session 1's draft (one pooled query per block, no temperature) at two points, for comparison
+    # the original draft (one pooled query per block, no temperature) at two points, for comparison
     "draft_v1": [{"top_p": p, "query_pool": 128, "temperature": 1.0} for p in (0.97, 0.8)],
     "permuted": [{"top_p": p, "order": "tile"} for p in (0.9, 0.8, 0.65)],
     "permuted_kmeans": [{"top_p": p, "order": "kmeans"} for p in (0.9, 0.65)],

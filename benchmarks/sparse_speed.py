@@ -4,7 +4,7 @@ sparse attention call, and the attention speed-up against dense cuDNN SDPA in th
     python benchmarks/sparse_speed.py --out benchmarks/results                 # GPU: Wan2.1 1.3B 480p + 14B 720p
     python benchmarks/sparse_speed.py --tiny --out /tmp                        # CPU smoke test, tiny shape
     python benchmarks/sparse_speed.py --device cpu --skip-attention --shapes wan2.1-1.3b-480p   # CPU: plan + gather only
-    python benchmarks/sparse_speed.py --labels none --preset-densities benchmarks/results/eval_gpu_presets_v3_s4/report.json
+    python benchmarks/sparse_speed.py --labels none --preset-densities benchmarks/results/eval_presets_gpu/report.json
                                                                                # GPU: each preset at its testbed density
     python benchmarks/sparse_speed.py --summary out/a.json out/b.json          # print the summary table of results
 
@@ -258,7 +258,7 @@ def amortised_row(base: dict, label: str, refresh: dict, reuse: dict) -> dict:
 
 
 def block_mask_by_sort(keep: torch.Tensor, seq_len: int):
-    """The BlockMask as ``block_mask_from_bool`` built it up to session 3 (a stable argsort on "not selected"),
+    """The BlockMask as ``block_mask_from_bool`` built it before the sort-free compaction (a stable argsort on "not selected"),
     kept here only to time it beside the sort-free compaction (same kv_num_blocks / kv_indices)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -357,7 +357,7 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
         row[f"plan_ms{suffix}"] = time_ms(lambda: plan_once(m), device, reps)
         row[f"plan_compactions{suffix}"] = count_compactions(lambda: plan_once(m))
     row["block_mask_ms"] = time_ms(lambda: block_mask_from_bool(keep, S, S), device, reps)
-    # the session-3 BlockMask (stable argsort), timed beside the sort-free compaction: before/after in one run
+    # the argsort BlockMask, timed beside the sort-free compaction: before/after in one run
     row["block_mask_ms_sort"] = time_ms(lambda: block_mask_by_sort(keep, S), device, reps)
     new_mask, sort_mask = block_mask_from_bool(keep, S, S), block_mask_by_sort(keep, S)
     row["block_mask_equal_sort"] = bool(torch.equal(new_mask.kv_num_blocks, sort_mask.kv_num_blocks)
@@ -392,7 +392,7 @@ def plan_breakdown(base: dict, label: str, name: str, options: dict, q: torch.Te
             draft_map_kernel.MAP_LAUNCH, draft_map_kernel.SCORE_PRECISION = saved
         row["map_ms_variants"] = variants
         launch = saved[0]
-        # the session-3/4 key names, kept for the summaries of older JSON files
+        # earlier key names, kept for the summaries of older JSON files
         row["map_defaults"] = {"MAP_ROWS": launch.map_rows, "MAP_STAGES": launch.stages, "SCORE_PRECISION": saved[1],
                                "KEY_CHUNK": launch.key_chunk, "launch": asdict(launch)}
     return row
@@ -442,8 +442,8 @@ def map_check(base: dict, q: torch.Tensor, k: torch.Tensor, grid, device: torch.
 PRESET_ORDER: tuple[str, ...] = ("quality", "balanced", "fast", "turbo")
 """The shipped sparse presets (``dit_accel.presets``), in the order positional ``--preset-densities`` are read."""
 
-DEFAULT_PRESET_REPORT = "benchmarks/results/eval_gpu_presets_v3_s4/report.json"
-"""The committed eval report of the v3 presets on the testbed (H100, 16 prompts; session-3 weights)."""
+DEFAULT_PRESET_REPORT = "benchmarks/results/eval_presets_gpu/report.json"
+"""The committed eval report of the presets on the testbed (GPU, 16 prompts), whose densities the preset rows take."""
 
 
 @dataclass(frozen=True)
@@ -638,7 +638,7 @@ def preset_rows(base: dict, densities: list[PresetDensity], shape: dict, q: torc
       the fitted method's (the knob's are ``knob_*_plan_ms``). ``kernel_random_ms``: the kernel with random
       key blocks per head at the same density, to show whether the mask's shape matters.
     * ``speedup_vs_dense = dense_ms / (kernel_ms + plan_ms_per_call_50_steps + forward_perm_ms_per_call)``;
-      ``overhead`` = (amortised plan + permutation) / kernel (issue 5's target: <= 5 %).
+      ``overhead`` = (amortised plan + permutation) / kernel (target: <= 5 %).
     """
     grid = tuple(shape["grid"])
     S = q.shape[-2]
@@ -842,7 +842,7 @@ def _pct(x: float | None) -> str:
 
 def summary_lines(results: dict) -> list[str]:
     """Markdown tables of one results dict (or several merged): dense per shape, the planning share of the
-    sparse call (method, amortised and breakdown rows: issue 5's <= 5 % target) and each preset's attention
+    sparse call (method, amortised and breakdown rows: the <= 5 % target) and each preset's attention
     call against cuDNN dense."""
     rows = results["rows"]
     env = results.get("env", {})

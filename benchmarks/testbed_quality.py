@@ -203,7 +203,9 @@ def main() -> None:
         parser.error(f"unknown section in {sections}; allowed: {allowed}")
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    results: dict = {"env": environment(device), "weights": str(args.weights)}
+    info = args.weights / "training_info.json"
+    steps = json.loads(info.read_text()).get("dit", {}).get("step") if info.is_file() else None
+    results: dict = {"env": environment(device), "weights": str(args.weights), "weights_dit_steps": steps}
     # PNG grids follow --name: testbed_quality_s2 -> testbed_samples_s2.png
     samples_name = args.name.replace("testbed_quality", "testbed_samples")
     results["samples_png"] = f"{samples_name}.png"

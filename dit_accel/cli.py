@@ -2,30 +2,40 @@
 
 ``dit-accel generate`` loads a pipeline (the shipped testbed, a local diffusers folder or a hub id),
 applies an acceleration preset or method, generates, writes an mp4 (or PNG for image models) and
-appends one JSON line per run to a run log. ``dit-accel presets`` lists the shipped presets.
+appends one JSON line per run to a run log; with ``--compare`` it also generates with the stock
+pipeline from the same seed and writes both side by side. ``dit-accel presets`` lists the shipped
+presets, ``dit-accel info`` reports the environment, ``calibrate`` and ``eval`` live in their packages.
+
+Importing this module is cheap (no torch, no diffusers): each subcommand imports what it needs when
+it runs, and only the chosen subcommand's options are built, so ``--help`` and ``presets`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import json
 import logging
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
+
+from dit_accel.argtypes import non_negative_float, non_negative_int, positive_int
+from dit_accel.loading import DEVICES, DTYPES, TESTBED_MODEL
 
 logger = logging.getLogger("dit_accel")
 
-from dit_accel.argtypes import non_negative_float, positive_int
-from dit_accel.attention.token_order import TOKEN_ORDERS
-from dit_accel.loading import DEVICES, DTYPES, TESTBED_MODEL
+TOKEN_ORDER_CHOICES = ("auto", "forward", "call")
+"""``--token-order`` values; the same tuple as ``dit_accel.attention.token_order.TOKEN_ORDERS`` (a test keeps
+them equal), spelled here so that building the parser imports no torch."""
+
+COMPARE_LABEL = "dense (stock)"
+"""How ``--compare`` names the reference: the pipeline as loaded, nothing applied."""
 
 
 class CLIError(Exception):
@@ -37,44 +47,73 @@ class GenerateArgs:
     """Parsed and validated arguments of ``dit-accel generate``."""
 
     model: str
+    """``testbed``, a local diffusers pipeline folder or a hub id."""
     prompt: str
+    """The text prompt."""
     negative_prompt: str | None
+    """Negative prompt, for pipelines that take one."""
     height: int | None
+    """Pixels; ``None`` keeps the pipeline's default."""
     width: int | None
+    """Pixels; ``None`` keeps the pipeline's default."""
     frames: int | None
+    """Frames (video pipelines); ``None`` keeps the pipeline's default."""
     steps: int | None
+    """Denoising steps; ``None`` keeps the pipeline's default."""
     guidance: float | None
+    """Classifier-free guidance scale; ``None`` keeps the pipeline's default."""
     seed: int
+    """Seed of the CPU generator that draws the initial noise."""
     preset: str | None
+    """Preset name; ``dense`` when no preset, attention or cache is given."""
     attention: str | None
+    """Attention method overriding the preset's."""
     cache: str | None
+    """Cache scheduler overriding the preset's."""
     token_order: str
+    """Where the tile permutation runs (``auto``, ``forward``, ``call``)."""
     precision: str | None
+    """Block-sparse kernel precision (``bf16``, ``fp8``); ``None`` keeps the preset's or method's."""
     output: Path
+    """The .mp4 or .png to write."""
     fps: int
+    """Frames per second of the mp4."""
     device: str
+    """``auto``, ``cpu`` or ``cuda``."""
     dtype: str
+    """``auto`` or a floating dtype name."""
     log: Path
+    """JSONL run log to append to."""
     overwrite: bool
+    """Replace ``output`` if it exists."""
+    compare: bool = False
+    """Also generate with the stock pipeline and write both side by side."""
+    warmup_steps: int = 2
+    """With ``compare``: steps of the untimed warm-up generation of each side (0: none)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser for every ``dit-accel`` subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="dit-accel",
-        description="Training-free acceleration for diffusion transformers (diffusers).",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (backend choices, timings)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _UsageError(Exception):
+    """Raised by :class:`_Parser` instead of exiting, so that :func:`main` can list every unknown word."""
 
-    gen = sub.add_parser("generate", help="generate a video or image with acceleration")
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--model",
         default=TESTBED_MODEL,
         help="'testbed' (the shipped model, default), a local diffusers pipeline folder, or a hub id "
         "(loaded with DiffusionPipeline.from_pretrained; needs the weights locally or network access)",
     )
-    gen.add_argument("--prompt", required=True, help="text prompt (for the testbed: a caption of its grammar)")
+    gen.add_argument("--prompt", default=None, help="text prompt (required; for the testbed: a caption of its grammar)")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt, if the pipeline takes one")
     gen.add_argument("--height", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
     gen.add_argument("--width", type=positive_int, default=None, help="pixels; default: the model's CPU/GPU default")
@@ -82,15 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps")
     gen.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--preset", default=None, help="speed preset name (see `dit-accel presets`)")
+    gen.add_argument("--preset", default=None, help="speed preset name (see `dit-accel presets`; default dense)")
     gen.add_argument("--attention", default=None, help="attention method name; overrides the preset's")
     gen.add_argument("--cache", default=None, help="feature-cache scheduler name; overrides the preset's")
-    gen.add_argument("--token-order", choices=TOKEN_ORDERS, default="auto",
+    gen.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="auto",
                      help="where the 3D-tile token permutation runs: once per transformer forward (Wan family), "
                           "in every attention call, or auto (default: forward where supported)")
     gen.add_argument("--precision", choices=("bf16", "fp8"), default=None,
                      help="block-sparse kernel precision (default: the preset's or method's; fp8 falls back to bf16 "
                           "where the device has no 8-bit kernel, and the run log says why)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also generate with the stock pipeline (nothing applied) from the same seed; OUTPUT shows "
+                          "dense | accelerated side by side, and the speed-up and PSNR vs dense are printed")
+    gen.add_argument("--warmup-steps", type=non_negative_int, default=2,
+                     help="with --compare: steps of one untimed warm-up generation per side before the timed one "
+                          "(default 2; 0 for none; on a GPU give the full step count so Triton compiles before timing)")
     gen.add_argument("--output", "-o", type=Path, default=Path("outputs/out.mp4"), help="output .mp4 (video) or .png (image)")
     gen.add_argument("--fps", type=positive_int, default=8, help="frames per second of the mp4 (default 8)")
     gen.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
@@ -98,18 +143,218 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--log", type=Path, default=None, help="JSONL run log to append to (default: OUTPUT with .jsonl)")
     gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
-    sub.add_parser("presets", help="list the shipped speed presets")
 
+def _add_presets_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the presets as JSON (name, version, settings)")
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="device to report on (default: cuda if available, else cpu)")
+
+
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     from dit_accel.calibration import cli as calibrate_cmd
 
-    cal = sub.add_parser("calibrate", help="search a feature-cache schedule for a model, step count and budget")
-    calibrate_cmd.add_arguments(cal)
+    calibrate_cmd.add_arguments(parser)
 
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from dit_accel.eval import cli as eval_cmd
 
-    ev = sub.add_parser("eval", help="quality and speed of configurations vs dense over a prompt set, with a report")
-    eval_cmd.add_arguments(ev)
+    eval_cmd.add_arguments(parser)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``dit-accel`` subcommand: its help line, how to add its options, how to run it."""
+
+    name: str
+    """What users type after ``dit-accel``."""
+    help: str
+    """One line for ``dit-accel --help``."""
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    """Adds the options; may import the subcommand's module (only the chosen subcommand's run)."""
+    run: Callable[[argparse.Namespace], int]
+    """Runs it on the parsed options; returns the exit code; raises :class:`CLIError` on user errors."""
+
+
+def _run_generate(ns: argparse.Namespace) -> int:
+    args = _to_generate_args(ns)
+    record = run_generate(args)
+    if args.compare:
+        print(compare_summary(record))
+    else:
+        acc = record["acceleration"]
+        print(
+            f"wrote {record['output']} ({record['frames_shape'][0]} frames, {record['generate_s']:.1f} s, "
+            f"preset {acc['preset']}, attention {acc['attention']}, cache {acc['cache']}); log: {args.log}"
+        )
+    note = cpu_sparse_note(record)
+    if note:
+        print(note)
+    return 0
+
+
+def _run_presets(ns: argparse.Namespace) -> int:
+    from dit_accel.presets import get_preset, preset_names
+
+    presets = [get_preset(name) for name in preset_names()]
+    if ns.json:
+        rows = [
+            {"name": p.name, "version": p.version, "tag": p.tag, "attention": p.attention,
+             "attention_config": dict(p.attention_config), "cache": p.cache, "cache_config": dict(p.cache_config),
+             "description": p.description}
+            for p in presets
+        ]
+        print(json.dumps(rows, indent=1))
+        return 0
+    for p in presets:
+        print(f"{p.tag:<12} attention={p.attention} cache={p.cache}  {p.description}")
+    return 0
+
+
+def _run_info(ns: argparse.Namespace) -> int:
+    report = info_report(ns.device)
+    print(json.dumps(report, indent=1) if ns.json else format_info(report))
+    return 0
+
+
+def _run_calibrate(ns: argparse.Namespace) -> int:
+    from dit_accel.calibration import cli as calibrate_cmd
+
+    try:
+        return calibrate_cmd.run(ns)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from dit_accel.bench import cli as bench_cmd
+
+    parser.description = bench_cmd.DESCRIPTION
+    bench_cmd.add_arguments(parser)
+
+
+def _run_bench(ns: argparse.Namespace) -> int:
+    from dit_accel.bench import cli as bench_cmd
+
+    return bench_cmd.run(ns)
+
+
+def _run_eval(ns: argparse.Namespace) -> int:
+    from dit_accel.eval import cli as eval_cmd
+
+    return eval_cmd.run(ns)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    s.name: s
+    for s in (
+        Subcommand("generate", "generate a video or image with acceleration (--compare: side by side with dense)",
+                   _add_generate_arguments, _run_generate),
+        Subcommand("presets", "list the shipped speed presets", _add_presets_arguments, _run_presets),
+        Subcommand("info", "versions, device, dense backend, whether the Triton kernel and fp8 are usable",
+                   _add_info_arguments, _run_info),
+        Subcommand("calibrate", "search a feature-cache schedule for a model, step count and budget",
+                   _add_calibrate_arguments, _run_calibrate),
+        Subcommand("eval", "quality and speed of configurations vs dense over a prompt set, with a report",
+                   _add_eval_arguments, _run_eval),
+        Subcommand("bench", "time every model family at real size: stock, presets, their parts and the peers",
+                   _add_bench_arguments, _run_bench),
+    )
+}
+"""The subcommands in ``--help`` order; a new subcommand is one entry here."""
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of ``dit-accel``; only the options of ``commands`` are built (all when ``None``).
+
+    Every subcommand is listed either way; building one's options may import its module.
+    """
+    parser = _Parser(
+        prog="dit-accel",
+        description="Training-free acceleration for diffusion transformers (diffusers).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (backend choices, timings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+    for name, command in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=command.help, description=command.help)
+        if commands is None or name in commands:
+            command.add_arguments(sub_parser)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option of ``dit-accel`` itself)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:  # argparse keeps its subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _subparsers(child)
+    return found
+
+
+def _unknown_words(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Words of ``argv`` no parser knows, found by parsing with every option optional (so a missing
+    required option does not hide a misspelt one); empty when that parse fails too."""
+    actions = [a for p in _subparsers(parser) for a in p._actions if a.required and a.option_strings]
+    for action in actions:
+        action.required = False
+    try:
+        _, extras = parser.parse_known_args(argv)
+    except _UsageError:
+        extras = []
+    finally:
+        for action in actions:
+            action.required = True
+    return extras
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of ``command`` (``parser`` itself when there is none of that name)."""
+    return next((p for p in _subparsers(parser)[1:] if command and p.prog.split()[-1] == command), parser)
+
+
+def _unknown_message(parser: argparse.ArgumentParser, command: str | None, words: list[str]) -> tuple[argparse.ArgumentParser, str]:
+    target = _subparser(parser, command)
+    known = [s for a in target._actions for s in a.option_strings]
+    hints = []
+    for word in words:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{word} -> {close[0]}?")
+    message = f"unrecognized arguments: {' '.join(words)}"
+    if hints:
+        message += f" (did you mean: {', '.join(hints)})"
+    return target, message
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; on a usage error print usage and one message naming every unknown word, exit 2."""
+    command = _command_of(argv)
+    parser = build_parser([command] if command in SUBCOMMANDS else [])
+    try:
+        ns, extras = parser.parse_known_args(argv)
+    except _UsageError as err:
+        extras = _unknown_words(parser, argv)
+        if not extras:
+            argparse.ArgumentParser.error(err.parser, err.message)
+    if extras:
+        target, message = _unknown_message(parser, command, extras)
+        argparse.ArgumentParser.error(target, message)
+    if ns.command == "generate" and ns.prompt is None:
+        # --prompt is checked here, not by argparse, so that a misspelt option is reported as unknown first.
+        argparse.ArgumentParser.error(_subparser(parser, "generate"), "the following arguments are required: --prompt")
+    return ns
 
 
 def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
@@ -142,10 +387,12 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         dtype=ns.dtype,
         log=ns.log if ns.log is not None else output.with_suffix(".jsonl"),
         overwrite=ns.overwrite,
+        compare=ns.compare,
+        warmup_steps=ns.warmup_steps,
     )
 
 
-def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any) -> dict[str, Any]:
+def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any, steps: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``pipe(...)``, passing only what this pipeline's ``__call__`` accepts."""
     params = inspect.signature(pipe.__call__).parameters
     wanted: dict[str, Any] = {
@@ -154,7 +401,7 @@ def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any) -> dict[str, Any
         "height": args.height,
         "width": args.width,
         "num_frames": args.frames,
-        "num_inference_steps": args.steps,
+        "num_inference_steps": steps if steps is not None else args.steps,
         "guidance_scale": args.guidance,
     }
     kwargs: dict[str, Any] = {"generator": generator, "output_type": "np"}
@@ -186,40 +433,13 @@ def _frames_of(output: Any) -> Any:
 
 
 def write_media(frames: Any, path: Path, fps: int) -> Path:
-    """Write frames (T, H, W, 3) in [0, 1] to ``path`` (.mp4 or .png) atomically; return the written path.
+    """:func:`dit_accel.media.write_media`, with its user errors (a .png of several frames) as CLIError."""
+    from dit_accel.media import write_media as write
 
-    If encoding fails, the frames are kept as ``.npy`` beside ``path`` and the error is re-raised, so a
-    finished generation is never lost.
-    """
-    import imageio.v2 as imageio
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    uint8 = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        if path.suffix.lower() == ".png":
-            if uint8.shape[0] != 1:
-                raise CLIError(f"a .png output holds one image; this model made {uint8.shape[0]} frames: use .mp4")
-            imageio.imwrite(tmp_name, uint8[0], format="png")
-        else:
-            # macro_block_size=1 keeps the exact size (the testbed's 128 px frames are fine either way).
-            with imageio.get_writer(tmp_name, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
-                for frame in uint8:
-                    w.append_data(frame)
-        # mkstemp creates the file 0600; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except Exception:
-        Path(tmp_name).unlink(missing_ok=True)
-        rescue = path.with_suffix(".frames.npy")
-        np.save(rescue, uint8)
-        logger.error("could not write %s; the frames are saved in %s", path, rescue)
-        raise
-    return path
+        return write(frames, path, fps)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
 
 
 def _versions() -> dict[str, str]:
@@ -233,7 +453,17 @@ def _versions() -> dict[str, str]:
         versions["triton"] = triton.__version__
     except ImportError:
         versions["triton"] = "not installed"
+    versions["dit_accel"] = _package_version()
     return versions
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dit-accel")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -242,30 +472,20 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
-def run_generate(args: GenerateArgs) -> dict[str, Any]:
-    """Load, accelerate, generate, write the media and the run-log line; return the log record."""
+@dataclass
+class _Generation:
+    frames: Any
+    seconds: float
+    step_s: list[float]
+    call: dict[str, Any]
+
+
+def _generate_once(pipe: Any, args: GenerateArgs, device: Any, steps: int | None = None) -> _Generation:
+    """One timed generation from ``args.seed`` (``steps`` overrides ``args.steps``, for warm-ups)."""
     import torch
 
-    import dit_accel
-
-    from dit_accel.loading import load_pipeline, resolve_device_dtype
-
-    try:
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-        t0 = time.perf_counter()
-        pipe = load_pipeline(args.model, device, dtype)
-    except ValueError as err:
-        raise CLIError(str(err)) from err
-    load_s = time.perf_counter() - t0
-
-    try:
-        handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
-                                 token_order=args.token_order, precision=args.precision)
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err)) from err
-
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    kwargs = _call_kwargs(pipe, args, generator)
+    kwargs = _call_kwargs(pipe, args, generator, steps)
     step_times: list[float] = []
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
 
@@ -276,10 +496,9 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = _on_step_end
-
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t1 = time.perf_counter()
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             output = pipe(**kwargs)
@@ -288,74 +507,220 @@ def run_generate(args: GenerateArgs) -> dict[str, Any]:
         raise CLIError(str(err)) from err
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    generate_s = time.perf_counter() - t1
-    frames = _frames_of(output)
-    written = write_media(frames, args.output, args.fps)
+    seconds = time.perf_counter() - t0
+    per_step = [b - a for a, b in zip([t0] + step_times[:-1], step_times)]
+    call = {k: v for k, v in kwargs.items() if k not in ("generator", "callback_on_step_end", "prompt")}
+    return _Generation(_frames_of(output), seconds, [round(s, 4) for s in per_step], call)
 
-    per_step = [b - a for a, b in zip([t1] + step_times[:-1], step_times)]
+
+def accelerated_label(acceleration: dict[str, Any], args: GenerateArgs) -> str:
+    """A short name for an applied configuration: the preset tag and what ``--attention`` / ``--cache`` changed."""
+    parts = [str(acceleration["preset"])] if acceleration.get("preset") else []
+    without_preset = not parts
+    for kind in ("attention", "cache"):
+        if getattr(args, kind) is not None or without_preset:
+            parts.append(f"{kind} {acceleration.get(kind) or 'none'}")
+    return ", ".join(parts)
+
+
+def run_generate(args: GenerateArgs) -> dict[str, Any]:
+    """Load, accelerate, generate, write the media and the run-log line; return the log record.
+
+    With ``args.compare`` the stock pipeline generates first from the same seed, each side after an
+    untimed warm-up of ``args.warmup_steps`` steps, and the output shows both side by side.
+    """
+    import torch
+
+    import dit_accel
+    from dit_accel.loading import load_pipeline, resolve_device_dtype
+
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        t0 = time.perf_counter()
+        pipe = load_pipeline(args.model, device, dtype)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    load_s = time.perf_counter() - t0
+    if hasattr(pipe, "set_progress_bar_config") and args.compare:
+        pipe.set_progress_bar_config(desc=COMPARE_LABEL)
+
+    dense: _Generation | None = None
+    if args.compare:
+        if args.warmup_steps:
+            _generate_once(pipe, args, device, steps=args.warmup_steps)
+        dense = _generate_once(pipe, args, device)
+
+    try:
+        handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
+                                 token_order=args.token_order, precision=args.precision)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+    acceleration = handle.summary()
+    label = accelerated_label(acceleration, args)
+    try:
+        if hasattr(pipe, "set_progress_bar_config") and args.compare:
+            pipe.set_progress_bar_config(desc=label)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.compare and args.warmup_steps:
+            _generate_once(pipe, args, device, steps=args.warmup_steps)
+            handle.reset_stats()
+        run = _generate_once(pipe, args, device)
+        attention_stats = handle.stats_summary()
+        cache_stats = handle.cache_summary()
+    finally:
+        dit_accel.remove(pipe)
+
     record: dict[str, Any] = {
-        "event": "generate",
+        "event": "compare" if args.compare else "generate",
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
         "prompt": args.prompt,
         "seed": args.seed,
-        "frames_shape": list(frames.shape),
-        "call": {k: v for k, v in kwargs.items() if k not in ("generator", "callback_on_step_end", "prompt")},
-        "acceleration": handle.summary(),
+        "frames_shape": list(run.frames.shape),
+        "call": run.call,
+        "acceleration": acceleration,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""),
         "versions": _versions(),
         "load_s": round(load_s, 3),
-        "generate_s": round(generate_s, 3),
-        "step_s": [round(s, 4) for s in per_step],
+        "generate_s": round(run.seconds, 3),
+        "step_s": run.step_s,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-        "attention_stats": handle.stats_summary(),
-        "cache_stats": handle.cache_summary(),
-        "output": str(written),
+        "attention_stats": attention_stats,
+        "cache_stats": cache_stats,
     }
+    if dense is None:
+        written = write_media(run.frames, args.output, args.fps)
+    else:
+        from dit_accel.media import psnr_db, side_by_side
+
+        speedup = dense.seconds / run.seconds
+        psnr = psnr_db(dense.frames, run.frames)
+        video = side_by_side(
+            dense.frames, run.frames,
+            [COMPARE_LABEL, f"{dense.seconds:.1f} s"],
+            [label, f"{run.seconds:.1f} s, {speedup:.2f}x"],
+        )
+        written = write_media(video, args.output, args.fps)
+        record.update({
+            "label": label,
+            "warmup_steps": args.warmup_steps,
+            "dense_generate_s": round(dense.seconds, 3),
+            "dense_step_s": dense.step_s,
+            "speedup": round(speedup, 4),
+            "psnr_db": None if psnr == float("inf") else round(psnr, 3),
+        })
+    record["output"] = str(written)
+    record["log"] = str(args.log)
     _append_jsonl(args.log, record)
-    dit_accel.remove(pipe)
     return record
+
+
+def compare_summary(record: dict[str, Any]) -> str:
+    """The lines ``generate --compare`` prints: both times, the speed-up, the PSNR and the files written."""
+    psnr = "identical frames" if record["psnr_db"] is None else f"PSNR {record['psnr_db']:.1f} dB vs dense"
+    warm = f"after a {record['warmup_steps']}-step warm-up each" if record["warmup_steps"] else "no warm-up"
+    return (
+        f"{COMPARE_LABEL}: {record['dense_generate_s']:.1f} s; {record['label']}: {record['generate_s']:.1f} s "
+        f"({warm}, same seed {record['seed']})\n"
+        f"speed-up {record['speedup']:.2f}x, {psnr}\n"
+        f"wrote {record['output']} (left: dense, right: {record['label']}, {record['frames_shape'][0]} frames); "
+        f"log: {record['log']}"
+    )
+
+
+def cpu_sparse_note(record: dict[str, Any]) -> str | None:
+    """A note when sparse attention ran on a CPU, where it is a slow torch reference, not the Triton kernel."""
+    stats = record.get("attention_stats") or {}
+    if record.get("device_type") == "cpu" and stats.get("sparse_calls"):
+        return ("note: on CPU, block-sparse attention runs its torch reference (slower than dense attention); "
+                "its speed-up needs a CUDA GPU, where the Triton kernel runs. Feature caching saves time on CPU too.")
+    return None
+
+
+def info_report(device: str = "auto") -> dict[str, Any]:
+    """Versions, device, the dense attention backend and why, whether the Triton kernel and fp8 are usable."""
+    import os
+
+    import torch
+
+    from dit_accel.loading import resolve_device_dtype
+
+    dev, _ = resolve_device_dtype(device, "auto")
+    report: dict[str, Any] = {"versions": _versions()}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        capability = torch.cuda.get_device_capability(dev)
+        report["device"] = {"type": "cuda", "name": props.name, "capability": f"{capability[0]}.{capability[1]}",
+                            "memory_gib": round(props.total_memory / 2**30, 1)}
+    else:
+        capability = None
+        report["device"] = {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+    from dit_accel.attention.dense import dense_backend_name, dense_probe_report
+
+    backend = dense_backend_name(dev)
+    probe = dense_probe_report(dev)
+    if dev.type == "cpu":
+        why = "on CPU torch's scaled_dot_product_attention runs unchanged"
+    else:
+        rejected = {name: outcome for name, outcome in probe.items() if outcome != "ok"}
+        why = ("first in the order cudnn > flash > xformers > efficient > math that passed the probe"
+               + (f"; rejected: {rejected}" if rejected else ""))
+    report["dense_backend"] = {"name": backend, "why": why, "probe": probe}
+
+    triton_version = report["versions"]["triton"]
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if triton_version == "not installed":
+        kernel = (False, "triton is not installed (pip install triton; Linux): block-sparse attention runs its torch reference")
+    elif dev.type == "cpu":
+        kernel = (interpret, "TRITON_INTERPRET=1: the kernel runs in Triton's interpreter on CPU (for tests; very slow)"
+                  if interpret else "no CUDA device: block-sparse attention runs its torch reference on CPU (correct, "
+                  "slower than dense); TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, for tests")
+    elif capability is not None and capability[0] < 8:
+        kernel = (False, f"compute capability {capability[0]}.{capability[1]}: the kernel is built for 8.0 or newer "
+                  "(bf16 tensor cores); untested here")
+    else:
+        kernel = (True, f"CUDA compute capability {capability[0]}.{capability[1]}"
+                  + (" (TMA loads on 9.0 and newer)" if capability[0] >= 9 else " (no TMA below 9.0: pointer loads)"))
+    report["triton_kernel"] = {"usable": kernel[0], "why": kernel[1]}
+
+    from dit_accel.kernels import fp8_supported
+
+    usable, why = fp8_supported(torch.empty(0, device=dev))
+    report["fp8"] = {"usable": usable, "why": why}
+    return report
+
+
+def format_info(report: dict[str, Any]) -> str:
+    """``dit-accel info`` as readable lines."""
+    v = report["versions"]
+    d = report["device"]
+    device = (f"cuda: {d['name']} (compute capability {d['capability']}, {d['memory_gib']} GiB)" if d["type"] == "cuda"
+              else f"cpu: {d['name']} ({d['threads']} torch threads)")
+    usable = {True: "usable", False: "not usable", None: "unknown"}
+    lines = [
+        f"dit-accel {v['dit_accel']}",
+        f"python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, triton {v['triton']}",
+        f"device: {device}",
+        f"dense attention: {report['dense_backend']['name']} ({report['dense_backend']['why']})",
+        f"Triton block-sparse kernel: {usable[report['triton_kernel']['usable']]} ({report['triton_kernel']['why']})",
+        f"fp8 attention: {usable[report['fp8']['usable']]} ({report['fp8']['why']})",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dit-accel`` console script; returns the process exit code."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        if ns.command == "presets":
-            from dit_accel.presets import get_preset, preset_names
-
-            for name in preset_names():
-                p = get_preset(name)
-                print(f"{p.tag:<16} attention={p.attention} cache={p.cache}  {p.description}")
-            return 0
-        if ns.command == "eval":
-            from dit_accel.eval import cli as eval_cmd
-
-            return eval_cmd.run(ns)
-        if ns.command == "calibrate":
-            from dit_accel.calibration import cli as calibrate_cmd
-
-            try:
-                return calibrate_cmd.run(ns)
-            except ValueError as err:
-                raise CLIError(str(err)) from err
-        if ns.command == "generate":
-            args = _to_generate_args(ns)
-            record = run_generate(args)
-            print(
-                f"wrote {record['output']} ({record['frames_shape'][0]} frames, "
-                f"{record['generate_s']:.1f} s, preset {record['acceleration']['preset']}, "
-                f"attention {record['acceleration']['attention']}, cache {record['acceleration']['cache']}); log: {args.log}"
-            )
-            return 0
+        return SUBCOMMANDS[ns.command].run(ns)
     except CLIError as err:
         print(f"dit-accel: error: {err}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {ns.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

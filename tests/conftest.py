@@ -16,6 +16,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker (and per subprocess a test starts): `-n 2` on two cores then runs two
+    # tests side by side instead of four threads fighting for two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @dataclass(frozen=True)
 class TinyCase:

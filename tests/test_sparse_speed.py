@@ -213,8 +213,10 @@ def test_draft_map_tune_smoke(tmp_path: Path) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # Three fields and one check round keep the interpreted runs few (the interpreter ignores warps and stages).
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "draft_map_tune.py"), "--tiny", "--reps", "1",
-                           "--passes", "1", "--out", str(tmp_path), "--name", "tune"],
+                           "--passes", "1", "--only", "map_rows,key_chunk,select_warps", "--rounds", "1",
+                           "--out", str(tmp_path), "--name", "tune"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "tune.json").read_text())
@@ -223,4 +225,4 @@ def test_draft_map_tune_smoke(tmp_path: Path) -> None:
     assert all(r["usable"] and r["max_abs_diff"] <= 1e-6 and r["rows_equal"] for r in rows)
     assert result["best"] in [r["launch"] for r in rows]
     tags = [(r["tag"], r["round"]) for r in result["check"]]
-    assert tags == [(t, i) for i in range(3) for t in ("shipped", "best")]
+    assert tags == [("shipped", 0), ("best", 0)]

@@ -12,13 +12,12 @@ from dit_accel.testbed.classifier import (
     ClassifierConfig,
     accuracy_from_logits,
     attribute_accuracy,
-    classifier_loss,
     head_targets,
     load_classifier,
     save_classifier,
-    train_classifier,
 )
 from dit_accel.testbed.data import make_batch
+from training.classifier import classifier_loss, train_classifier
 
 TINY = ClassifierConfig(width=8, feature_dim=32, input_size=32)
 
@@ -177,7 +176,7 @@ def test_shipped_classifier_recognises_real_held_out_videos():
     assert model.config.architecture == "colour_slots"
     real = make_batch(12, 8, 128, 128, seed=4242, split="heldout")
     acc = attribute_accuracy(model, real.video, real.labels, batch_size=6)
-    # Its ceiling on 256 such videos (benchmarks/results/testbed_classifier_ceiling_run5.json): shape 1.00,
+    # Its ceiling on 256 such videos (training/results/classifier_ceiling.json): shape 1.00,
     # colour 1.00, background 1.00, motion 0.94; 12 videos leave room for one or two misses.
     assert acc["shape"] >= 0.85 and acc["color"] >= 0.95 and acc["background"] >= 0.9, acc
     assert acc["motion"] >= 0.75, acc

@@ -135,7 +135,7 @@ def test_autoencoder_shapes_and_normalisation() -> None:
 
 
 def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
-    from dit_accel.testbed.train import DiTTrainConfig, export_pipeline, flow_matching_loss, train_dit
+    from training.trainer import DiTTrainConfig, export_pipeline, flow_matching_loss, train_dit
 
     p = tiny_pipeline()
     cfg = DiTTrainConfig(seconds=60, total_seconds=60, max_steps=2, buckets=((32, 2, 2),),
@@ -166,11 +166,11 @@ def test_training_steps_checkpoint_and_export(tmp_path: Path) -> None:
 
 
 def test_sigma_sampler_high_noise_share() -> None:
-    from dit_accel.testbed.train import sample_sigmas
+    from training.trainer import sample_sigmas
 
     cpu = torch.device("cpu")
     plain = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0))
-    # A share of 0 draws exactly what sessions 1-3 drew.
+    # A share of 0 draws exactly what the recipe without the high-noise share drew.
     torch.testing.assert_close(sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=0.0), plain)
     high = sample_sigmas(4000, 3.0, cpu, torch.Generator().manual_seed(0), high_share=1.0, high_range=(0.9, 1.0))
     assert ((high >= 0.9) & (high < 1.0)).all()
@@ -184,7 +184,7 @@ def test_sigma_sampler_high_noise_share() -> None:
 
 
 def test_weighted_loss_is_the_mean_over_weighted_pixels() -> None:
-    from dit_accel.testbed.train import flow_matching_loss, object_weight
+    from training.trainer import flow_matching_loss, object_weight
 
     p = tiny_pipeline()
     lat, noise, sig = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 4, 2, 8, 8), torch.tensor([0.7])
@@ -207,7 +207,7 @@ def test_weighted_loss_is_the_mean_over_weighted_pixels() -> None:
 
 
 def test_direction_contrast_is_a_hinge_on_the_reversed_caption_gap() -> None:
-    from dit_accel.testbed.train import direction_contrast_loss, has_direction, velocity_error
+    from training.trainer import direction_contrast_loss, has_direction, velocity_error
 
     assert has_direction(CAPTION) and not has_direction("a red circle bouncing on a plain background")
     assert not has_direction("")
@@ -239,7 +239,7 @@ def test_direction_contrast_is_a_hinge_on_the_reversed_caption_gap() -> None:
 
 
 def test_training_with_the_direction_contrast_logs_the_gap(tmp_path: Path) -> None:
-    from dit_accel.testbed.train import DiTTrainConfig, train_dit
+    from training.trainer import DiTTrainConfig, train_dit
 
     p = tiny_pipeline()
     cfg = DiTTrainConfig(seconds=60, total_seconds=60, max_steps=3, buckets=((32, 2, 8),), curriculum=((1.01, (1.0,)),),

@@ -43,19 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, default=None, help="file with one prompt per line")
     parser.add_argument("--num-prompts", type=int, default=4, help="testbed captions to use when no prompt is given")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--final-steps", type=int, default=1)
-    parser.add_argument("--max-consecutive-reuse", type=int, default=3)
-    parser.add_argument("--head-blocks", type=int, default=0)
-    parser.add_argument("--tail-blocks", type=int, default=0)
-    parser.add_argument("--selective-blocks", type=int, default=1)
+    parser.add_argument("--height", type=int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--frames", type=int, default=None, help="frames of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses SEED + i (default 0)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps always computed (default 2)")
+    parser.add_argument("--final-steps", type=int, default=1, help="last steps always computed (default 1)")
+    parser.add_argument("--max-consecutive-reuse", type=int, default=3, help="most steps reused in a row (default 3)")
+    parser.add_argument("--head-blocks", type=int, default=0, help="first blocks computed at every step, outside the cached span (default 0)")
+    parser.add_argument("--tail-blocks", type=int, default=0, help="last blocks computed at every step, outside the cached span (default 0)")
+    parser.add_argument("--selective-blocks", type=int, default=1, help="deep blocks a selective step recomputes (default 1)")
     parser.add_argument("--selective-share", type=float, default=0.0, help="share of the budget for selective steps")
     parser.add_argument("--selective-tokens", type=float, default=0.0,
                         help="share of the tokens a selective step recomputes through the span (0: deep blocks only)")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0 reuse, 1 linear forecast, auto: the better of the two on the calibration runs")
     parser.add_argument("--target", default="span", choices=("span", "output"), help="what reused steps take from the cache")
     parser.add_argument("--refine", type=int, default=0, help="candidate schedules evaluated by real runs after the DP")
-    parser.add_argument("--token-stride", type=int, default=1)
+    parser.add_argument("--token-stride", type=int, default=1, help="measure every N-th token only, to save memory (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     target = parser.add_argument_group("--target-psnr search")
     target.add_argument("--time-budget", type=float, default=None, help="seconds after which no new evaluation starts")
@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             call_kwargs[key] = value
     if args.target_psnr is not None:
-        from dit_accel.calibration.target import TargetSettings, calibrate_to_target
+        from dit_accel.calibration.target import TargetSettings
+        from dit_accel.calibration.target import calibrate as calibrate_preset
 
         TargetSettings(target_psnr=args.target_psnr)  # a bad target fails before the model loads
         pipe = load_pipeline(args.model, args.device, args.dtype)
-        data = calibrate_to_target(
+        data = calibrate_preset(
             pipe, prompts, target_psnr=args.target_psnr, out=args.out, model_id=args.model, name=args.name,
             call_kwargs=call_kwargs, num_steps=args.steps, seed=args.seed, time_budget_s=args.time_budget,
             max_evals=args.max_evals, batch_size=args.batch_size, layer_groups=args.layer_groups,

@@ -575,7 +575,7 @@ class _TermAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def calibrate_to_target(
+def calibrate(
     pipe: Any,
     prompts: Sequence[Prompt],
     *,

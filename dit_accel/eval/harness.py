@@ -35,7 +35,7 @@ from . import video as V
 from .configs import DENSE, EvalConfig, parse_config
 from .features import TestbedClassifierFeatures, VideoFeatures
 
-__all__ = ["EvalSettings", "METRIC_GROUPS", "builtin_prompts", "evaluate", "environment", "SCHEMA"]
+__all__ = ["EvalSettings", "METRIC_GROUPS", "builtin_prompts", "distribution_metrics", "evaluate", "environment", "model_info", "SCHEMA"]
 
 SCHEMA = "dit-accel-eval/1"
 """Version tag of the report layout."""
@@ -72,6 +72,8 @@ class EvalSettings:
     """Metric groups to compute (subset of :data:`METRIC_GROUPS`)."""
     real_videos: bool = True
     """On testbed prompts, also render the prompts' ground-truth videos and report FID/KID against them."""
+    min_distribution_videos: int = 256
+    """FID/KID are reported only from this many videos per configuration up (fewer give noise, not a measurement)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
@@ -80,6 +82,8 @@ class EvalSettings:
         V.flow_backend(self.flow)  # raises on unknown names
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.min_distribution_videos < 4:
+            raise ValueError(f"min_distribution_videos must be >= 4 (two halves of two), got {self.min_distribution_videos}")
 
 
 def builtin_prompts(count: int = 8, seed: int = 0) -> list[str]:
@@ -90,6 +94,20 @@ def builtin_prompts(count: int = 8, seed: int = 0) -> list[str]:
         raise ValueError(f"count must be >= 1, got {count}")
     # Rendering at the smallest size is cheap; only the captions are used.
     return make_batch(count, 1, 8, 8, seed=seed, split="heldout").captions
+
+
+def model_info(pipe: Any) -> dict[str, Any]:
+    """Which weights ran: the pipeline's folder or hub id and, for a testbed folder, its DiT's training steps
+    (from ``training_info.json``), so a report says which state of the testbed it measured."""
+    import json
+    from pathlib import Path
+
+    path = getattr(pipe, "name_or_path", None)
+    info: dict[str, Any] = {"name_or_path": None if path is None else str(path)}
+    training_info = Path(str(path)) / "training_info.json" if path else None
+    if training_info is not None and training_info.is_file():
+        info["testbed_dit_steps"] = json.loads(training_info.read_text()).get("dit", {}).get("step")
+    return info
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -354,14 +372,35 @@ def _summarise(
         out["prompt_adherence"] = heads["mean"]
         out["prompt_adherence_heads"] = heads
     if "distribution" in settings.metrics and acc.features:
-        feats = torch.cat(acc.features)
-        for name, ref in (("dense", dense_features), ("real", real_features)):
-            if ref is None:
-                continue
-            out[f"fid_vs_{name}"] = M.fid_from_features(ref, feats)
-            kid = M.kid_from_features(ref, feats)
-            out[f"kid_vs_{name}"] = None if kid is None else kid[0]
-            out[f"kid_vs_{name}_std"] = None if kid is None else kid[1]
+        out.update(distribution_metrics(torch.cat(acc.features), dense_features, real_features,
+                                        settings.min_distribution_videos))
+    return out
+
+
+def distribution_metrics(
+    features: torch.Tensor, dense_features: torch.Tensor | None, real_features: torch.Tensor | None, min_videos: int
+) -> dict[str, Any]:
+    """FID/KID of one configuration's video features, or a note when there are fewer than ``min_videos``.
+
+    ``*_vs_dense`` compares the configuration's videos of the even-indexed seeds with the dense videos of the
+    odd-indexed seeds (disjoint seeds, half the set each); the dense configuration itself (``dense_features``
+    ``None``) gets the same number for its own two halves: the seed-to-seed spread the other values are read
+    against. ``*_vs_real`` compares all videos with the rendered ground truth of the same prompts.
+    """
+    n = features.shape[0]
+    if n < min_videos:
+        return {"distribution_note": f"FID/KID omitted: {n} videos, fewer than {min_videos}; they are noise at "
+                                     "this size, not a measurement"}
+    out: dict[str, Any] = {}
+    reference = features if dense_features is None else dense_features
+    pairs = (("dense", features[0::2], reference[1::2]), ("real", features, real_features))
+    for name, ours, ref in pairs:
+        if ref is None:
+            continue
+        out[f"fid_vs_{name}"] = M.fid_from_features(ref, ours)
+        kid = M.kid_from_features(ref, ours)
+        out[f"kid_vs_{name}"] = None if kid is None else kid[0]
+        out[f"kid_vs_{name}_std"] = None if kid is None else kid[1]
     return out
 
 
@@ -493,6 +532,7 @@ def evaluate(
     return {
         "schema": SCHEMA,
         "model": model_name or type(pipe).__name__,
+        "model_info": model_info(pipe),
         "environment": environment(device),
         "settings": asdict(settings) | {"frames_shape": shape, "flow_backend": V.flow_backend(settings.flow)},
         "prompts": list(prompts),
