@@ -498,7 +498,8 @@ def _measure_model(pipe: Any, prompts: Sequence[Prompt], settings: TargetSetting
         captured.setdefault("call", (args, dict(kwargs)))
 
     hook = transformer.register_forward_pre_hook(capture, with_kwargs=True)
-    handle = dit_accel.apply(pipe, attention=probe)
+    # the probe plans in the tile order itself; the forward token order would sit inside the recorder's hooks
+    handle = dit_accel.apply(pipe, attention=probe, token_order="call")
     try:
         # the frames of every prompt (runner.output_type "pt"): the reuse errors are measured on the blocks
         costs, dense, num_blocks = measure(pipe, handle, prompts, settings.cache_settings(settings.budgets[0]), runner)
@@ -550,11 +551,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _device_name(pipe: Any) -> str:
+def _device_of(pipe: Any) -> torch.device:
     from dit_accel.preset_file import transformers_of
 
-    param = next(iter(transformers_of(pipe).values())).parameters()
-    device = next(param).device
+    return next(next(iter(transformers_of(pipe).values())).parameters()).device
+
+
+def _device_name(pipe: Any) -> str:
+    device = _device_of(pipe)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
@@ -699,11 +703,13 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
 
 def _time(pipe: Any, runner: PromptRunner, prompts: list[Prompt], config: dict[str, Any]) -> dict[str, Any]:
     """Wall-clock of one batch of ``prompts``, dense (the stock pipeline) and under ``config``, each after a
-    warm-up batch: the measured speed-up of the chosen configuration on this device."""
+    warm-up batch on CUDA (Triton compiles and autotunes on first use): the measured speed-up of the chosen
+    configuration on this device."""
     timed = dataclasses.replace(runner, batch_size=max(1, len(prompts)))
     out: dict[str, Any] = {"timed_prompts": len(prompts)}
     for label, cfg in (("dense_s", None), ("preset_s", config)):
-        run_configuration(pipe, timed, prompts, cfg)
+        if _device_of(pipe).type == "cuda":
+            run_configuration(pipe, timed, prompts, cfg)
         out[label] = run_configuration(pipe, timed, prompts, cfg)[1]
     out["speedup"] = out["dense_s"] / out["preset_s"] if out["preset_s"] > 0 else None
     return out
