@@ -131,9 +131,6 @@ def calibration_section(args: argparse.Namespace, pipe: Any, device: torch.devic
         runs.append({"preset_file": data, "wall_s": time.perf_counter() - start})
         print(f"calibration run {i + 1}: {data['measured'].get('candidate', 'dense')} at {data['measured']['psnr']} dB, "
               f"speed-up {data['timing'].get('speedup')}, {runs[-1]['wall_s']:.0f} s", flush=True)
-    a, b = (without_timing(json.loads(json.dumps(r["preset_file"]))) for r in runs)
-    same = a == b
-    differing = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     chosen = decode_floats(runs[0]["preset_file"]["settings"])
     heldout = _heldout(args)
     runner = PromptRunner(pipe, args.steps, args.seed, dict(call), batch_size=args.batch_size, output_type="pt")
@@ -145,9 +142,7 @@ def calibration_section(args: argparse.Namespace, pipe: Any, device: torch.devic
     result = {
         "calibration_prompts": prompts,
         "heldout_prompts": heldout,
-        "runs": runs,
-        "same_file_but_timing": same,
-        "differing_fields": differing,
+        **run_rows(runs, args.seed, _mean(values)),
         "heldout": {
             "psnr_mean": _mean(values), "psnr_per_prompt": values, "psnr_min": min(values),
             "meets_target": _mean(values) >= args.target_psnr,
@@ -160,8 +155,27 @@ def calibration_section(args: argparse.Namespace, pipe: Any, device: torch.devic
         },
     }
     print(f"held-out: {result['heldout']['psnr_mean']:.2f} dB, {result['heldout']['speedup_vs_stock']:.2f}x "
-          f"(balanced {result['heldout']['balanced_speedup_vs_stock']:.2f}x); same file: {same}", flush=True)
+          f"(balanced {result['heldout']['balanced_speedup_vs_stock']:.2f}x); same file: "
+          f"{result['same_file_but_timing']}", flush=True)
     return result
+
+
+def run_rows(runs: list[dict[str, Any]], seed: int, heldout_psnr: float) -> dict[str, Any]:
+    """The runs as the docs read them (seed, measured speed-up, PSNR on the calibration and held-out prompts, the
+    sha256 of the preset file without its timing fields) with each full preset file, and whether the two files
+    agree but for timing."""
+    import hashlib
+
+    from dit_accel.preset_file import encode_floats, without_timing
+
+    texts = [json.dumps(encode_floats(without_timing(r["preset_file"])), sort_keys=True) for r in runs]
+    rows = [{"seed": seed, "speedup_vs_stock": r["preset_file"]["timing"].get("speedup"),
+             "psnr_db_calibration": r["preset_file"]["measured"].get("psnr"), "psnr_db_heldout": heldout_psnr,
+             "file_sha256": hashlib.sha256(t.encode()).hexdigest(), "wall_s": r["wall_s"],
+             "preset_file": r["preset_file"]} for r, t in zip(runs, texts)]
+    a, b = (json.loads(t) for t in texts)
+    return {"runs": rows, "same_file_but_timing": texts[0] == texts[1],
+            "differing_fields": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
 
 
 def fp8_section(args: argparse.Namespace, pipe: Any, device: torch.device, call: dict[str, Any]) -> dict[str, Any]:
