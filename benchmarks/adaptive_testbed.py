@@ -180,7 +180,7 @@ def run_rows(runs: list[dict[str, Any]], seed: int, heldout_psnr: float) -> dict
 
 def fp8_section(args: argparse.Namespace, pipe: Any, device: torch.device, call: dict[str, Any]) -> dict[str, Any]:
     """Each preset in fp8 against itself in bf16; the full-density sparse method in fp8 against stock."""
-    from dit_accel.attention.route import fp8_support_of, kernel_precision
+    from dit_accel.attention.precision import fp8_support_of, kernel_precision
     from dit_accel.calibration.measure import PromptRunner
     from dit_accel.presets import preset_names
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from sparse_helpers import call_at, hand_context
 
 import dit_accel
-from dit_accel.attention import route
+from dit_accel.attention import precision
 from dit_accel.attention.base import SparsePlan
-from dit_accel.attention.route import break_even_of, head_densities, run_plan
+from dit_accel.attention.head_split import break_even_of, head_densities
+from dit_accel.attention.route import run_plan
 from dit_accel.kernels import block_mask_from_bool, block_sparse_attention, block_sparse_attention_reference
 from dit_accel.kernels.cost_model import shipped_table
 
@@ -135,8 +136,8 @@ def test_fp8_through_a_method_on_cpu_gives_the_fp8_reference_numbers():
 
 
 def test_fp8_without_an_8bit_kernel_falls_back_to_bf16_and_says_why(monkeypatch):
-    monkeypatch.setattr(route, "fp8_support_of", lambda q: (False, "GPU compute capability (8, 0) has no FP8"))
-    monkeypatch.setattr(route, "_PRECISION", {})
+    monkeypatch.setattr(precision, "fp8_support_of", lambda q: (False, "GPU compute capability (8, 0) has no FP8"))
+    monkeypatch.setattr(precision, "_PRECISION", {})
     q, k, v = _qkv()
     mask = _mask()
     out, stats, _ = _run(_method(dense_above=0.6, precision="fp8"), SparsePlan(mask), q, k, v)

@@ -16,7 +16,8 @@ for the transformer call (``"compute"``, ``"reuse"``, ``"selective"``: on the la
 outside the reused span call their attention; ``"probe"`` in the probe blocks before the probe scheduler
 decided).
 
-Break-even routing (:func:`run_plan`, the method's ``dense_above``): when a plan is made, each (batch row, head)
+Break-even routing (:func:`run_plan`, the method's ``dense_above``; the split: :mod:`dit_accel.attention.head_split`,
+the precision: :mod:`dit_accel.attention.precision`): when a plan is made, each (batch row, head)
 whose planned block density is above the break-even density runs dense attention, the other heads run the
 kernel on a head subset (``head_index``), into one output. The split is kept until the next fresh plan (a reuse
 stage's calls reuse it), so reading the densities costs one host synchronisation per plan. The record of a split
@@ -28,7 +29,6 @@ a call whose every head is above break-even runs dense with ``dense_reason`` ``"
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +36,9 @@ import torch
 
 from dit_accel.attention.base import AttentionMethod, SparsePlan
 from dit_accel.attention.dense import dense_attention, dense_backend_name, dense_call_backend
-from dit_accel.context import AttentionCall, State, TextPosition, TransformerContext, timed
+from dit_accel.attention.head_split import block_mask_density_tensor, head_split
+from dit_accel.attention.precision import kernel_precision, reference_runs
+from dit_accel.context import AttentionCall, TextPosition, TransformerContext, timed
 from dit_accel.kernels.block_sparse_common import SUPPORTED_HEAD_DIMS
 
 SPARSE_BACKEND = "block_sparse"
@@ -61,20 +63,6 @@ class ModuleBinding:
     """``id()`` of the attention module the processor was built for (checked at every call)."""
 
 
-def block_mask_density_tensor(mask) -> torch.Tensor:
-    """Fraction of (query block, key block) tiles computed, as a 0-d tensor (no host sync, unlike
-    ``dit_accel.kernels.block_mask_density``); converted to float when statistics are read."""
-    kv_blocks = mask.kv_num_blocks.to(torch.float32)
-    total = kv_blocks.sum()
-    if getattr(mask, "full_kv_num_blocks", None) is not None:
-        total = total + mask.full_kv_num_blocks.to(torch.float32).sum()
-    q_len, kv_len = mask.seq_lengths
-    bq, bk = mask.BLOCK_SIZE
-    n_q = -(-q_len // bq)
-    n_k = -(-kv_len // bk)
-    return total / float(kv_blocks.shape[0] * kv_blocks.shape[1] * n_q * n_k)
-
-
 def plan_index(plan: SparsePlan, device: torch.device) -> torch.Tensor | None:
     """The kernel's int32 token index of ``plan`` on ``device`` (``None`` without a permutation): the plan's own
     index when it keeps one (a shared order: the same tensor at every call, so the kernel validates it once),
@@ -84,181 +72,6 @@ def plan_index(plan: SparsePlan, device: torch.device) -> torch.Tensor | None:
     if plan.index is not None and plan.index.device == device:
         return plan.index
     return plan.perm.to(device=device, dtype=torch.int32)
-
-
-def head_densities(mask, batch: int, heads: int) -> torch.Tensor:
-    """``(batch, heads)`` fraction of the (query block, key block) tiles each head of ``mask`` computes (a mask's
-    batch or head size of 1 broadcasts)."""
-    counts = mask.kv_num_blocks.to(torch.float32).sum(-1)
-    if getattr(mask, "full_kv_num_blocks", None) is not None:
-        counts = counts + mask.full_kv_num_blocks.to(torch.float32).sum(-1)
-    q_len, kv_len = mask.seq_lengths
-    bq, bk = mask.BLOCK_SIZE
-    return (counts / float(-(-q_len // bq) * -(-kv_len // bk))).expand(batch, heads)
-
-
-def cost_table_for(device: torch.device):
-    """The cost table ``dense_above="auto"`` reads on ``device``: the device's own on CUDA
-    (:func:`~dit_accel.kernels.cost_model.cost_table`), the table shipped for the GPU elsewhere (see
-    :attr:`~dit_accel.attention.base.SparseConfig.dense_above`)."""
-    from dit_accel.kernels.cost_model import cost_table
-
-    return cost_table(device) if device.type == "cuda" else _shipped()
-
-
-_SHIPPED: list = []
-
-
-def _shipped():
-    if not _SHIPPED:
-        from dit_accel.kernels.cost_model import shipped_table
-
-        _SHIPPED.append(shipped_table())
-    return _SHIPPED[0]
-
-
-_BREAK_EVEN: dict[tuple, tuple[float, str]] = {}
-
-
-def break_even_of(dense_above: float | str, device: torch.device, seq_len: int, head_dim: int,
-                  precision: str) -> tuple[float, str]:
-    """``(break-even density, its source)`` of a method's ``dense_above`` (not ``None``) for one call: a float
-    is itself (``"fixed"``); ``"auto"`` asks the device's cost table (on CPU the table shipped for the GPU, see
-    :attr:`~dit_accel.attention.base.SparseConfig.dense_above`), whose ``source`` says where it came from."""
-    if dense_above != "auto":
-        return float(dense_above), "fixed"
-    key = (device.type, device.index, seq_len, head_dim, precision)
-    hit = _BREAK_EVEN.get(key)
-    if hit is None:
-        table = cost_table_for(device)
-        hit = _BREAK_EVEN[key] = (table.break_even_density(seq_len, head_dim, precision), table.source)
-    return hit
-
-
-def _reference_runs(q: torch.Tensor) -> bool:
-    """Whether the kernel call of ``q`` runs the torch reference (CPU without the Triton interpreter)."""
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-def fp8_support_of(q: torch.Tensor) -> tuple[bool, str]:
-    """Whether the route can run ``q``'s call in 8 bits and why: the torch reference of the 8-bit arithmetic
-    on CPU, else :func:`~dit_accel.kernels.fp8_supported`."""
-    if _reference_runs(q):
-        return True, "torch reference of the 8-bit arithmetic"
-    from dit_accel.kernels import fp8_supported
-
-    return fp8_supported(q)
-
-
-_PRECISION: dict[tuple, tuple[str, str | None]] = {}
-
-
-def kernel_precision(q: torch.Tensor, requested: str) -> tuple[str, str | None]:
-    """``(precision the kernel runs, why not the requested one or None)`` for a method's ``precision``: an fp8
-    request runs fp8 where :func:`fp8_support_of` allows it, else bf16 with the reason."""
-    if requested == "bf16":
-        return "bf16", None
-    key = (q.device.type, q.device.index, requested)
-    hit = _PRECISION.get(key)
-    if hit is None:
-        ok, reason = fp8_support_of(q)
-        hit = _PRECISION[key] = (requested, None) if ok else ("bf16", reason)
-    return hit
-
-
-@dataclass(frozen=True)
-class HeadSplit:
-    """Which heads of a plan run dense (break-even routing), chosen when the plan was made."""
-
-    dense: tuple[int, ...]
-    """Flat heads ``b * H + h`` run dense."""
-    heads: int
-    """``B * H`` of the call."""
-    break_even: float
-    """The break-even density the planned densities were compared with."""
-    source: str
-    """Where it came from: ``"fixed"``, ``"measured"``, ``"cache"`` or ``"shipped"``."""
-    sparse_index: torch.Tensor | None
-    """int32 flat heads that run the kernel, when some heads run dense and some do not (else ``None``)."""
-    dense_rows: tuple[torch.Tensor, torch.Tensor] | None
-    """``(b, h)`` int64 indices of the dense heads (``None`` when none or all are dense)."""
-    dense_flags: torch.Tensor | None
-    """``(B, H)`` bool, True for the dense heads (``None`` when none or all are dense)."""
-    planned: float | None
-    """Mean planned density of the call when the split read it (fresh plans), else ``None``."""
-    effective: float | None
-    """Mean density computed (dense heads count 1) when the split read it, else ``None``."""
-
-    @property
-    def all_dense(self) -> bool:
-        """Whether every head runs dense."""
-        return len(self.dense) == self.heads
-
-
-@dataclass
-class HeadSplitState(State):
-    """The head split of the last fresh plan of one (transformer, layer, branch)."""
-
-    split: HeadSplit | None = None
-    """The split, or ``None`` before the first plan."""
-    key: tuple | None = None
-    """``(branches, B, H, S, break-even)`` the split was made for."""
-
-
-def choose_split(mask, batch: int, heads: int, break_even: float, source: str, device: torch.device) -> HeadSplit:
-    """The head split of ``mask``: a head runs dense when its planned density is above ``break_even``. The
-    densities are read on the host (one synchronisation) unless ``break_even`` decides alone (>= 1: no head is
-    above it; <= 0: every head is, an empty one aside)."""
-    n = batch * heads
-    planned = effective = None
-    if break_even >= 1.0:
-        dense: tuple[int, ...] = ()
-    elif break_even <= 0.0:
-        dense = tuple(range(n))
-    else:
-        values = head_densities(mask, batch, heads).reshape(-1).tolist()
-        dense = tuple(i for i, d in enumerate(values) if d > break_even)
-        planned = sum(values) / n
-        effective = (sum(values) + sum(1.0 - values[i] for i in dense)) / n
-    if not dense or len(dense) == n:
-        return HeadSplit(dense, n, break_even, source, None, None, None, planned, effective)
-    chosen = set(dense)
-    sparse_index = torch.tensor([i for i in range(n) if i not in chosen], dtype=torch.int32, device=device)
-    flat = torch.tensor(dense, dtype=torch.int64, device=device)
-    flags = torch.zeros(n, dtype=torch.bool, device=device)
-    flags[flat] = True
-    return HeadSplit(dense, n, break_even, source, sparse_index, (flat // heads, flat % heads),
-                     flags.view(batch, heads), planned, effective)
-
-
-def head_split(method: AttentionMethod, call: AttentionCall, plan: SparsePlan, q: torch.Tensor,
-               precision: str) -> HeadSplit | None:
-    """The call's head split (``None`` when the method never routes heads dense): chosen on a fresh plan, the
-    stored one on a reused plan; its facts go to the call's statistics."""
-    if method.dense_above is None:
-        return None
-    B, H, S, D = q.shape
-    be, source = break_even_of(method.dense_above, q.device, S, D, precision)
-    branches = call.branches
-    state = call.state(branches[0] if branches else "cond", HeadSplitState)
-    key = (branches, B, H, S, be)
-    split = state.split
-    if plan.fresh or split is None or state.key != key:
-        split = state.split = choose_split(plan.mask, B, H, be, source, q.device)
-        state.key = key
-    if call.stats_enabled:
-        if split.effective is not None:
-            density: torch.Tensor | float = split.effective
-        elif split.all_dense:
-            density = 1.0
-        elif split.dense_flags is None:
-            density = block_mask_density_tensor(plan.mask)
-        else:
-            density = torch.where(split.dense_flags, 1.0, head_densities(plan.mask, B, H)).mean()
-        call.add_stats(dense_heads=split.dense, heads=split.heads, break_even=be, cost_source=source, density=density)
-        if split.planned is not None:
-            call.add_stats(planned_density=split.planned)
-    return split
 
 
 def run_plan(
@@ -291,7 +104,7 @@ def run_plan(
         call.add_stats(backend=dense_backend_name(q.device), dense_reason="break_even")
         return dense_attention(q, k, v, scale=scale)
     # On CPU an fp8 request runs the torch reference of the 8-bit arithmetic (the public entry runs bf16 there).
-    kernel = block_sparse_attention_reference if precision != "bf16" and _reference_runs(q) else block_sparse_attention
+    kernel = block_sparse_attention_reference if precision != "bf16" and reference_runs(q) else block_sparse_attention
     # The permutation is folded into the kernel's loads and stores (q_index/kv_index): no permuted
     # copies of q, k, v and no inverse permutation of the output.
     index = plan_index(plan, q.device)

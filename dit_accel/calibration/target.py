@@ -43,7 +43,8 @@ from dit_accel.attention.blocks import text_blocks_of
 from dit_accel.attention.combo import ComboConfig
 from dit_accel.attention.draft import DraftSelection
 from dit_accel.attention.permuted import permuted_order
-from dit_accel.attention.route import break_even_of, cost_table_for, kernel_precision
+from dit_accel.attention.head_split import break_even_of, cost_table_for
+from dit_accel.attention.precision import kernel_precision
 from dit_accel.calibration.measure import Prompt, PromptRunner, ReuseCosts, measure
 from dit_accel.calibration.search import search
 from dit_accel.calibration.settings import SearchSettings
