@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,19 +41,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = "not installed"
-    return out
 
 
 def _device_name(device: torch.device) -> str:
@@ -247,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     call: dict[str, Any] = {"height": args.height, "width": args.width, "num_frames": args.frames}
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
-    header = {"device": _device_name(device), "versions": _versions(),
+    from dit_accel.eval.harness import environment
+
+    header = {"device": _device_name(device), "versions": environment(device)["versions"],
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "size_note": ("CPU-size evidence (not the H200 target: 256x256 x 16 frames, 20 steps)"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import signal
 import threading
 import time
@@ -539,19 +538,6 @@ def _schedules(costs: ReuseCosts, settings: TargetSettings, num_blocks: int) -> 
     return out
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = "not installed"
-    return out
-
-
 def _device_of(pipe: Any) -> torch.device:
     from dit_accel.preset_file import transformers_of
 
@@ -602,6 +588,7 @@ def calibrate(
     dit-accel must not be applied to ``pipe`` (it is applied and removed per candidate).
     """
     import dit_accel
+    from dit_accel.eval.harness import environment
     from dit_accel.preset_file import (
         PRESET_FILE_FORMAT,
         PRESET_FILE_VERSION,
@@ -655,7 +642,7 @@ def calibrate(
                   "transformers": {n: type(t).__name__ for n, t in transformers_of(pipe).items()},
                   "config_hash": model_config_hash(pipe)},
         "device": _device_name(pipe),
-        "versions": _versions(),
+        "versions": environment(_device_of(pipe))["versions"],
         "target_psnr": s.target_psnr,
         "calibration": {
             "prompts": [p if isinstance(p, str) else "<kwargs>" for p in prompts],
