@@ -179,3 +179,21 @@ def test_dense_method_skips_planning():
     from dit_accel.attention.exact import DenseMethod
 
     assert DenseMethod.plans is False and dit_accel.get_method("draft").plans is True
+
+
+def test_a_preset_run_records_the_split_and_its_reason():
+    from sparse_helpers import generate, tiny_testbed
+
+    pipe = tiny_testbed(num_layers=2)
+    handle = dit_accel.apply(pipe, preset="quality")
+    generate(pipe, steps=3)
+    planned = [r for r in handle.stats() if "heads" in r]
+    summary = handle.stats_summary()
+    dit_accel.remove(pipe)
+    assert planned and all(r["cost_source"] == "shipped" and 0 < r["break_even"] < 1 for r in planned)
+    assert all(len(r["dense_heads"]) <= r["heads"] == 2 for r in planned)
+    share = sum(len(r["dense_heads"]) for r in planned) / sum(r["heads"] for r in planned)
+    assert summary["dense_head_share"] == pytest.approx(share)
+    for r in planned:
+        if r["dense_reason"] == "break_even":
+            assert len(r["dense_heads"]) == r["heads"] and r["density"] == 1.0
