@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from dit_accel.attention.base import AttentionMethod, SparsePlan
-from dit_accel.attention.dense import dense_attention, dense_backend_name, dense_call_backend
+from dit_accel.attention.dense import dense_attention, dense_call_backend
 from dit_accel.attention.head_split import block_mask_density_tensor, head_split
 from dit_accel.attention.precision import kernel_precision, reference_runs
 from dit_accel.context import AttentionCall, TextPosition, TransformerContext, timed
@@ -101,7 +101,7 @@ def run_plan(
             call.add_stats(precision_fallback=fallback)
     split = head_split(method, call, plan, q, precision)
     if split is not None and split.all_dense:
-        call.add_stats(backend=dense_backend_name(q.device), dense_reason="break_even")
+        call.add_stats(backend=dense_call_backend(q, k), dense_reason="break_even")
         return dense_attention(q, k, v, scale=scale)
     # On CPU an fp8 request runs the torch reference of the 8-bit arithmetic (the public entry runs bf16 there).
     kernel = block_sparse_attention_reference if precision != "bf16" and reference_runs(q) else block_sparse_attention
@@ -122,7 +122,7 @@ def run_plan(
         b, h = split.dense_rows
         # the dense heads gathered once into a batch of one: the only copies beyond the output
         out[b, h] = dense_attention(q[b, h].unsqueeze(0), k[b, h].unsqueeze(0), v[b, h].unsqueeze(0), scale=scale)[0]
-        call.add_stats(backend=f"{SPARSE_BACKEND}+{dense_backend_name(q.device)}")
+        call.add_stats(backend=f"{SPARSE_BACKEND}+{dense_call_backend(q, k)}")
     return out
 
 
