@@ -450,21 +450,17 @@ def readme_presets(results: Path = RESULTS) -> str:
     attention_speed: dict[str, list[str]] = {}
     for name in speed_files:
         for tag, row in _preset_rows(speed_runs[name]).items() if name in speed_runs else ():
-            current = tag.split("@")[0]
-            label = _x(row.get("speedup_vs_dense"))
-            if current in preset_names() and get_preset(current).tag != tag:
-                label = f"{label} (`{tag}`)"
-            attention_speed.setdefault(current, []).append(label)
+            attention_speed.setdefault(tag.split("@")[0], []).append(_x(row.get("speedup_vs_dense")))
+            measured_tag.setdefault(tag.split("@")[0], tag)
     body = []
     for name in preset_names():
         p = get_preset(name)
         parts = [p.attention or "stock"] + ([p.cache] if p.cache else [])
         speed, psnr = quality.get(name, ("-", "-"))
         older = measured_tag.get(name)
-        if older is not None and older != p.tag:  # measured with an earlier version of the preset: say which
-            speed, psnr = (f"{v} (`{older}`)" if v != "-" else v for v in (speed, psnr))
-        calls = attention_speed.get(name, [])
-        body.append([f"`{p.tag}`", " + ".join(parts), speed, psnr, " / ".join(calls) or "-"])
+        # figures measured with an earlier version of the preset say which
+        label = f"`{p.tag}`" if older in (None, p.tag) else f"`{p.tag}` (figures: `{older}`)"
+        body.append([label, " + ".join(parts), speed, psnr, " / ".join(attention_speed.get(name, [])) or "-"])
     lines = [_table(["preset", "attention + cache", "testbed: speed-up", "testbed: PSNR vs dense",
                      "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
     if quality_source is not None:

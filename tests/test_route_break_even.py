@@ -197,3 +197,22 @@ def test_a_preset_run_records_the_split_and_its_reason():
     for r in planned:
         if r["dense_reason"] == "break_even":
             assert len(r["dense_heads"]) == r["heads"] and r["density"] == 1.0
+
+
+def test_the_route_looks_the_kernel_up_at_call_time(monkeypatch):
+    """Peers (the bench's FlexAttention run) replace ``dit_accel.kernels.block_sparse_attention``: run_plan must
+    find the replacement."""
+    import dit_accel.kernels as kernels
+
+    calls = []
+    original = kernels.block_sparse_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("head_index"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "block_sparse_attention", counting)
+    q, k, v = _qkv()
+    _run(_method(dense_above=None), SparsePlan(_mask()), q, k, v)
+    _run(_method(dense_above=0.6), SparsePlan(_mask()), q, k, v)
+    assert len(calls) == 2 and calls[0] is None and calls[1].tolist() == [1, 2]
