@@ -161,3 +161,26 @@ def test_cli_refuses_a_bad_target_before_loading_and_one_mode_per_run(tmp_path, 
     with pytest.raises(SystemExit):
         main(["calibrate", "--steps", "4", "--target-psnr", "30", "--budget", "0.5", "--out", str(tmp_path / "p.json")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_interrupted_calibration_writes_the_best_result_so_far(tmp_path, monkeypatch):
+    from dit_accel.calibration import target
+
+    pipe = tiny_testbed(num_layers=2)
+    original = target.Search.evaluate
+
+    def evaluate_then_interrupt(self, c, source):
+        if self.evaluated:
+            raise KeyboardInterrupt("SIGTERM")
+        return original(self, c, source)
+
+    monkeypatch.setattr(target.Search, "evaluate", evaluate_then_interrupt)
+    out = tmp_path / "cut.json"
+    data = dit_accel.calibrate(
+        pipe, ["a small red circle moving left on a striped background"], target_psnr=20, out=out, num_steps=4,
+        budgets=(0.75, 0.5), top_ps=(0.5,), progress=False,
+        call_kwargs=dict(height=128, width=128, num_frames=4, guidance_scale=1.0))
+    saved = read_preset_file(out)
+    assert saved["search"]["interrupted"] == "interrupted (SIGTERM)" and len(saved["search"]["evaluated"]) == 1
+    assert saved["measured"]["candidate"] == saved["search"]["evaluated"][0]["candidate"]  # it met 20 dB
+    assert "speedup" not in saved["timing"] and data["settings"]["cache"] == "procache"
