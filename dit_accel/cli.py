@@ -72,6 +72,8 @@ class GenerateArgs:
     """Cache scheduler overriding the preset's."""
     token_order: str
     """Where the tile permutation runs (``auto``, ``forward``, ``call``)."""
+    precision: str | None
+    """Block-sparse kernel precision (``bf16``, ``fp8``); ``None`` keeps the preset's or method's."""
     output: Path
     """The .mp4 or .png to write."""
     fps: int
@@ -131,6 +133,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="auto",
                      help="where the 3D-tile token permutation runs: once per transformer forward (Wan family), "
                           "in every attention call, or auto (default: forward where supported)")
+    gen.add_argument("--precision", choices=("bf16", "fp8"), default=None,
+                     help="block-sparse kernel precision (default: the preset's or method's; fp8 falls back to bf16 "
+                          "where the device has no 8-bit kernel, and the run log says why)")
     gen.add_argument("--compare", action="store_true",
                      help="also generate with the stock pipeline (nothing applied) from the same seed; OUTPUT shows "
                           "dense | accelerated side by side, and the speed-up and PSNR vs dense are printed")
@@ -390,6 +395,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         attention=ns.attention,
         cache=ns.cache,
         token_order=ns.token_order,
+        precision=ns.precision,
         output=output,
         fps=ns.fps,
         device=ns.device,
@@ -564,7 +570,7 @@ def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = 
 
     try:
         handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
-                                 token_order=args.token_order)
+                                 token_order=args.token_order, precision=args.precision)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     acceleration = handle.summary()

@@ -210,7 +210,9 @@ def test_unsupported_models_are_named() -> None:
 
 def test_node_inputs_are_checked(wan: cd.ModelPatcher, tmp_path) -> None:
     with pytest.raises(ValueError, match="precision 'fp8' needs an attention method with a 'precision' option"):
-        nodes.apply_sparse_attention(wan, "combo", "balanced", "fp8", 1024)
+        nodes.apply_sparse_attention(wan, "full", "balanced", "fp8", 1024)
+    # the sparse methods take the kernel precision
+    assert patching.installed_config(nodes.apply_sparse_attention(wan, "combo", "balanced", "fp8", 1024)).method.precision == "fp8"
     with pytest.raises(ValueError, match="overrides: not valid JSON"):
         nodes.apply_preset(wan, "balanced", overrides="{cache: none}")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['cach'\]"):
