@@ -13,50 +13,9 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .block_sparse_common import BlockSparseOutput, MaskView, check_head_index, check_index, check_inputs
 from .fp8_common import RECIPES, check_precision
+from .reference_common import block_allowed, gather_rows, scatter_rows
 
-__all__ = ["block_allowed", "block_sparse_attention_reference", "gather_rows", "scatter_rows", "select_heads"]
-
-
-def _row_index(x: Tensor, index: Tensor) -> Tensor:
-    """``index`` ``(S,)`` or ``(B|1, H|1, S)`` as an int64 ``(B, H, S, D)`` index over the rows of ``x``."""
-    B, H, _, D = x.shape
-    idx = index.long()
-    if idx.dim() == 1:
-        idx = idx.view(1, 1, -1)
-    return idx.expand(B, H, -1).unsqueeze(-1).expand(-1, -1, -1, D)
-
-
-def gather_rows(x: Tensor, index: Tensor | None) -> Tensor:
-    """``x`` ``(B, H, S, D)`` in permuted order: row ``i`` of the result is row ``index[..., i]`` of ``x``."""
-    if index is None:
-        return x
-    return torch.gather(x, 2, _row_index(x, index))
-
-
-def scatter_rows(x: Tensor, index: Tensor | None) -> Tensor:
-    """Inverse of :func:`gather_rows`: row ``index[..., i]`` of the result is row ``i`` of ``x``."""
-    if index is None:
-        return x
-    return torch.empty_like(x).scatter_(2, _row_index(x, index), x)
-
-
-def block_allowed(view: MaskView, B: int, H: int) -> Tensor:
-    """Bool ``(B, H, Q_BLOCKS, KV_BLOCKS)``: which tiles the mask computes (partial and full blocks)."""
-    n_kb = view.num_kv_blocks
-    allowed = torch.zeros(B, H, view.num_q_blocks, n_kb, dtype=torch.bool, device=view.kv_indices.device)
-    pairs = [(view.kv_num_blocks, view.kv_indices)]
-    if view.full_kv_num_blocks is not None:
-        pairs.append((view.full_kv_num_blocks, view.full_kv_indices))
-    for num, idx in pairs:
-        num = num.expand(B, H, -1)
-        idx = idx.expand(B, H, -1, -1).long()
-        listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
-        # Unlisted slots are padding: route them to an extra column that is dropped afterwards.
-        target = torch.where(listed, idx, torch.full_like(idx, n_kb))
-        hit = torch.zeros(B, H, view.num_q_blocks, n_kb + 1, dtype=torch.bool, device=idx.device)
-        hit.scatter_(-1, target, True)
-        allowed |= hit[..., :n_kb]
-    return allowed
+__all__ = ["block_sparse_attention_reference", "select_heads"]
 
 
 def _heads_of(t: Tensor, b: Tensor, h: Tensor, B: int, H: int) -> Tensor:

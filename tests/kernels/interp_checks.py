@@ -23,11 +23,8 @@ from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 
 from dit_accel.kernels import block_mask_from_bool, block_sparse_attention, dense_block_mask  # noqa: E402
 from dit_accel.kernels.block_sparse_common import check_inputs  # noqa: E402
-from dit_accel.kernels.block_sparse_reference import (  # noqa: E402
-    block_sparse_attention_reference,
-    gather_rows,
-    scatter_rows,
-)
+from dit_accel.kernels.block_sparse_reference import block_sparse_attention_reference  # noqa: E402
+from dit_accel.kernels.reference_common import gather_rows, scatter_rows  # noqa: E402
 from dit_accel.kernels.block_sparse_triton import block_sparse_attention_triton  # noqa: E402
 
 
