@@ -291,14 +291,16 @@ def test_generate_compare_writes_side_by_side_and_reports_speedup_and_psnr(tmp_p
 
 
 def test_compare_label_names_the_preset_and_its_overrides(tmp_path: Path) -> None:
+    from dit_accel.generate import accelerated_label
+
     def args(**kw: object) -> cli.GenerateArgs:
         ns = cli.parse_args(["generate", "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
                              *[f"--{k}={v}" for k, v in kw.items()]])
         return cli._to_generate_args(ns)
 
-    assert cli.accelerated_label({"preset": "balanced@3", "attention": "combo", "cache": "procache"},
-                                 args(preset="balanced")) == "balanced@3"
-    assert cli.accelerated_label({"preset": "balanced@3", "attention": "dense", "cache": "procache"},
-                                 args(preset="balanced", attention="dense")) == "balanced@3, attention dense"
-    assert cli.accelerated_label({"preset": None, "attention": "draft", "cache": None},
-                                 args(attention="draft")) == "attention draft, cache none"
+    assert accelerated_label({"preset": "balanced@3", "attention": "combo", "cache": "procache"},
+                             args(preset="balanced")) == "balanced@3"
+    assert accelerated_label({"preset": "balanced@3", "attention": "dense", "cache": "procache"},
+                             args(preset="balanced", attention="dense")) == "balanced@3, attention dense"
+    assert accelerated_label({"preset": None, "attention": "draft", "cache": None},
+                             args(attention="draft")) == "attention draft, cache none"
