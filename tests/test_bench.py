@@ -183,7 +183,9 @@ def test_runs_dedupe_and_order() -> None:
     same = RS.dedupe(runs)
     # only the dense preset's attention part equals a run of its own: every other preset has its own cache schedule
     assert same == {"dense.attention": "dense"}
-    assert [r.key for r in runs if not r.required] == ["taylorseer", "dbcache", "sage"]
+    fp8_parts = [f"{n}.attention.fp8" for n in ("quality", "balanced", "fast", "turbo")]
+    assert sorted(r.key for r in runs if not r.required) == sorted(fp8_parts + ["taylorseer", "dbcache", "sage"])
+    assert all(dict(r.signature[1][1])["precision"] == "fp8" for r in runs if r.key in fp8_parts)
     with pytest.raises(ValueError, match="peer preset 'dense' has no cache"):
         RS.plan_runs(peer_preset="dense")
     with pytest.raises(ValueError, match="unknown flex preset 'nope'"):
@@ -210,7 +212,7 @@ def test_tiny_bench_without_budget_records_skips(tmp_path: Path) -> None:
                                     runs=("stock", "balanced*")), print_fn=lambda _: None)
     model = report["models"]["flux.1-dev-1024"]
     assert model["skipped"] == "budget"
-    assert set(model["runs"]) == {"stock", "balanced", "balanced.cache", "balanced.attention"}
+    assert set(model["runs"]) == {"stock", "balanced", "balanced.cache", "balanced.attention", "balanced.attention.fp8"}
     assert all(r["skipped"] == "budget" for r in model["runs"].values())
     assert json.loads(out.read_text())["models"]["flux.1-dev-1024"]["runs"].keys() == model["runs"].keys()
 
