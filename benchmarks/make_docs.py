@@ -37,8 +37,8 @@ Data = Mapping[str, Any]
 WEIGHTS_NOTES: dict[str, str] = {
     # Results written before the reports recorded which testbed weights they ran on; the notes written with
     # each run (its NOTES.md / .md) name them.
-    "eval_presets_gpu/report.json": "testbed DiT after 16,401 training steps (an earlier state than the shipped "
-                                    "weights, 21,716 steps; eval_presets_gpu/NOTES.md)",
+    "eval_presets_gpu/report.json": "testbed DiT after 16,401 training steps (the shipped weights have 21,716; "
+                                    "eval_presets_gpu/NOTES.md)",
     "eval_presets_cpu/report.json": "testbed weights of 2026-11-22, before the shipped weights' last training "
                                     "(steps not recorded)",
     "testbed_quality.json": "the shipped testbed weights (DiT after 21,716 training steps; testbed_quality.md)",
@@ -279,34 +279,53 @@ def render_testbed_quality(data: Data) -> str:
 # Placeholder sections: their result files do not exist yet; each renders from the file once it is committed.
 
 
+def bench_runs(run: Any) -> dict[str, dict[str, Any]]:
+    """``{model: {run key: run record}}`` of a ``bench.json`` (runs as a mapping or as a list with ``config`` keys)."""
+    out: dict[str, dict[str, Any]] = {}
+    for model, entry in run["models"].items():
+        runs = entry["runs"]
+        out[model] = dict(runs.items() if isinstance(runs, dict) else ((r["config"], r) for r in runs))
+    return out
+
+
+def bench_speedup(runs: dict[str, Any], key: str) -> float | None:
+    """A run's speed-up against the stock pipeline, following ``same_as`` to the identical run that ran instead."""
+    r = runs.get(key)
+    if r is not None and "same_as" in r:
+        r = runs.get(r["same_as"])
+    return None if r is None else r.get("speedup_vs_stock")
+
+
+def _bench_cell(runs: dict[str, Any], key: str) -> str:
+    r = runs.get(key)
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "error"
+    if "skipped" in r and "same_as" not in r:
+        return "skipped"
+    return _x(bench_speedup(runs, key))
+
+
 def render_bench(data: Data) -> str:
     """``dit-accel bench`` (``benchmarks/results/bench.json``): speed-up of each configuration against the stock
-    pipeline, per model at its real size.
+    pipeline, per model at its real size (one row per configuration, one column per model).
 
-    Expected shape: ``{"device", "versions", "date", "argv", "models": {MODEL: {"shape": ..., "runs": RUNS}}}``
-    with ``RUNS`` either ``{CONFIG: {"speedup_vs_stock", "seconds", "peak_gib"} or {"error": ...}}`` or a list
-    of such dicts each with a ``"config"`` key.
+    Shape: ``{"device", "versions", "date", "argv", "models": {MODEL: {"runs": RUNS}}}`` with ``RUNS`` either
+    ``{KEY: {"speedup_vs_stock", ...} or {"error"} or {"skipped"} or {"same_as": KEY}}`` or a list of such dicts
+    each with a ``"config"`` key.
     """
     run = data["bench.json"]
-    models = run["models"]
-    per_model: dict[str, dict[str, Any]] = {}
+    per_model = bench_runs(run)
     configs: list[str] = []
-    for model, entry in models.items():
-        runs = entry["runs"]
-        items = runs.items() if isinstance(runs, dict) else ((r["config"], r) for r in runs)
-        per_model[model] = dict(items)
-        configs += [c for c in per_model[model] if c not in configs]
-    body = []
-    for model, runs in per_model.items():
-        cells = [model]
-        for config in configs:
-            r = runs.get(config)
-            cells.append("-" if r is None else "error" if "error" in r else _x(r.get("speedup_vs_stock")))
-        body.append(cells)
+    for runs in per_model.values():
+        configs += [c for c in runs if c not in configs]
+    body = [[f"`{config}`"] + [_bench_cell(runs, config) for runs in per_model.values()] for config in configs]
     return "\n\n".join([
-        "Speed-up of the whole generation against the stock pipeline (diffusers' default attention), random "
-        "weights at each model's published size, one process, interleaved rounds.",
-        _table(["model"] + configs, body),
+        "Speed-up of the whole generation against the stock pipeline (diffusers' default attention) timed in the "
+        "same process, random weights at each model's published size and shape; `skipped`: not run (time budget or "
+        "missing dependency, see the file).",
+        _table(["configuration"] + list(per_model), body),
         source("bench.json", run),
     ])
 
@@ -472,6 +491,13 @@ def readme_presets(results: Path = RESULTS) -> str:
                 tag = (config.get("acceleration") or {}).get("preset")
                 if tag:
                     measured_tag[preset] = tag
+    bench = load(results, ("bench.json",)).get("bench.json")
+    real: dict[str, str] = {}
+    if bench is not None:
+        per_model = bench_runs(bench)
+        for name in preset_names():
+            values = [v for runs in per_model.values() if (v := bench_speedup(runs, name)) is not None]
+            real[name] = f"{min(values):.2f}-{max(values):.2f}x ({len(values)} models)" if values else "-"
     speed_files = ("sparse_speed_presets_wan13b.json", "sparse_speed_presets_wan14b.json")
     speed_runs = load(results, speed_files)
     attention_speed: dict[str, list[str]] = {}
@@ -487,19 +513,27 @@ def readme_presets(results: Path = RESULTS) -> str:
         older = measured_tag.get(name)
         # figures measured with an earlier version of the preset say which
         label = f"`{p.tag}`" if older in (None, p.tag) else f"`{p.tag}` (figures: `{older}`)"
-        body.append([label, " + ".join(parts), speed, psnr, " / ".join(attention_speed.get(name, [])) or "-"])
-    lines = [_table(["preset", "attention + cache", "testbed: speed-up", "testbed: PSNR vs dense",
-                     "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
+        body.append([label, " + ".join(parts), real.get(name, "-"), speed, psnr,
+                     " / ".join(attention_speed.get(name, [])) or "-"])
+    lines = [_table(["preset", "attention + cache", "real-size models: speed-up", "testbed: speed-up",
+                     "testbed: PSNR vs dense", "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
+    if bench is not None:
+        device, date = device_and_date(bench)
+        lines.append(f"Real-size models: whole generation vs stock, lowest-highest over the models of "
+                     f"[`bench.json`](benchmarks/results/bench.json) (per model: "
+                     f"[docs/performance.md](docs/performance.md)), {device}, {date}.")
+    else:
+        lines.append("Real-size models: not measured yet (`bash benchmarks/gpu_run.sh bench`).")
     if quality_source is not None:
         name, data = quality_source
         device, date = device_and_date(data)
-        lines.append(f"Testbed: whole generation against the stock pipeline, {weights_label(name, data)}; "
+        lines.append(f"Testbed: whole generation vs stock, {weights_label(name, data)}; "
                      f"[`{name}`](benchmarks/results/{name}), {device}, {date}.")
     if speed_runs:
         links = " and ".join(f"[`{n}`](benchmarks/results/{n})" for n in speed_runs)
         device, date = device_and_date(next(iter(speed_runs.values())))
-        lines.append(f"Attention call: one sparse self-attention call at the preset's testbed density against cuDNN, "
-                     f"random inputs at the real shapes; {links}, {device}, {date}.")
+        lines.append(f"Attention call: at the preset's testbed density vs cuDNN, random inputs at real shapes; "
+                     f"{links}, {device}, {date}.")
     return "\n\n".join(lines) + "\n"
 
 

@@ -34,6 +34,14 @@ def _finite_numbers(value, path="") -> None:
             _finite_numbers(v, f"{path}[{i}]")
 
 
+def _make_docs():
+    """``benchmarks/make_docs.py`` as a module (the generator of the docs that read these reports)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_docs
+
+    return make_docs
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -88,6 +96,21 @@ def test_tiny_bench_json_structure_and_sanity(tiny_report) -> None:
         stock = runs["stock"]["breakdown"]
         assert stock["attention_s"] > 0 and stock["rest_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_generated_docs_read_the_bench_report(tiny_report, tmp_path: Path) -> None:
+    report, out = tiny_report
+    make_docs = _make_docs()
+    doc = make_docs.render_bench({"bench.json": report})
+    stock_row = next(line for line in doc.splitlines() if line.startswith("| `stock` |"))
+    assert stock_row.count("1.00x") == len(report["models"])
+    balanced = [m["runs"]["balanced"]["speedup_vs_stock"] for m in report["models"].values()]
+    assert f"| `balanced` | {make_docs._x(balanced[0])} |" in doc
+    assert f"| `dense.attention` | {make_docs._x(next(iter(report['models'].values()))['runs']['dense']['speedup_vs_stock'])} |" in doc
+    assert "| `sage` | skipped |" in doc
+    (tmp_path / "bench.json").write_text(out.read_text())
+    readme = make_docs.readme_presets(tmp_path)
+    assert f"{min(balanced):.2f}-{max(balanced):.2f}x ({len(balanced)} models)" in readme and "bench.json" in readme
 
 
 def test_tiny_bench_reduced_depth_scales_the_first_layer_valve(tiny_report) -> None:
@@ -268,10 +291,7 @@ def test_testbed_quality_tiny(tmp_path: Path) -> None:
     assert data["presets"]["dense"]["psnr"] == 100.0  # our dense route reproduces the stock pipeline
     assert data["presets"]["balanced"]["cache_compute_fraction"] < 1.0
     # the generated docs read this file as written
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import make_docs
-
-    doc = make_docs.render_presets_testbed({"presets_testbed.json": data})
+    doc = _make_docs().render_presets_testbed({"presets_testbed.json": data})
     assert "random-weight tiny testbed" in doc
     for p in data["presets"].values():
         assert f"| {p['tag']} | {p['speedup_vs_stock']:.2f}x | {p['psnr']:.1f} dB | {p['ssim']:.3f} |" in doc

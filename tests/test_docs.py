@@ -68,7 +68,8 @@ def test_placeholder_sections_render_their_files(tmp_path: Path) -> None:
         "heldout": {"psnr_mean": 30.2, "psnr_min": 27.5, "speedup_vs_stock": 1.8, "balanced_speedup_vs_stock": 1.6,
                     "balanced_psnr_mean": 31.0}, "same_file_but_timing": True})
     performance = make_docs.render_doc("performance", tmp_path)
-    assert "| wan2.1-1.3b | 1.00x | 1.85x |" in performance and "| flux | 1.00x | error |" in performance
+    assert "| configuration | wan2.1-1.3b | flux |" in performance
+    assert "| `stock` | 1.00x | 1.00x |" in performance and "| `balanced` | 1.85x | error |" in performance
     assert "| 12 | 128 | 32,760 | 1.00 | 10.00 | 1.12 (err 0.004) | 0.65 (err 0.021) |" in performance
     assert "NVIDIA H200, 2027-01-02" in performance
     quality = make_docs.render_doc("quality", tmp_path)
