@@ -32,7 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from dit_accel.kernels import block_sparse_triton as bst  # noqa: E402
 
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "TS": "*fp32", "KV_NUM": "*i32",
-         "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32", "QIDX": "*i32", "KVIDX": "*i32"}
+         "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32", "QIDX": "*i32", "KVIDX": "*i32", "HIDX": "*i32"}
 
 
 def compile_variant(use_tma: bool, q_index: bool, kv_index: bool, tile_stats: bool, num_stages: int,
@@ -42,7 +42,7 @@ def compile_variant(use_tma: bool, q_index: bool, kv_index: bool, tile_stats: bo
     names = fn.arg_names
     consts = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=128, BLOCK_N=block_n, KV_BLOCK=128, HAS_FULL=False,
                   EVEN_KV=even_kv, RETURN_LSE=False, TILE_STATS=tile_stats, USE_TMA=use_tma, HAS_QIDX=q_index,
-                  HAS_KVIDX=kv_index)
+                  HAS_KVIDX=kv_index, HAS_HIDX=False)
     sig: dict = {}
     const: dict = {}
     for i, n in enumerate(names):

@@ -50,7 +50,7 @@ from dit_accel.kernels import (  # noqa: E402
 from dit_accel.kernels import block_sparse_fp8_triton as bfp8  # noqa: E402
 from dit_accel.kernels.block_sparse_common import check_index, check_inputs  # noqa: E402
 from dit_accel.kernels.block_sparse_fp8_triton import Launch8bit  # noqa: E402
-from dit_accel.kernels.block_sparse_reference import block_allowed  # noqa: E402
+from dit_accel.kernels.reference_common import block_allowed  # noqa: E402
 from dit_accel.kernels.fp8_common import QuantRecipe, fp8_supported  # noqa: E402
 from dit_accel.kernels.fp8_quantize_triton import quantize_qkv_triton  # noqa: E402
 from dit_accel.kernels.fp8_reference import attention_quantized_reference, quantize_qkv_reference  # noqa: E402

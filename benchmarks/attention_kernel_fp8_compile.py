@@ -36,10 +36,10 @@ def compile_variant(d: int = 128, launch: Launch8bit = Launch8bit(128, 128, 8, 3
     vdt = "fp8e4nv" if v_fp8 else "bf16"
     ptrs = {"Q8": f"*{qdt}", "K8": f"*{qdt}", "V8": f"*{vdt}", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32",
             "RB": "*fp32", "O": "*bf16", "LSE": "*fp32", "TS": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32",
-            "FULL_NUM": "*i32", "FULL_IDX": "*i32", "QIDX": "*i32"}
+            "FULL_NUM": "*i32", "FULL_IDX": "*i32", "QIDX": "*i32", "HIDX": "*i32"}
     consts = dict(HEAD_DIM=d, D_PAD=d, Q_BLOCK=128, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, KV_BLOCK=128,
                   HAS_FULL=False, EVEN_KV=False, RETURN_LSE=stats, TILE_STATS=stats, USE_TMA=launch.use_tma,
-                  HAS_QIDX=False, QK_INT8=qk_int8, V_FP8=v_fp8, PV_PRECISE=precise, SOFT_FP8=False)
+                  HAS_QIDX=False, QK_INT8=qk_int8, V_FP8=v_fp8, PV_PRECISE=precise, SOFT_FP8=False, HAS_HIDX=False)
     sig: dict = {}
     const: dict = {}
     for i, n in enumerate(fn.arg_names):

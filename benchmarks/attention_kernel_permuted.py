@@ -53,11 +53,8 @@ from attention_kernel import random_mask, rel_err, tflops  # noqa: E402
 from dit_accel.kernels import block_mask_from_bool, block_sparse_attention  # noqa: E402
 from dit_accel.kernels import block_sparse_triton as bst  # noqa: E402
 from dit_accel.kernels.block_sparse_common import check_index, check_inputs  # noqa: E402
-from dit_accel.kernels.block_sparse_reference import (  # noqa: E402
-    block_sparse_attention_reference,
-    gather_rows,
-    scatter_rows,
-)
+from dit_accel.kernels.block_sparse_reference import block_sparse_attention_reference  # noqa: E402
+from dit_accel.kernels.reference_common import gather_rows, scatter_rows  # noqa: E402
 
 GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
 """Wan2.1 latent grids (frames, rows, columns) after patching: 1.3B at 480p and 14B at 720p, 81 frames."""

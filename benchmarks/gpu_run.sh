@@ -55,6 +55,12 @@ case "$STUDY" in
     setup; run python3 -m dit_accel.bench --time-budget-s 500 --out "$OUT/bench.json" "$@" ;;
   bench_testbed)
     setup; run python3 -m dit_accel.bench --testbed-quality --out "$OUT/presets_testbed.json" "$@" ;;
+  adaptive_testbed)
+    # issue 23's testbed criteria in one call (< 9 minutes on an H200): the presets (presets_testbed.json), then
+    # calibration to 30 dB on 8 prompts twice + 16 held-out (calibration_testbed.json) and fp8 vs bf16 (fp8_testbed.json)
+    setup
+    TIMEOUT_S=150 run python3 -m dit_accel.bench --testbed-quality --out "$OUT/presets_testbed.json"
+    TIMEOUT_S=360 run python3 benchmarks/adaptive_testbed.py --device cuda --time-budget 90 --out-dir "$OUT" --no-progress "$@" ;;
   attention_kernel_permuted)
     setup; run python3 benchmarks/attention_kernel_permuted.py --check --time --out "$OUT" "$@" ;;
   caching_compare)

@@ -430,8 +430,10 @@ def readme_presets(results: Path = RESULTS) -> str:
 
     calibrated = load(results, ("presets_testbed.json",)).get("presets_testbed.json")
     quality: dict[str, tuple[str, str]] = {}
+    measured_tag: dict[str, str] = {}
     if calibrated is not None:
         quality = {p["preset"].split("@")[0]: (_x(p.get("speedup_vs_stock")), _db(p.get("psnr_db"))) for p in calibrated["presets"]}
+        measured_tag = {p["preset"].split("@")[0]: p["preset"] for p in calibrated["presets"]}
         quality_source = ("presets_testbed.json", calibrated)
     else:
         report = load(results, ("eval_presets_gpu/report.json",)).get("eval_presets_gpu/report.json")
@@ -440,18 +442,25 @@ def readme_presets(results: Path = RESULTS) -> str:
             preset = (config.get("config") or {}).get("preset")
             if preset:
                 quality[preset] = (_x(config["speed"]["speedup_vs_dense"]), _db(config["metrics"].get("psnr")))
+                tag = (config.get("acceleration") or {}).get("preset")
+                if tag:
+                    measured_tag[preset] = tag
     speed_files = ("sparse_speed_presets_wan13b.json", "sparse_speed_presets_wan14b.json")
     speed_runs = load(results, speed_files)
     attention_speed: dict[str, list[str]] = {}
     for name in speed_files:
         for tag, row in _preset_rows(speed_runs[name]).items() if name in speed_runs else ():
             attention_speed.setdefault(tag.split("@")[0], []).append(_x(row.get("speedup_vs_dense")))
+            measured_tag.setdefault(tag.split("@")[0], tag)
     body = []
     for name in preset_names():
         p = get_preset(name)
         parts = [p.attention or "stock"] + ([p.cache] if p.cache else [])
         speed, psnr = quality.get(name, ("-", "-"))
-        body.append([f"`{p.tag}`", " + ".join(parts), speed, psnr, " / ".join(attention_speed.get(name, [])) or "-"])
+        older = measured_tag.get(name)
+        # figures measured with an earlier version of the preset say which
+        label = f"`{p.tag}`" if older in (None, p.tag) else f"`{p.tag}` (figures: `{older}`)"
+        body.append([label, " + ".join(parts), speed, psnr, " / ".join(attention_speed.get(name, [])) or "-"])
     lines = [_table(["preset", "attention + cache", "testbed: speed-up", "testbed: PSNR vs dense",
                      "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
     if quality_source is not None:

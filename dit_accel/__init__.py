@@ -6,6 +6,7 @@ Public surface::
     handle = dit_accel.apply(pipe, preset="dense")          # or attention="full", cache=None
     pipe.transformer.set_attn_processor(dit_accel.processors_for(pipe.transformer, method="dense"))
     dit_accel.remove(pipe)
+    dit_accel.calibrate(pipe, prompts, target_psnr=30, out="preset.json")   # then apply(pipe, preset="preset.json")
 
 The names below are imported on first use (PEP 562), so ``import dit_accel.cli`` or
 ``import dit_accel.presets`` does not pay for torch and diffusers.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dit_accel.api import AccelHandle, apply, available_caches, get_handle, processors_for, remove
+    from dit_accel.calibration.target import calibrate
     from dit_accel.attention.dense import dense_backend_name, dense_probe_report
     from dit_accel.attention.base import AttentionMethod
     from dit_accel.attention.registry import available_methods, get_method, register_method
@@ -30,6 +32,7 @@ _PUBLIC: dict[str, str] = {
     "get_handle": "dit_accel.api",
     "processors_for": "dit_accel.api",
     "remove": "dit_accel.api",
+    "calibrate": "dit_accel.calibration.target",
     "dense_backend_name": "dit_accel.attention.dense",
     "dense_probe_report": "dit_accel.attention.dense",
     "AttentionMethod": "dit_accel.attention.base",

@@ -43,7 +43,8 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from diffusers.hooks.hooks import HookRegistry
@@ -63,6 +64,9 @@ from dit_accel.context import ContextHook, StepClock, TransformerContext
 from dit_accel.parallel.context_parallel import check_context_parallel, follow_context_parallel, parallel_config_of
 from dit_accel.pipelines.base import Family
 from dit_accel.pipelines.families import detect_family, supported_transformer_classes
+
+if TYPE_CHECKING:
+    from dit_accel.presets import Preset
 
 logger = logging.getLogger("dit_accel")
 
@@ -175,15 +179,23 @@ class AccelHandle:
 
         Keys: ``attention_calls``, ``sparse_calls``, ``mean_density`` (over all self-attention calls,
         dense ones counting 1.0; ``None`` without calls), ``plan_ms_total``, ``backends`` and
-        ``dense_reasons`` (name -> count).
+        ``dense_reasons`` (name -> count), ``dense_head_share`` (of the heads of the planned calls, the share the
+        break-even routing ran dense; ``None`` without such calls) and ``precision_fallbacks`` (reason -> count).
         """
         rows = self.stats()
         backends: dict[str, int] = {}
         reasons: dict[str, int] = {}
+        fallbacks: dict[str, int] = {}
+        dense_heads = heads = 0
         for r in rows:
             backends[r["backend"]] = backends.get(r["backend"], 0) + 1
             if r["dense_reason"] is not None:
                 reasons[r["dense_reason"]] = reasons.get(r["dense_reason"], 0) + 1
+            if "heads" in r:
+                dense_heads += len(r["dense_heads"])
+                heads += r["heads"]
+            if "precision_fallback" in r:
+                fallbacks[r["precision_fallback"]] = fallbacks.get(r["precision_fallback"], 0) + 1
         return {
             "attention_calls": len(rows),
             "sparse_calls": sum(1 for r in rows if r["dense_reason"] is None),
@@ -191,6 +203,8 @@ class AccelHandle:
             "plan_ms_total": sum(r["plan_ms"] for r in rows),
             "backends": backends,
             "dense_reasons": reasons,
+            "dense_head_share": dense_heads / heads if heads else None,
+            "precision_fallbacks": fallbacks,
         }
 
     @property
@@ -582,19 +596,43 @@ def _unpatched(transformer: torch.nn.Module) -> Iterator[None]:
             d[key] = value
 
 
+def with_precision(method: AttentionMethod | None, precision: str | None) -> AttentionMethod | None:
+    """``method`` with its kernel ``precision`` set (``None`` keeps the method's own). Raises ``ValueError`` for a
+    precision other than bf16 on a method that runs no configurable kernel (``dense``, ``full``)."""
+    if precision is None:
+        return method
+    from dit_accel.attention.base import ConfiguredMethod
+    from dit_accel.kernels.fp8_common import check_precision
+
+    check_precision(precision)
+    if isinstance(method, ConfiguredMethod):
+        if method.cfg.precision == precision:
+            return method
+        return type(method)(dataclasses.replace(method.cfg, precision=precision))
+    if precision != "bf16":
+        name = None if method is None else method.name
+        raise ValueError(f"precision {precision!r} applies to the sparse attention methods; attention {name!r} has "
+                         "no kernel precision (choose a sparse method or preset)")
+    return method
+
+
 def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMethod | None, Any | None]:
     """Preset, attention method and cache config after applying the overrides (raises on bad values)."""
+    from dit_accel.presets import Preset, get_preset
+
     resolved_preset = None
     attention_name = attention
     attention_config: dict[str, Any] = {}
     cache_name = cache
     cache_config: dict[str, Any] = {}
     if preset is not None:
-        from dit_accel.presets import get_preset
-
-        resolved_preset = get_preset(preset) if isinstance(preset, str) else None
-        if resolved_preset is None:
-            raise TypeError(f"preset must be a str (a preset name), got {type(preset).__name__}: {preset!r}")
+        if isinstance(preset, Preset):
+            resolved_preset = preset
+        elif isinstance(preset, str):
+            resolved_preset = get_preset(preset)
+        else:
+            raise TypeError(f"preset must be a str (a preset name or a .json preset file) or a Preset, got "
+                            f"{type(preset).__name__}: {preset!r}")
         if attention is None:
             attention_name = resolved_preset.attention
             attention_config = dict(resolved_preset.attention_config)
@@ -617,14 +655,17 @@ def _resolve(preset: Any, attention: Any, cache: Any) -> tuple[Any, AttentionMet
 # --- public functions -------------------------------------------------------------------------------
 def apply(
     pipe_or_transformer: Any,
-    preset: str | None = None,
+    preset: "str | Path | Preset | None" = None,
     attention: str | AttentionMethod | None = None,
     cache: Any | None = None,
     token_order: str = "auto",
+    precision: str | None = None,
 ) -> AccelHandle:
     """Accelerate a diffusers pipeline (or a bare transformer) in place and return a handle.
 
-    ``preset`` names a preset (``dit_accel.presets``); ``attention`` (a method name or an
+    ``preset`` names a preset (``dit_accel.presets``), or is a preset file (a ``.json`` path written by
+    ``dit_accel.calibrate``; refused with a ``ValueError`` naming both config hashes when it was calibrated on
+    another model configuration), or a ``Preset``; ``attention`` (a method name or an
     :class:`AttentionMethod`) and ``cache`` (a scheduler name from :func:`available_caches` or a
     ``dit_accel.caching.CacheConfig``) override the preset's; a name equal to the preset's keeps the
     preset's options. With no preset and no attention the
@@ -639,11 +680,20 @@ def apply(
     Context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``) may
     be enabled before or after ``apply``; ring attention is refused (see :mod:`dit_accel.parallel.context_parallel`).
 
+    ``precision`` (``"bf16"`` or ``"fp8"``; ``None`` keeps the method's or preset's): the block-sparse kernel's
+    precision (:attr:`dit_accel.attention.base.SparseConfig.precision`); where the device cannot run fp8 the calls
+    run bf16 and the statistics say why.
+
     Applying again first removes the previous application. Raises ``TypeError``/``ValueError`` naming the
     bad value and the allowed ones; nothing is changed when it raises.
     """
     validate_token_order(token_order)
+    from dit_accel.preset_file import is_preset_file, load_preset_file
+
+    if is_preset_file(preset):
+        preset = load_preset_file(preset, pipe_or_transformer)
     resolved_preset, method, cache_config = _resolve(preset, attention, cache)
+    method = with_precision(method, precision)
     target = pipe_or_transformer
     if _is_pipeline(target):
         transformers = _pipeline_transformers(target)

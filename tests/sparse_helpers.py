@@ -12,8 +12,9 @@ from dit_accel.testbed.model import transformer_config
 CAPTION = "a small red circle moving left on a striped background"
 
 FULL = dict(top_p=1.0, similarity_threshold=-1.0, dense_warmup=0.0, dense_first_layers=0, dense_last_step=False,
-            min_seq_len=0)
-"""Options that make the draft-based methods keep every block and turn the safety valves off."""
+            min_seq_len=0, dense_above=1.0)
+"""Options that make the draft-based methods keep every block and turn the safety valves and the break-even
+routing off (no planned density is above 1.0: every planned head runs the kernel)."""
 
 
 def tiny_testbed(num_layers: int = 3) -> pipeline_module.TestbedPipeline:
@@ -69,7 +70,8 @@ def smooth_qk(grid=(4, 16, 16), heads: int = 2, dim: int = 64, seed: int = 0, no
 
 
 def mask_bool(mask) -> torch.Tensor:
-    """Bool ``(B, H, QB, KB)`` of the tiles a BlockMask computes."""
+    """Bool ``(B, H, QB, KB)`` of the tiles a BlockMask (or the mask of a plan) computes."""
+    mask = getattr(mask, "mask", mask)
     num, idx = mask.kv_num_blocks, mask.kv_indices
     kb = idx.shape[-1]
     listed = torch.arange(kb) < num.unsqueeze(-1).long()

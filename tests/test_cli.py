@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dit_accel import cli, media
+from dit_accel.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_generate_end_to_end_on_the_shipped_testbed(tmp_path: Path) -> None:
     frames = np.stack(list(imageio.get_reader(str(out), format="FFMPEG").iter_data()))
     assert frames.shape == (4, 64, 64, 3)
     (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert record["acceleration"]["preset"] == "balanced@3"
+    assert record["acceleration"]["preset"] == get_preset("balanced").tag
     assert record["acceleration"]["attention"] == "combo" and record["acceleration"]["cache"] is not None
     # combo plans in tile order on a Wan transformer: "auto" permutes once per forward.
     assert record["acceleration"]["token_order"] == {"transformer": "forward"}
@@ -277,11 +278,11 @@ def test_generate_compare_writes_side_by_side_and_reports_speedup_and_psnr(tmp_p
             "--height", "64", "--width", "64", "--frames", "4", "--steps", "6", "--output", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and "PSNR" in printed and "balanced@3" in printed
+    assert "speed-up" in printed and "PSNR" in printed and get_preset("balanced").tag in printed
     frames = np.stack(list(imageio.get_reader(str(out), format="FFMPEG").iter_data()))
     assert frames.shape[0] == 4 and frames.shape[2] == 2 * 64 + media.SEPARATOR_PX and frames.shape[1] > 64
     (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert record["event"] == "compare" and record["label"] == "balanced@3"
+    assert record["event"] == "compare" and record["label"] == get_preset("balanced").tag
     assert record["speedup"] == pytest.approx(record["dense_generate_s"] / record["generate_s"], rel=1e-2)
     # The cache reuses blocks on some of the 6 steps: close to dense, not equal.
     assert record["psnr_db"] is not None and 15.0 < record["psnr_db"] < 80.0
@@ -290,14 +291,16 @@ def test_generate_compare_writes_side_by_side_and_reports_speedup_and_psnr(tmp_p
 
 
 def test_compare_label_names_the_preset_and_its_overrides(tmp_path: Path) -> None:
+    from dit_accel.generate import accelerated_label
+
     def args(**kw: object) -> cli.GenerateArgs:
         ns = cli.parse_args(["generate", "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
                              *[f"--{k}={v}" for k, v in kw.items()]])
         return cli._to_generate_args(ns)
 
-    assert cli.accelerated_label({"preset": "balanced@3", "attention": "combo", "cache": "procache"},
-                                 args(preset="balanced")) == "balanced@3"
-    assert cli.accelerated_label({"preset": "balanced@3", "attention": "dense", "cache": "procache"},
-                                 args(preset="balanced", attention="dense")) == "balanced@3, attention dense"
-    assert cli.accelerated_label({"preset": None, "attention": "draft", "cache": None},
-                                 args(attention="draft")) == "attention draft, cache none"
+    assert accelerated_label({"preset": "balanced@3", "attention": "combo", "cache": "procache"},
+                             args(preset="balanced")) == "balanced@3"
+    assert accelerated_label({"preset": "balanced@3", "attention": "dense", "cache": "procache"},
+                             args(preset="balanced", attention="dense")) == "balanced@3, attention dense"
+    assert accelerated_label({"preset": None, "attention": "draft", "cache": None},
+                             args(attention="draft")) == "attention draft, cache none"

@@ -210,7 +210,9 @@ def test_unsupported_models_are_named() -> None:
 
 def test_node_inputs_are_checked(wan: cd.ModelPatcher, tmp_path) -> None:
     with pytest.raises(ValueError, match="precision 'fp8' needs an attention method with a 'precision' option"):
-        nodes.apply_sparse_attention(wan, "combo", "balanced", "fp8", 1024)
+        nodes.apply_sparse_attention(wan, "full", "balanced", "fp8", 1024)
+    # the sparse methods take the kernel precision
+    assert patching.installed_config(nodes.apply_sparse_attention(wan, "combo", "balanced", "fp8", 1024)).method.precision == "fp8"
     with pytest.raises(ValueError, match="overrides: not valid JSON"):
         nodes.apply_preset(wan, "balanced", overrides="{cache: none}")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['cach'\]"):
@@ -235,6 +237,23 @@ def test_preset_file_and_overrides(wan: cd.ModelPatcher, tmp_path) -> None:
     assert config.cache is None
     config = patching.installed_config(nodes.apply_preset(wan, "none", overrides='{"cache": "fixed", "cache_config": {"interval": 3}}'))
     assert config.method is None and config.cache.interval == 3
+    calibrated = tmp_path / "calibrated.json"  # the format `dit-accel calibrate --target-psnr` writes
+    calibrated.write_text(json.dumps({
+        "format": "dit-accel-preset", "version": 1, "name": "testbed-30db", "target_psnr": 30.0,
+        "model": {"id": "testbed", "config_hash": "0123abcd"},
+        "settings": {"attention": "combo", "attention_config": {"top_p": 0.8, "skip_threshold": "-inf"},
+                     "cache": "fixed", "cache_config": {"interval": 2}},
+    }))
+    config = patching.installed_config(nodes.apply_preset(wan, "none", str(calibrated)))
+    assert config.method.name == "combo" and config.method.cfg.top_p == 0.8
+    assert config.method.cfg.skip_threshold == float("-inf") and config.cache.interval == 2
+
+
+def test_sparse_attention_node_passes_the_kernel_precision(wan: cd.ModelPatcher) -> None:
+    out = nodes.apply_sparse_attention(wan, "combo", "balanced", "fp8", 0)
+    assert patching.installed_config(out).method.cfg.precision == "fp8"
+    with pytest.raises(ValueError, match="precision"):
+        nodes.apply_sparse_attention(wan, "full", "max", "fp8", 0)
 
 
 def test_v1_mappings_and_install_shim(wan: cd.ModelPatcher, tmp_path) -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ONE_CASE_PER_FAMILY = ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "pixart", "sd3")
 
-DRAFT = dict(min_seq_len=0, dense_first_layers=0, dense_warmup=0.0, dense_last_step=False, top_p=0.3,
+DRAFT = dict(min_seq_len=0, dense_above=None, dense_first_layers=0, dense_warmup=0.0, dense_last_step=False, top_p=0.3,
              min_blocks_fraction=0.0)
 """The draft method with its safety valves off, so every self-attention call plans and runs the sparse kernel."""
 

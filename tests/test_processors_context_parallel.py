@@ -22,8 +22,8 @@ WORLD = 2
 STEPS = (999.0, 750.0, 500.0, 250.0)
 """Timesteps of a bare-transformer "generation" (decreasing: one denoising step each)."""
 SPARSE = dict(top_p=0.6, min_blocks_fraction=0.1, similarity_threshold=-1.0, dense_warmup=0.0, dense_first_layers=0,
-              dense_last_step=False, min_seq_len=0)
-"""combo/permuted options that keep some tiles out and turn the safety valves off."""
+              dense_last_step=False, min_seq_len=0, dense_above=None)
+"""combo/permuted options that keep some tiles out, turn the safety valves off and always run the kernel."""
 
 
 def _free_port() -> int:

@@ -196,7 +196,7 @@ def test_window_is_local_in_tile_order():
 
 def test_safety_valves_and_stats_reach_the_run_log(pipe):
     handle = dit_accel.apply(pipe, attention=dit_accel.get_method(
-        "combo", min_seq_len=0, dense_warmup=0.25, top_p=0.9, refresh_period=2))
+        "combo", min_seq_len=0, dense_warmup=0.25, top_p=0.9, refresh_period=2, dense_above=None))
     generate(pipe)  # 4 steps: step 0 warm-up, step 3 last step, layer 0 always dense
     stats = handle.stats()
     dit_accel.remove(pipe)

@@ -106,7 +106,7 @@ def pipe():
 
 def test_state_resets_between_generations_bit_for_bit(pipe):
     method = dit_accel.get_method("combo", order="kmeans", min_seq_len=0, dense_warmup=0.0, dense_first_layers=0,
-                                  top_p=0.6, min_blocks_fraction=0.0, similarity_threshold=-1.0, skip_threshold=-3.0,
+                                  dense_above=None, top_p=0.6, min_blocks_fraction=0.0, similarity_threshold=-1.0, skip_threshold=-3.0,
                                   refresh_period=2)
     handle = dit_accel.apply(pipe, attention=method)
     first = generate(pipe, seed=0)
@@ -122,7 +122,7 @@ def test_state_resets_between_generations_bit_for_bit(pipe):
 
 def test_cached_steps_keep_the_skip_state_coherent(pipe):
     steps = 8
-    method = dit_accel.get_method("combo", min_seq_len=0, dense_warmup=0.0, dense_first_layers=0, top_p=0.9,
+    method = dit_accel.get_method("combo", min_seq_len=0, dense_warmup=0.0, dense_first_layers=0, top_p=0.9, dense_above=None,
                                   similarity_threshold=-1.0, skip_threshold=-3.0, refresh_period=2, drift_check=False,
                                   dense_last_step=False)
     handle = dit_accel.apply(pipe, attention=method)
@@ -163,7 +163,7 @@ def test_new_grid_with_the_same_block_count_replans(token_order):
     call's (same step and branch state) must re-plan, not reuse a plan made for other tokens."""
     from conftest import _wan_model, run_model
 
-    sparse = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0)
+    sparse = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0, dense_above=None)
 
     def inputs(f: int, h: int, w: int) -> dict:
         g = torch.Generator().manual_seed(1)

@@ -92,7 +92,7 @@ def test_full_density_forward_equals_stock_and_records_the_path(pipe, stock):
     assert {r["token_order"] for r in stats_call if r["backend"] == "block_sparse"} == {"folded"}
 
 
-SPARSE = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0)
+SPARSE = dict(dense_warmup=0.0, dense_first_layers=0, dense_last_step=False, min_seq_len=0, dense_above=None)
 SPARSE_METHODS = {
     "combo": dict(top_p=0.6, min_blocks_fraction=0.1, similarity_threshold=-1.0, **SPARSE),
     "permuted": dict(top_p=0.6, min_blocks_fraction=0.1, similarity_threshold=-1.0, **SPARSE),

@@ -57,12 +57,17 @@ class SparsePlan:
     index: torch.Tensor | None = None
     """``perm`` as the kernel's int32 token index when the plan keeps one (a shared order: the same tensor at
     every call); ``None``: the route converts ``perm`` per call."""
+    fresh: bool = True
+    """Whether the plan was made for this call (``False``: a reuse stage returned the plan of its last refresh;
+    the route then keeps the dense/sparse split of the heads it chose at that refresh)."""
 
 
-def plan_of(mask: "BlockMask", order: Order | None) -> "BlockMask | SparsePlan":
-    """The plan of ``mask`` formed in ``order``: the mask itself in the model's order, else a
+def plan_of(mask: "BlockMask", order: Order | None, fresh: bool = True) -> "BlockMask | SparsePlan":
+    """The plan of ``mask`` formed in ``order``: the mask itself in the model's order (when ``fresh``), else a
     :class:`SparsePlan` carrying the order's permutation and kernel index."""
-    return mask if order is None else SparsePlan(mask, order.perm, order.kernel_index())
+    if order is None:
+        return mask if fresh else SparsePlan(mask, fresh=False)
+    return SparsePlan(mask, order.perm, order.kernel_index(), fresh=fresh)
 
 
 class AttentionMethod:
@@ -72,11 +77,19 @@ class AttentionMethod:
     """Registry name, e.g. ``"full"``."""
     needs_tile_stats: ClassVar[bool] = False
     """When True the kernel also returns per-tile statistics, passed to :meth:`observe`."""
+    plans: ClassVar[bool] = True
+    """False for a method whose ``plan`` always returns ``None`` (``dense``): the route then skips the call context
+    and the plan (host work on every call)."""
     plans_in_tile_order: ClassVar[bool] = False
     """Whether the method forms its blocks in the 3D-tile order; then the forward token order
     (:mod:`dit_accel.attention.token_order`) saves the per-call permutation."""
     token_order_tile: ClassVar[tuple[int, int, int] | None] = None
     """Tile of the 3D-tile order the method plans in (``None``: chosen from the grid)."""
+    dense_above: float | str | None = None
+    """Heads whose planned density is above this run dense (see :attr:`SparseConfig.dense_above`); ``None``:
+    every planned head runs the kernel."""
+    precision: str = "bf16"
+    """Precision of the block-sparse kernel (see :attr:`SparseConfig.precision`)."""
 
     def __init__(self, *, min_seq_len: int = DEFAULT_MIN_SEQ_LEN) -> None:
         """``min_seq_len``: self-attention calls shorter than this run dense without planning."""
@@ -116,6 +129,27 @@ class SparseConfig:
     """The first this-many self-attention layers always run dense."""
     dense_last_step: bool = True
     """Run the last denoising step dense (needs the step count; ignored when it is unknown)."""
+    dense_above: float | str | None = "auto"
+    """Break-even routing: per (batch row, head), a planned block density above this runs dense attention on that
+    head, the other heads run the block-sparse kernel (one output); a call with no head at or below it runs dense.
+    The split is made when a plan is made and kept by the calls that reuse it (``temporal_skip``, ``combo``).
+    ``"auto"``: the break-even density of the device cost model
+    (:func:`dit_accel.kernels.cost_model.break_even_density`) at the call's sequence length, head dim and
+    precision, so a head runs the kernel only where that is faster than dense attention; a float in [0, 1]: that
+    fixed density; ``None``: never dense (every planned head runs the kernel). On CPU ``"auto"`` reads the cost
+    table shipped for the GPU: the torch reference that runs the kernel on CPU is never faster than dense
+    attention (the CPU table would send every head dense), and the CPU path exists to check numbers, so CPU runs
+    take the same decisions a GPU would and their quality stays the quality the GPU delivers."""
+    precision: str = "bf16"
+    """Precision of the block-sparse kernel: ``"bf16"`` (the inputs' 16-bit dtype) or ``"fp8"`` (8-bit Q, K, P, V
+    with fine-grained scales, :mod:`dit_accel.kernels.fp8_common`). Where the device has no 8-bit kernel an fp8
+    request runs bf16 and the run statistics say why (``precision_fallback``); on CPU fp8 runs the torch
+    reference of the 8-bit arithmetic, so its numbers are those the GPU kernel gives. The break-even lookup uses
+    the precision that runs."""
+    layer_top_p: tuple[float | None, ...] | None = None
+    """Per self-attention layer (index = layer), a ``top_p`` for that layer (``None`` entries and layers past
+    the end: the method's own); written by calibration (:mod:`dit_accel.calibration.target`). Methods without a
+    ``top_p`` ignore it."""
 
     def __post_init__(self) -> None:
         check_number("min_seq_len", self.min_seq_len, 0, integer=True)
@@ -123,11 +157,32 @@ class SparseConfig:
         check_number("dense_warmup", self.dense_warmup, 0.0, 1.0, allow_none=True)
         check_number("dense_first_layers", self.dense_first_layers, 0, 10**6, integer=True)
         check_bool("dense_last_step", self.dense_last_step)
+        above = self.dense_above
+        if not (above is None or above == "auto" or (isinstance(above, (int, float)) and not isinstance(above, bool)
+                                                        and 0.0 <= above <= 1.0)):
+            raise ValueError(f"dense_above must be 'auto', None or a float in [0, 1], got {above!r}")
+        from dit_accel.kernels.fp8_common import check_precision
+
+        check_precision(self.precision)
+        if self.layer_top_p is not None:
+            if isinstance(self.layer_top_p, list):
+                object.__setattr__(self, "layer_top_p", tuple(self.layer_top_p))
+            if not isinstance(self.layer_top_p, tuple):
+                raise ValueError(f"layer_top_p must be a tuple of floats in (0, 1] or None, got {self.layer_top_p!r}")
+            for i, value in enumerate(self.layer_top_p):
+                check_number(f"layer_top_p[{i}]", value, 0.0, 1.0, lo_open=True, allow_none=True)
 
     def resolved(self, name: str) -> Any:
         """The value of threshold ``name``: the field when set, else the quality knob's value."""
         value = getattr(self, name, None)
         return knob_thresholds(quality_value(self.quality))[name] if value is None else value
+
+    def top_p_of(self, layer: int) -> float:
+        """``top_p`` of self-attention layer ``layer``: its :attr:`layer_top_p` entry, else the resolved ``top_p``."""
+        per_layer = self.layer_top_p
+        if per_layer is not None and 0 <= layer < len(per_layer) and per_layer[layer] is not None:
+            return per_layer[layer]
+        return self.resolved("top_p")
 
 
 def warmup_steps(cfg: SparseConfig, num_steps: int | None) -> int:
@@ -194,6 +249,8 @@ class ConfiguredMethod(AttentionMethod):
             check_options(f"attention method {self.name!r}", options, (f.name for f in dataclasses.fields(cls)))
             self.cfg = cls(**options)
         AttentionMethod.__init__(self, min_seq_len=self.cfg.min_seq_len)
+        self.dense_above = self.cfg.dense_above
+        self.precision = self.cfg.precision
         self._build()
 
     def _build(self) -> None:

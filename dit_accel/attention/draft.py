@@ -76,15 +76,16 @@ class DraftSelection:
         self.cfg = cfg
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, order: Order | None, text_blocks: torch.Tensor | None,
-                 block_indices: bool = False) -> DraftEstimate:
-        """The draft estimate of this call in ``order``, with the configured thresholds (``block_indices``: see
+                 block_indices: bool = False, layer: int = -1) -> DraftEstimate:
+        """The draft estimate of this call in ``order``, with the configured thresholds (``layer``: the call's
+        self-attention layer, for a per-layer ``top_p``; ``block_indices``: see
         :func:`~dit_accel.attention.draft_estimate.draft_estimate`)."""
         cfg = self.cfg
         return draft_estimate(
             q,
             k,
             perm=order,
-            top_p=cfg.resolved("top_p"),
+            top_p=cfg.top_p_of(layer),
             min_blocks_fraction=cfg.resolved("min_blocks_fraction"),
             similarity_threshold=cfg.resolved("similarity_threshold"),
             log_block_size=cfg.log_block_size,
@@ -106,7 +107,7 @@ class DraftSelection:
              text_blocks: torch.Tensor | None) -> "BlockMask":
         """The BlockMask of the draft selection; on the kernel path the selection kernel writes its rows (no
         compaction pass)."""
-        est = self.estimate(q, k, order, text_blocks, block_indices=True)
+        est = self.estimate(q, k, order, text_blocks, block_indices=True, layer=ctx.layer)
         self.record(ctx, est)
         return est.block_mask(q.shape[-2])
 

@@ -18,6 +18,7 @@ class DenseMethod(AttentionMethod):
     """Exact dense attention for every call (the baseline; runs on the fastest dense backend)."""
 
     name = "dense"
+    plans = False
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: "AttentionCall") -> "BlockMask | None":
         """Always ``None``: run dense."""

@@ -98,7 +98,7 @@ class OracleSelection:
         mass = block_mass(permute_tokens(q, perm), permute_tokens(k, perm))
         nb = mass.shape[-1]
         min_blocks = max(1, math.ceil(cfg.resolved("min_blocks_fraction") * nb))
-        keep = top_p_keep(mass, cfg.resolved("top_p"), min_blocks)
+        keep = top_p_keep(mass, cfg.top_p_of(ctx.layer), min_blocks)
         keep |= torch.eye(nb, dtype=torch.bool, device=q.device)
         if text_blocks is not None:
             keep |= text_blocks.view(1, 1, nb, 1) | text_blocks.view(1, 1, 1, nb)

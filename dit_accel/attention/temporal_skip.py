@@ -179,7 +179,7 @@ class TemporalSkip:
         ctx.add_stats(calibrated=True)
 
     def _fresh_keep(self, est: DraftEstimate, states: list[TemporalSkipState], groups: dict[str, torch.Tensor],
-                    order: Order | None, batch: int) -> torch.Tensor:
+                    order: Order | None, batch: int, top_p: float) -> torch.Tensor:
         """The refresh selection: top-p of the mean of the calibrated exact mass and the draft map when every
         branch has a calibration in ``order``, else the draft's own selection."""
         if not all(st.mass is not None and st.mass_order is order and st.mass.shape[1:] == est.probs.shape[1:]
@@ -188,7 +188,7 @@ class TemporalSkip:
         mass = _gather_rows([st.mass for st in states], groups, batch)
         nb = mass.shape[-1]
         min_blocks = max(1, math.ceil(self.cfg.resolved("min_blocks_fraction") * nb))
-        return top_p_keep(0.5 * (mass + est.probs), self.cfg.resolved("top_p"), min_blocks) | est.protect
+        return top_p_keep(0.5 * (mass + est.probs), top_p, min_blocks) | est.protect
 
     def _refresh_due(self, st: TemporalSkipState, rows: int, heads: int, nb: int, sequence: tuple) -> bool:
         if st.base is None or tuple(st.base.shape) != (rows, heads, nb, nb):
@@ -214,6 +214,7 @@ class TemporalSkip:
         cfg = self.cfg
         B, H, S, _ = q.shape
         nb = -(-S // BLOCK)
+        top_p = cfg.top_p_of(ctx.layer)
         text = text_blocks_of(ctx.layout, S, q.device)
         groups = branch_rows(ctx, B, q.device)
         states = [ctx.state(b, TemporalSkipState) for b in groups]
@@ -228,11 +229,11 @@ class TemporalSkip:
             # with block_indices the selection kernel writes the BlockMask rows of est.keep: no compaction pass
             # below when the refresh plan is the draft's own selection; with calibration on, the plan is usually
             # the calibrated one, so the rows are not asked for (est.block_mask compacts keep when they are absent)
-            est = self.select.estimate(q, k, order, text, block_indices=not cfg.calibrate)
+            est = self.select.estimate(q, k, order, text, block_indices=not cfg.calibrate, layer=ctx.layer)
             self.select.record(ctx, est)
             if cfg.calibrate and not all(st.mass is not None for st in states):
                 self._calibrate(q, k, ctx, order)  # no warm-up step calibrated this layer
-            keep = self._fresh_keep(est, states, groups, order, B)
+            keep = self._fresh_keep(est, states, groups, order, B, top_p)
             if keep is est.keep:
                 mask = est.block_mask(S)
             # the row's estimated mass outside the plan: only the drift check reads it
@@ -263,16 +264,16 @@ class TemporalSkip:
             if mask is None:
                 keep = (base & ~skip) | protect
             if cfg.drift_check:
-                est = self.select.estimate(q, k, order, text)
+                est = self.select.estimate(q, k, order, text, layer=ctx.layer)
                 # Drift is measured against the refresh plan, not against the skips: skipped tiles were
                 # judged by the kernel's exact statistics, the draft map would only second-guess them.
                 # The reference is the row's estimated mass outside the plan when it was made (with a
                 # calibrated plan it need not be below 1 - top_p): drift is the growth of that share.
                 outside = (est.probs * ~(base | protect)).sum(-1)
                 reference = _gather_rows([st.outside for st in states], groups, B)
-                drift_rows = outside > reference.clamp_min(1.0 - cfg.resolved("top_p")) + cfg.resolved("drift_tolerance")
+                drift_rows = outside > reference.clamp_min(1.0 - top_p) + cfg.resolved("drift_tolerance")
                 d = drift_rows.unsqueeze(-1)
-                base = torch.where(d, self._fresh_keep(est, states, groups, order, B), base)
+                base = torch.where(d, self._fresh_keep(est, states, groups, order, B, top_p), base)
                 skip = skip & ~d
                 protect = torch.where(d, est.protect, protect)
                 reference = torch.where(drift_rows, (est.probs * ~(base | protect)).sum(-1), reference)
@@ -299,7 +300,7 @@ class TemporalSkip:
             cached = (batch_key, mask)
             for st in states:
                 st.mask = cached
-        return plan_of(mask, order)
+        return plan_of(mask, order, fresh=refresh)
 
     def observe(self, ctx: "AttentionCall", tile_stats: torch.Tensor) -> None:
         """Add the computed tiles whose statistic is below ``skip_threshold`` to each branch's skip list."""

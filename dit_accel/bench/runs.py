@@ -9,6 +9,9 @@ Keys (stable; the report's ``runs`` are keyed by them):
 - ``<preset>`` for each shipped preset (``dit_accel.presets.preset_names()``): ``dit_accel.apply(pipe, preset=...)``;
 - ``<preset>.attention`` / ``<preset>.cache``: the preset's attention method alone / its cache alone (only for
   presets that have both; a preset with only one part *is* that part, recorded as ``same_as``);
+- ``<preset>.attention.fp8``: the preset's sparse attention method alone with the 8-bit kernel (optional: the
+  budget drops it before the required runs; where the device has no FP8 tensor cores it runs bf16 and the
+  run's statistics say why);
 - peers: ``fbc``, ``magcache``, ``taylorseer`` (diffusers), ``dbcache`` (cache-dit, when it imports), all tuned to
   the compute fraction our ``<peer preset>.cache`` run measured (see :mod:`dit_accel.bench.peers`);
   ``flex.<preset>``: the preset's attention method with its masks run by FlexAttention; ``sage``: SageAttention
@@ -33,6 +36,9 @@ from dit_accel.bench import peers as P
 
 STOCK = "stock"
 STOCK_CUDNN = "stock_cudnn"
+
+SPARSE_METHODS_WITH_PRECISION = ("draft", "permuted", "temporal_skip", "combo")
+"""Methods whose block-sparse kernel takes ``precision="fp8"`` (their ``<preset>.attention.fp8`` runs)."""
 
 KINDS = ("stock", "preset", "attention_part", "cache_part", "cache_peer", "attention_peer")
 """Run kinds, as recorded in the report."""
@@ -463,6 +469,12 @@ def plan_runs(*, peer_preset: str = "balanced", flex_preset: str = "balanced", c
         if attention is not None:
             parts.append(RunSpec(f"{name}.attention", "attention_part", f"{p.tag}'s attention ({p.attention}) alone",
                                  _accel(f"{name}.attention", attention=attention), preset=name, signature=("accel", _freeze(attention), None)))
+            if p.attention in SPARSE_METHODS_WITH_PRECISION:
+                fp8 = (p.attention, dict(p.attention_config, precision="fp8"))
+                parts.append(RunSpec(f"{name}.attention.fp8", "attention_part",
+                                     f"{p.tag}'s attention ({p.attention}) alone, 8-bit kernel (precision fp8)",
+                                     _accel(f"{name}.attention.fp8", attention=fp8), preset=name,
+                                     signature=("accel", _freeze(fp8), None), required=False))
         if cache is not None:
             parts.append(RunSpec(f"{name}.cache", "cache_part", f"{p.tag}'s cache ({p.cache}) alone",
                                  _accel(f"{name}.cache", cache=cache), preset=name, signature=("accel", None, _freeze(cache))))

@@ -1,4 +1,10 @@
-"""``dit-accel calibrate``: its arguments and the run (the search is :mod:`dit_accel.calibration.schedule_search`)."""
+"""``dit-accel calibrate``: its arguments and the run. Two modes, one of them per run:
+
+* ``--target-psnr DB``: the fastest sparse-attention and cache configuration that keeps DB against dense on the
+  prompts, written as a preset file (:mod:`dit_accel.calibration.target`; ``generate --preset FILE`` loads it);
+* ``--budget B``: a cache schedule spending a share B of the block evaluations, written as a schedule file
+  (:mod:`dit_accel.calibration.schedule_search`; the cache half of the target search).
+"""
 
 from __future__ import annotations
 
@@ -26,9 +32,14 @@ def captions_for_testbed(count: int, offset: int = 0) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dit-accel calibrate``."""
     parser.add_argument("--model", default="testbed", help='"testbed" (shipped) or a diffusers folder / hub id')
-    parser.add_argument("--steps", type=int, required=True, help="denoising steps of the schedule")
-    parser.add_argument("--budget", type=float, required=True, help="fraction of block evaluations, in (0, 1]")
-    parser.add_argument("--out", type=Path, required=True, help="schedule JSON to write")
+    parser.add_argument("--steps", type=int, required=True, help="denoising steps of the runs (and of the schedule)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--target-psnr", type=float, default=None,
+                      help="PSNR in dB against dense to keep: search sparse attention and cache together, write a "
+                           "preset file")
+    mode.add_argument("--budget", type=float, default=None,
+                      help="fraction of block evaluations, in (0, 1]: search a cache schedule, write a schedule file")
+    parser.add_argument("--out", type=Path, required=True, help="preset (--target-psnr) or schedule (--budget) JSON")
     parser.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, default=None, help="file with one prompt per line")
     parser.add_argument("--num-prompts", type=int, default=4, help="testbed captions to use when no prompt is given")
@@ -54,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine", type=int, default=0, help="candidate schedules evaluated by real runs after the DP")
     parser.add_argument("--token-stride", type=int, default=1, help="measure every N-th token only, to save memory (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    target = parser.add_argument_group("--target-psnr search")
+    target.add_argument("--time-budget", type=float, default=None, help="seconds after which no new evaluation starts")
+    target.add_argument("--max-evals", type=int, default=12, help="most candidate evaluations (a run of every prompt each)")
+    target.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    target.add_argument("--layer-groups", type=int, default=2, help="layer groups whose top_p is searched apart")
+    target.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="sparse kernel precision")
+    target.add_argument("--timing-prompts", type=int, default=2,
+                        help="prompts timed (dense and chosen, after a warm-up) for the measured speed-up; 0: none")
+    target.add_argument("--name", default=None, help="preset name recorded in the file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,11 +90,30 @@ def run(args: argparse.Namespace) -> int:
     from dit_accel.calibration.schedule_search import calibrate
     from dit_accel.loading import load_pipeline
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
     call_kwargs: dict[str, Any] = {}
     for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames), ("guidance_scale", args.guidance)):
         if value is not None:
             call_kwargs[key] = value
+    if args.target_psnr is not None:
+        from dit_accel.calibration.target import TargetSettings
+        from dit_accel.calibration.target import calibrate as calibrate_preset
+
+        TargetSettings(target_psnr=args.target_psnr)  # a bad target fails before the model loads
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+        data = calibrate_preset(
+            pipe, prompts, target_psnr=args.target_psnr, out=args.out, model_id=args.model, name=args.name,
+            call_kwargs=call_kwargs, num_steps=args.steps, seed=args.seed, time_budget_s=args.time_budget,
+            max_evals=args.max_evals, batch_size=args.batch_size, layer_groups=args.layer_groups,
+            precision=args.precision, timing_prompts=args.timing_prompts, warmup_steps=args.warmup_steps,
+            final_steps=args.final_steps, max_consecutive_reuse=args.max_consecutive_reuse,
+        )
+        m, t = data["measured"], data["timing"]
+        speed = f", measured speed-up {t['speedup']:.2f}x" if t.get("speedup") else ""
+        print(f"wrote {args.out}: {m.get('candidate', 'dense')} at {m['psnr'] if m['psnr'] is None else round(m['psnr'], 2)} dB "
+              f"(target {args.target_psnr:g}), modelled cost {m['modelled_cost']:.3f}{speed}"
+              + (f"; search stopped early: {data['search']['interrupted']}" if data["search"]["interrupted"] else ""))
+        return 0
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     data = calibrate(
         pipe, prompts, out=args.out, model_id=args.model, call_kwargs=call_kwargs,
         num_steps=args.steps, budget=args.budget, warmup_steps=args.warmup_steps, final_steps=args.final_steps,

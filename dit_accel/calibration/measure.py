@@ -36,7 +36,7 @@ Prompt = str | dict[str, Any]
 
 @dataclass
 class PromptRunner:
-    """Runs the pipeline on calibration prompt ``i`` (seed ``seed + i``) and returns its final latents."""
+    """Runs the pipeline on calibration prompts (prompt ``i`` with seed ``seed + i``) and returns their outputs."""
 
     pipe: Any
     """The diffusers pipeline."""
@@ -46,15 +46,45 @@ class PromptRunner:
     """Base seed."""
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra pipeline arguments (size, guidance, ...)."""
+    batch_size: int = 1
+    """Text prompts generated per pipeline call (one generator per prompt, so a prompt's initial noise is the same
+    in any batch); keyword-argument prompts always run alone."""
+    output_type: str = "latent"
+    """``"latent"`` (final latents) or ``"pt"`` (decoded frames in [0, 1])."""
 
     def __call__(self, i: int, prompt: Prompt) -> torch.Tensor:
-        """Final latents (float32) of prompt ``i``."""
+        """Output (float32) of prompt ``i``."""
+        return self._run([(i, prompt)])[0]
+
+    def run_all(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
+        """Outputs (float32) of every prompt, in order, ``batch_size`` text prompts per pipeline call."""
+        out: list[torch.Tensor] = []
+        batch: list[tuple[int, Prompt]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, dict):
+                out += self._run(batch) + self._run([(i, p)])
+                batch = []
+                continue
+            batch.append((i, p))
+            if len(batch) == self.batch_size:
+                out += self._run(batch)
+                batch = []
+        return out + self._run(batch)
+
+    def _run(self, batch: list[tuple[int, Prompt]]) -> list[torch.Tensor]:
+        if not batch:
+            return []
         kwargs = dict(self.call_kwargs)
-        kwargs.update(prompt if isinstance(prompt, dict) else {"prompt": prompt})
-        kwargs.setdefault("output_type", "latent")
-        result = self.pipe(num_inference_steps=self.num_steps, generator=torch.Generator().manual_seed(self.seed + i),
-                           **kwargs)
-        return sample_of(result).detach().float()
+        first = batch[0][1]
+        if isinstance(first, dict):
+            kwargs.update(first)
+        else:
+            kwargs["prompt"] = [p for _, p in batch] if len(batch) > 1 else first
+        kwargs.setdefault("output_type", self.output_type)
+        gens = [torch.Generator().manual_seed(self.seed + i) for i, _ in batch]
+        result = self.pipe(num_inference_steps=self.num_steps, generator=gens if len(gens) > 1 else gens[0], **kwargs)
+        sample = sample_of(result).detach().float()
+        return list(sample) if len(batch) > 1 else [sample[0] if sample.shape[0] == 1 else sample]
 
 
 def sample_of(result: Any) -> torch.Tensor:
@@ -192,7 +222,7 @@ def measure(pipe: Any, handle: AccelHandle, prompts: Sequence[Prompt], settings:
             recorder = ReuseErrorRecorder(guard, num_blocks, settings.max_consecutive_reuse + 1, settings.measured_order,
                                           settings.token_stride, sink)
             attachments.append(install_controller(transformer, CacheController(name, context, recorder, blocks)))
-        dense = [runner(i, p) for i, p in enumerate(prompts)]
+        dense = runner.run_all(prompts)
         dts = sigma_steps(pipe, settings.num_steps)
     finally:
         for a in attachments:

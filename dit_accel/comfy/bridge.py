@@ -23,6 +23,7 @@ pairs (cache blocks), whatever the ComfyUI model's own layout is: that conversio
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,10 @@ from dit_accel.caching import CacheConfig, available_schedulers, build_scheduler
 from dit_accel.caching.blocks import BlockRef
 from dit_accel.caching.controller import CacheController
 from dit_accel.context import ForwardInputs, StepClock, TransformerContext
+from dit_accel.preset_file import PRESET_FILE_FORMAT, preset_of, validate_preset_data
 from dit_accel.presets import get_preset, preset_names
+
+logger = logging.getLogger("dit_accel")
 
 __all__ = [
     "AccelConfig",
@@ -127,9 +131,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[st
 def load_preset_file(path: str | Path) -> dict[str, Any]:
     """A preset file as ``{attention, attention_config, cache, cache_config}`` (missing keys absent).
 
-    Two formats: a cache schedule written by ``dit-accel calibrate`` (``format:
-    "dit-accel-cache-schedule"``; it becomes ``cache="procache", cache_config={"schedule_file": path}``),
-    or a JSON object with the keys of :data:`PRESET_FILE_KEYS`.
+    Three formats: a preset file written by ``dit-accel calibrate --target-psnr`` (``format:
+    "dit-accel-preset"``: its settings; the model-configuration check of :func:`dit_accel.apply` compares
+    diffusers configs, which ComfyUI's own model classes do not have, so it is logged, not enforced), a cache
+    schedule written by ``dit-accel calibrate --budget`` (``format: "dit-accel-cache-schedule"``; it becomes
+    ``cache="procache", cache_config={"schedule_file": path}``), or a JSON object with the keys of
+    :data:`PRESET_FILE_KEYS`.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -138,6 +145,12 @@ def load_preset_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(data, dict) and data.get("format") == PRESET_FILE_FORMAT:
+        preset = preset_of(validate_preset_data(data, str(path)), str(path))
+        logger.warning("dit-accel: %s was calibrated on %s (config hash %s); ComfyUI models cannot be checked "
+                       "against it", path, data["model"].get("id"), data["model"]["config_hash"])
+        return {"attention": preset.attention, "attention_config": dict(preset.attention_config),
+                "cache": preset.cache, "cache_config": dict(preset.cache_config)}
     if isinstance(data, dict) and data.get("format") == "dit-accel-cache-schedule":
         load_schedule(path)  # validates
         return {"cache": "procache", "cache_config": {"schedule_file": str(path)}}

@@ -54,8 +54,9 @@ def apply_sparse_attention(model: Any, method: str, quality: str, precision: str
     """A clone of ``model`` whose visual self-attention runs attention method ``method``.
 
     ``quality`` and ``min_seq_len`` go to methods that have those options (``dense`` and ``full`` have no
-    quality knob); ``precision`` ``"fp8"`` needs a method with a ``precision`` option (the fp8 kernel
-    path); ``options`` (JSON object) sets any other option of the method.
+    quality knob); ``precision`` is the block-sparse kernel's (``"fp8"`` needs a sparse method; where the
+    device has no FP8 tensor cores the calls run bf16 and the run statistics say why); ``options`` (JSON
+    object) sets any other option of the method.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")

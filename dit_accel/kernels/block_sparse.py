@@ -15,7 +15,7 @@ import os
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse_common import BlockSparseOutput, check_index, check_inputs
+from .block_sparse_common import BlockSparseOutput, check_head_index, check_index, check_inputs
 from .block_sparse_reference import block_sparse_attention_reference
 from .fp8_common import RECIPES, check_precision, fp8_supported
 
@@ -40,6 +40,7 @@ def block_sparse_attention(
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
     precision: str = "bf16",
+    head_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Non-causal attention restricted to the (query block, key block) tiles listed in a BlockMask.
 
@@ -69,6 +70,10 @@ def block_sparse_attention(
             5 % relative L2 error against float32 on random inputs, see ``fp8_common``). Where
             ``fp8_supported(q)`` is False (no FP8 tensor cores, CPU without ``TRITON_INTERPRET=1``) an fp8
             request runs the bf16 path; ``fp8_supported`` returns the reason.
+        head_index: optional int32 ``(N,)`` strictly ascending flat heads ``b * H + h``: only those heads are
+            computed (the grid covers N heads). ``out``, LSE and tile statistics keep their ``(B, H, ...)``
+            shapes; the rows of the other heads are unspecified (tile statistics ``-inf``), for the caller to
+            fill (the routing layer runs them dense). Validated once per tensor object (one host read).
 
     Returns:
         ``out`` ``(B, H, S_q, D)`` (dtype of q) when both flags are off; otherwise
@@ -84,20 +89,22 @@ def block_sparse_attention(
     B, H, S_q, _ = q.shape
     q_index = check_index("q_index", q_index, B, H, S_q, q.device)
     kv_index = check_index("kv_index", kv_index, B, H, k.shape[2], q.device)
+    head_index = check_head_index(head_index, B, H, q.device)
     if not _use_triton(q):
         return block_sparse_attention_reference(
             q, k, v, mask, scale=view.scale, return_lse=return_lse, tile_stats=tile_stats,
-            q_index=q_index, kv_index=kv_index,
+            q_index=q_index, kv_index=kv_index, head_index=head_index,
         )
     if precision != "bf16" and fp8_supported(q)[0]:
         from .block_sparse_fp8_triton import block_sparse_attention_fp8_triton
 
         return block_sparse_attention_fp8_triton(
             q, k, v, view, recipe=RECIPES[precision], return_lse=return_lse, tile_stats=tile_stats,
-            q_index=q_index, kv_index=kv_index,
+            q_index=q_index, kv_index=kv_index, head_index=head_index,
         )
     from .block_sparse_triton import block_sparse_attention_triton
 
     return block_sparse_attention_triton(
-        q, k, v, view, return_lse=return_lse, tile_stats=tile_stats, q_index=q_index, kv_index=kv_index
+        q, k, v, view, return_lse=return_lse, tile_stats=tile_stats, q_index=q_index, kv_index=kv_index,
+        head_index=head_index,
     )

@@ -16,6 +16,11 @@ Layout contract (same as ``torch.nn.functional.scaled_dot_product_attention`` an
   ``<= 0`` up to rounding. Tiles not computed hold ``-inf``.
 - An empty query block (no key block) gives output zeros and LSE ``-inf``, never NaN.
 
+Head subset (``head_index``, optional): int32 ``(N,)``, strictly ascending flat head numbers ``b * H + h`` in
+``[0, B * H)``. Only those heads are computed (the launch grid covers N heads, not B x H); the output, LSE
+and tile statistics keep their full ``(B, H, ...)`` shapes, and the rows of the heads not listed are left
+unspecified (tile statistics: ``-inf``). A caller fills them itself, e.g. with dense attention.
+
 Token permutation folded into the loads (``q_index`` / ``kv_index``, both optional and independent):
 
 - ``q_index``: int32 ``(S_q,)`` or ``(B, H, S_q)`` (B, H may be 1: broadcast), a permutation of
@@ -41,6 +46,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "MaskView",
+    "check_head_index",
     "check_index",
     "check_inputs",
 ]
@@ -162,9 +168,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float 
     )
 
 
-# Index tensors already found to be permutations, by id: (weak reference, version counter at the check).
-# A fixed order (the 3D tile order, the same tensor at every call) is then checked once, not per call.
-_CHECKED_PERMUTATIONS: dict[int, tuple[weakref.ref, int]] = {}
+# Index tensors already checked, by (kind, id): (weak reference, version counter at the check). A fixed
+# order (the 3D tile order, the same tensor at every call) or head subset is then checked once, not per call.
+_CHECKED_PERMUTATIONS: dict[tuple[str, int], tuple[weakref.ref, int]] = {}
 
 
 def _version(index: Tensor) -> int:
@@ -175,19 +181,19 @@ def _version(index: Tensor) -> int:
         return -1
 
 
-def _known_permutation(index: Tensor) -> bool:
-    hit = _CHECKED_PERMUTATIONS.get(id(index))
+def _known_permutation(index: Tensor, kind: str = "permutation") -> bool:
+    hit = _CHECKED_PERMUTATIONS.get((kind, id(index)))
     return hit is not None and hit[0]() is index and hit[1] == _version(index)
 
 
-def _remember_permutation(index: Tensor) -> None:
+def _remember_permutation(index: Tensor, kind: str = "permutation") -> None:
     if len(_CHECKED_PERMUTATIONS) >= 256:
         for key, (ref, _) in list(_CHECKED_PERMUTATIONS.items()):
             if ref() is None:
                 del _CHECKED_PERMUTATIONS[key]
         if len(_CHECKED_PERMUTATIONS) >= 256:
             _CHECKED_PERMUTATIONS.clear()
-    _CHECKED_PERMUTATIONS[id(index)] = (weakref.ref(index), _version(index))
+    _CHECKED_PERMUTATIONS[(kind, id(index))] = (weakref.ref(index), _version(index))
 
 
 def check_index(name: str, index: Tensor | None, B: int, H: int, S: int, device: torch.device) -> Tensor | None:
@@ -230,4 +236,32 @@ def check_index(name: str, index: Tensor | None, B: int, H: int, S: int, device:
                 f"got values in [{lo}, {hi}] with repeats or gaps"
             )
         _remember_permutation(index)
+    return index
+
+
+def check_head_index(index: Tensor | None, B: int, H: int, device: torch.device) -> Tensor | None:
+    """Validate a head subset (``head_index``, see the module docstring): an int32 1-D tensor on ``device`` of
+    strictly ascending values in ``[0, B * H)``. The value check reads the tensor on the host (one sync on a
+    GPU), once per tensor object: a tensor that passed is remembered like a permutation index.
+
+    Raises:
+        ValueError: naming the bad dtype, device, shape or values.
+    """
+    if index is None:
+        return None
+    if not isinstance(index, Tensor):
+        raise ValueError(f"head_index must be a torch.Tensor (int32 flat head numbers) or None, got {type(index).__name__}")
+    if index.dtype != torch.int32 or index.dim() != 1:
+        raise ValueError(f"head_index must be a 1-D int32 tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"head_index is on {index.device} but q, k, v are on {device}")
+    if index.numel() == 0 or index.numel() > B * H:
+        raise ValueError(f"head_index must list between 1 and B*H = {B * H} heads, got {index.numel()}")
+    if index.stride(-1) != 1:
+        index = index.contiguous()
+    if not _known_permutation(index, "heads"):
+        values = index.tolist()
+        if values[0] < 0 or values[-1] >= B * H or any(a >= b for a, b in zip(values, values[1:])):
+            raise ValueError(f"head_index must be strictly ascending values in [0, {B * H}) (b * H + h), got {values}")
+        _remember_permutation(index, "heads")
     return index

@@ -131,7 +131,7 @@ def _finish_tile_stats(idx_row, n_listed, ts_row, lse_min, CHUNK: tl.constexpr):
 @triton.jit
 def _block_sparse_fwd_8bit(
     Q8, K8, V8, QS, KS, VS, RB, O, LSE, TS, desc_k, desc_v,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, QIDX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, QIDX, HIDX,
     stride_ob, stride_oh, stride_om,
     stride_nb, stride_nh, stride_nq,
     stride_ib, stride_ih, stride_iq,
@@ -145,12 +145,17 @@ def _block_sparse_fwd_8bit(
     HAS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
     RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr, HAS_QIDX: tl.constexpr,
     QK_INT8: tl.constexpr, V_FP8: tl.constexpr, PV_PRECISE: tl.constexpr, SOFT_FP8: tl.constexpr,
+    HAS_HIDX: tl.constexpr,
 ):
     # A program takes BLOCK_M rows of a Q_BLOCK-row query block of the mask (BLOCK_M < Q_BLOCK: several
     # smaller programs walk the same mask row; tile statistics need the whole block in one program).
     pid_m = tl.program_id(0)
     qb = pid_m // (Q_BLOCK // BLOCK_M)
-    bh = tl.program_id(1)
+    if HAS_HIDX:
+        # The grid covers the listed heads only; every address below derives from bh as without it.
+        bh = tl.load(HIDX + tl.program_id(1))
+    else:
+        bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
@@ -267,8 +272,10 @@ def attention_quantized_triton(
     q_index: Tensor | None = None,
     launch: Launch8bit | None = None,
     pv_precise: bool = False,
+    head_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
-    """Launch the 8-bit attention kernel on the output of the quantisation pass.
+    """Launch the 8-bit attention kernel on the output of the quantisation pass (``head_index``: only those
+    flat heads are computed, see ``block_sparse_attention``).
 
     ``launch`` overrides the launch parameters and ``pv_precise`` the fp8 ``P @ V`` accumulation
     (full-precision adds per tile): benchmark sweeps; leave the defaults.
@@ -325,10 +332,11 @@ def attention_quantized_triton(
         q_ib, q_ih = bstride(q_index, 0), bstride(q_index, 1)
     bias = qq.row_bias if qq.row_bias is not None else qq.q_scale
 
-    grid = (view.num_q_blocks * (view.q_block // block_m), B * H)
+    grid = (view.num_q_blocks * (view.q_block // block_m), B * H if head_index is None else head_index.numel())
     _block_sparse_fwd_8bit[grid](
         qq.q, qq.k, qq.v, qq.q_scale, qq.k_scale, qq.v_scale, bias, out, lse, ts, desc_k, desc_v,
         kv_num, kv_idx, f_num, f_idx, q_index if q_index is not None else kv_num,
+        head_index if head_index is not None else kv_num,
         out.stride(0), out.stride(1), out.stride(2),
         bstride(kv_num, 0), bstride(kv_num, 1), kv_num.stride(2),
         bstride(kv_idx, 0), bstride(kv_idx, 1), kv_idx.stride(2),
@@ -342,7 +350,7 @@ def attention_quantized_triton(
         HAS_FULL=has_full, EVEN_KV=(S_kv % view.kv_block == 0),
         RETURN_LSE=return_lse, TILE_STATS=tile_stats, USE_TMA=desc_k is not None,
         HAS_QIDX=q_index is not None, QK_INT8=qq.recipe.qk == "int8", V_FP8=v_fp8,
-        PV_PRECISE=pv_precise and v_fp8, SOFT_FP8=INTERPRETED,
+        PV_PRECISE=pv_precise and v_fp8, SOFT_FP8=INTERPRETED, HAS_HIDX=head_index is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not (return_lse or tile_stats):
@@ -363,10 +371,13 @@ def block_sparse_attention_fp8_triton(
     kv_index: Tensor | None = None,
     launch: Launch8bit | None = None,
     pv_precise: bool = False,
+    head_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Quantise (:func:`~.fp8_quantize_triton.quantize_qkv_triton`) and attend
-    (:func:`attention_quantized_triton`): checked inputs as for the bf16 kernel's launcher."""
+    (:func:`attention_quantized_triton`): checked inputs as for the bf16 kernel's launcher. With ``head_index``
+    the quantisation pass still covers every head (it is a small share of the call) and the attention kernel
+    only the listed ones."""
     qq = quantize_qkv_triton(q, k, v, view, recipe, q_index=q_index, kv_index=kv_index,
                              row_bias=return_lse or tile_stats)
     return attention_quantized_triton(qq, view, out_dtype=q.dtype, return_lse=return_lse, tile_stats=tile_stats,
-                                      q_index=q_index, launch=launch, pv_precise=pv_precise)
+                                      q_index=q_index, launch=launch, pv_precise=pv_precise, head_index=head_index)

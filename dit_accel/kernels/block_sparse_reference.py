@@ -11,52 +11,54 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse_common import BlockSparseOutput, MaskView, check_index, check_inputs
+from .block_sparse_common import BlockSparseOutput, MaskView, check_head_index, check_index, check_inputs
 from .fp8_common import RECIPES, check_precision
+from .reference_common import block_allowed, gather_rows, scatter_rows
 
-__all__ = ["block_allowed", "block_sparse_attention_reference", "gather_rows", "scatter_rows"]
-
-
-def _row_index(x: Tensor, index: Tensor) -> Tensor:
-    """``index`` ``(S,)`` or ``(B|1, H|1, S)`` as an int64 ``(B, H, S, D)`` index over the rows of ``x``."""
-    B, H, _, D = x.shape
-    idx = index.long()
-    if idx.dim() == 1:
-        idx = idx.view(1, 1, -1)
-    return idx.expand(B, H, -1).unsqueeze(-1).expand(-1, -1, -1, D)
+__all__ = ["block_sparse_attention_reference", "select_heads"]
 
 
-def gather_rows(x: Tensor, index: Tensor | None) -> Tensor:
-    """``x`` ``(B, H, S, D)`` in permuted order: row ``i`` of the result is row ``index[..., i]`` of ``x``."""
-    if index is None:
-        return x
-    return torch.gather(x, 2, _row_index(x, index))
+def _heads_of(t: Tensor, b: Tensor, h: Tensor, B: int, H: int) -> Tensor:
+    """Rows ``(b[i], h[i])`` of a ``(B|1, H|1, ...)`` tensor (size-1 dims broadcast) as a ``(1, N, ...)`` tensor."""
+    return t.expand(B, H, *t.shape[2:])[b, h].unsqueeze(0)
 
 
-def scatter_rows(x: Tensor, index: Tensor | None) -> Tensor:
-    """Inverse of :func:`gather_rows`: row ``index[..., i]`` of the result is row ``i`` of ``x``."""
-    if index is None:
-        return x
-    return torch.empty_like(x).scatter_(2, _row_index(x, index), x)
+def select_heads(mask: BlockMask, head_index: Tensor, B: int, H: int) -> BlockMask:
+    """The rows of ``mask`` for the flat heads ``head_index`` (``b * H + h``) as a mask of batch 1 and N heads."""
+    b, h = head_index.long() // H, head_index.long() % H
+    full = mask.full_kv_num_blocks is not None
+    return BlockMask.from_kv_blocks(
+        _heads_of(mask.kv_num_blocks, b, h, B, H), _heads_of(mask.kv_indices, b, h, B, H),
+        _heads_of(mask.full_kv_num_blocks, b, h, B, H) if full else None,
+        _heads_of(mask.full_kv_indices, b, h, B, H) if full else None,
+        BLOCK_SIZE=mask.BLOCK_SIZE, seq_lengths=tuple(mask.seq_lengths), compute_q_blocks=False,
+    )
 
 
-def block_allowed(view: MaskView, B: int, H: int) -> Tensor:
-    """Bool ``(B, H, Q_BLOCKS, KV_BLOCKS)``: which tiles the mask computes (partial and full blocks)."""
-    n_kb = view.num_kv_blocks
-    allowed = torch.zeros(B, H, view.num_q_blocks, n_kb, dtype=torch.bool, device=view.kv_indices.device)
-    pairs = [(view.kv_num_blocks, view.kv_indices)]
-    if view.full_kv_num_blocks is not None:
-        pairs.append((view.full_kv_num_blocks, view.full_kv_indices))
-    for num, idx in pairs:
-        num = num.expand(B, H, -1)
-        idx = idx.expand(B, H, -1, -1).long()
-        listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
-        # Unlisted slots are padding: route them to an extra column that is dropped afterwards.
-        target = torch.where(listed, idx, torch.full_like(idx, n_kb))
-        hit = torch.zeros(B, H, view.num_q_blocks, n_kb + 1, dtype=torch.bool, device=idx.device)
-        hit.scatter_(-1, target, True)
-        allowed |= hit[..., :n_kb]
-    return allowed
+def _on_heads(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, head_index: Tensor, *, scale: float | None,
+              return_lse: bool, tile_stats: bool, q_index: Tensor | None, kv_index: Tensor | None,
+              precision: str) -> Tensor | BlockSparseOutput:
+    """The reference on the listed heads only (gathered into one batch row), scattered into full-size results."""
+    B, H, S_q, D = q.shape
+    b, h = head_index.long() // H, head_index.long() % H
+    sel = [t[b, h].unsqueeze(0) for t in (q, k, v)]
+    idx = [i if i is None or i.dim() == 1 else _heads_of(i, b, h, B, H) for i in (q_index, kv_index)]
+    res = block_sparse_attention_reference(
+        *sel, select_heads(mask, head_index, B, H), scale=scale, return_lse=return_lse, tile_stats=tile_stats,
+        q_index=idx[0], kv_index=idx[1], precision=precision)
+    part = res if isinstance(res, Tensor) else res.out
+    out = q.new_zeros((B, H, S_q, D))
+    out[b, h] = part[0]
+    if isinstance(res, Tensor):
+        return out
+    lse = stats = None
+    if res.lse is not None:
+        lse = res.lse.new_full((B, H, S_q), float("-inf"))
+        lse[b, h] = res.lse[0]
+    if res.tile_stats is not None:
+        stats = res.tile_stats.new_full((B, H, *res.tile_stats.shape[2:]), float("-inf"))
+        stats[b, h] = res.tile_stats[0]
+    return BlockSparseOutput(out, lse, stats)
 
 
 def block_sparse_attention_reference(
@@ -71,6 +73,7 @@ def block_sparse_attention_reference(
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
     precision: str = "bf16",
+    head_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Block-sparse attention in plain torch (float32 math), same contract as ``block_sparse_attention``.
 
@@ -84,11 +87,19 @@ def block_sparse_attention_reference(
             reference gathers q (k, v) into the permuted order, runs there, and scatters out and LSE back.
         precision: ``"bf16"`` computes on the inputs as they are; ``"fp8"`` applies the 8-bit kernel's
             quantisation and arithmetic (:func:`~dit_accel.kernels.fp8_reference.block_sparse_attention_fp8_reference`).
+        head_index: optional int32 ``(N,)`` flat heads ``b * H + h`` to compute (see ``block_sparse_attention``);
+            the rows of the other heads are zeros (LSE and tile statistics ``-inf``).
 
     Returns:
         The output tensor, or a :class:`BlockSparseOutput` when ``return_lse`` or ``tile_stats`` is set.
     """
-    if check_precision(precision) != "bf16":
+    check_precision(precision)
+    if head_index is not None:
+        check_inputs(q, k, v, mask, scale)
+        head_index = check_head_index(head_index, q.shape[0], q.shape[1], q.device)
+        return _on_heads(q, k, v, mask, head_index, scale=scale, return_lse=return_lse, tile_stats=tile_stats,
+                         q_index=q_index, kv_index=kv_index, precision=precision)
+    if precision != "bf16":
         from .fp8_reference import block_sparse_attention_fp8_reference
 
         return block_sparse_attention_fp8_reference(

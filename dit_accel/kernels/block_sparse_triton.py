@@ -126,7 +126,7 @@ def _finish_tile_stats(idx_row, n_listed, ts_row, lse_min, CHUNK: tl.constexpr):
 @triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, TS, desc_k, desc_v,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, QIDX, KVIDX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, QIDX, KVIDX, HIDX,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -142,10 +142,14 @@ def _block_sparse_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
     RETURN_LSE: tl.constexpr, TILE_STATS: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr,
+    HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_HIDX: tl.constexpr,
 ):
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    if HAS_HIDX:
+        # The grid covers the listed heads only; every address below derives from (b, h) as without it.
+        bh = tl.load(HIDX + tl.program_id(1))
+    else:
+        bh = tl.program_id(1)
     b = bh // H
     h = bh % H
 
@@ -289,9 +293,11 @@ def block_sparse_attention_triton(
     use_tma: bool | None = None,
     q_index: Tensor | None = None,
     kv_index: Tensor | None = None,
+    head_index: Tensor | None = None,
 ) -> Tensor | BlockSparseOutput:
     """Launch the Triton kernel on checked inputs (``view`` from ``check_inputs``, indices from
-    ``check_index``: int32, unit last stride, ``(S,)`` or ``(B|1, H|1, S)``).
+    ``check_index``: int32, unit last stride, ``(S,)`` or ``(B|1, H|1, S)``; ``head_index`` from
+    ``check_head_index``: only those heads are computed).
 
     ``config`` overrides ``(BLOCK_N, num_warps, num_stages)`` and ``use_tma`` the load path (benchmark
     sweeps); leave them None.
@@ -352,11 +358,12 @@ def block_sparse_attention_triton(
     q_ib, q_ih = index_strides(q_index)
     k_ib, k_ih = index_strides(kv_index)
 
-    grid = (view.num_q_blocks, B * H)
+    grid = (view.num_q_blocks, B * H if head_index is None else head_index.numel())
     _block_sparse_fwd[grid](
         q, k, v, out, lse, ts, desc_k, desc_v,
         kv_num, kv_idx, f_num, f_idx,
         q_index if q_index is not None else kv_num, kv_index if kv_index is not None else kv_num,
+        head_index if head_index is not None else kv_num,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -373,7 +380,7 @@ def block_sparse_attention_triton(
         HAS_FULL=has_full, EVEN_KV=(S_kv % view.kv_block == 0),
         RETURN_LSE=return_lse, TILE_STATS=tile_stats,
         USE_TMA=desc_k is not None,
-        HAS_QIDX=q_index is not None, HAS_KVIDX=kv_index is not None,
+        HAS_QIDX=q_index is not None, HAS_KVIDX=kv_index is not None, HAS_HIDX=head_index is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not (return_lse or tile_stats):

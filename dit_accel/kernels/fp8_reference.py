@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_sparse_common import BlockSparseOutput, MaskView, check_index, check_inputs
-from .block_sparse_reference import block_allowed, gather_rows, scatter_rows
+from .reference_common import block_allowed, gather_rows, scatter_rows
 from .fp8_common import FP8_MAX, INT8_MAX, P_SHIFT, QuantizedQKV, QuantRecipe, check_recipe, padded_head_dim
 
 __all__ = [

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dit_accel.cli import CLIError, GenerateArgs, _append_jsonl, run_generate
+from dit_accel.generate import CLIError, GenerateArgs, append_jsonl, run_generate
 from dit_accel.loading import load_pipeline, resolve_device_dtype
 
 logger = logging.getLogger("dit_accel")
@@ -41,7 +41,7 @@ logger = logging.getLogger("dit_accel")
 def read_prompts(path: Path) -> list[str]:
     """The prompts of ``path``: one per line, surrounding whitespace stripped, blank lines skipped.
 
-    Raises :class:`~dit_accel.cli.CLIError` when the file cannot be read or holds no prompt.
+    Raises :class:`~dit_accel.generate.CLIError` when the file cannot be read or holds no prompt.
     """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -87,7 +87,7 @@ def _generate_share(args: GenerateArgs, prompts: list[str], outputs: list[Path],
 
 def run_prompts_file(args: GenerateArgs) -> int:
     """Generate every prompt of ``args.prompts_file`` over the launched processes (see the module docstring);
-    return the exit code (0, or 1 when a prompt failed). Raises :class:`~dit_accel.cli.CLIError` on bad input,
+    return the exit code (0, or 1 when a prompt failed). Raises :class:`~dit_accel.generate.CLIError` on bad input,
     before any process generates."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -115,7 +115,7 @@ def run_prompts_file(args: GenerateArgs) -> int:
     failed = [r["index"] for r in everything if r.get("event") == "error"]
     if state.is_main_process:
         for record in everything:
-            _append_jsonl(args.log, record)
+            append_jsonl(args.log, record)
         per_process: dict[int, int] = {}
         for record in everything:
             per_process[record["rank"]] = per_process.get(record["rank"], 0) + 1
@@ -130,7 +130,7 @@ def run_prompts_file(args: GenerateArgs) -> int:
             "outputs": [str(outputs[r["index"]]) for r in everything if r.get("event") != "error"],
             "wall_s": round(time.perf_counter() - start, 3),
         }
-        _append_jsonl(args.log, summary)
+        append_jsonl(args.log, summary)
         print(f"wrote {len(prompts) - len(failed)} of {len(prompts)} prompt(s) on {state.num_processes} process(es) "
               f"({summary['wall_s']:.1f} s); log: {args.log}" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0

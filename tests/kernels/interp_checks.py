@@ -23,11 +23,8 @@ from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 
 from dit_accel.kernels import block_mask_from_bool, block_sparse_attention, dense_block_mask  # noqa: E402
 from dit_accel.kernels.block_sparse_common import check_inputs  # noqa: E402
-from dit_accel.kernels.block_sparse_reference import (  # noqa: E402
-    block_sparse_attention_reference,
-    gather_rows,
-    scatter_rows,
-)
+from dit_accel.kernels.block_sparse_reference import block_sparse_attention_reference  # noqa: E402
+from dit_accel.kernels.reference_common import gather_rows, scatter_rows  # noqa: E402
 from dit_accel.kernels.block_sparse_triton import block_sparse_attention_triton  # noqa: E402
 
 
@@ -120,6 +117,7 @@ def main() -> None:
     res["empty_mask"] = r
 
     res.update(index_cases())
+    res.update(head_cases())
     json.dump(res, sys.stdout)
 
 
@@ -194,6 +192,40 @@ def index_cases() -> dict:
     out = block_sparse_attention(q, k, v, dense_block_mask(1, 2, 256, 256), q_index=p, kv_index=p)
     ref = F.scaled_dot_product_attention(q, k, v)
     res["index_dense_vs_sdpa"] = dict(rel_err=float((out - ref).norm() / ref.norm()))
+    return res
+
+
+def _heads(q, k, v, mask, heads, qi=None, ki=None) -> dict:
+    """Kernel on a head subset vs the reference on every head, compared on the listed heads; the other heads'
+    tile statistics must stay -inf and their output rows untouched."""
+    B, H = q.shape[:2]
+    index = torch.tensor(heads, dtype=torch.int32)
+    view = check_inputs(q, k, v, mask, None)
+    got = block_sparse_attention_triton(q, k, v, view, return_lse=True, tile_stats=True, q_index=qi, kv_index=ki,
+                                        head_index=index)
+    ref = block_sparse_attention_reference(q, k, v, mask, return_lse=True, tile_stats=True, q_index=qi, kv_index=ki)
+    listed = torch.zeros(B * H, dtype=torch.bool)
+    listed[index.long()] = True
+    listed = listed.view(B, H)
+    sub = lambda r: type(ref)(r.out[listed], r.lse[listed], r.tile_stats[listed])  # noqa: E731
+    res = _compare(sub(got), sub(ref))
+    res["others_ts_neg_inf"] = bool(torch.isneginf(got.tile_stats[~listed]).all())
+    return res
+
+
+def head_cases() -> dict:
+    """A head subset (head_index): the grid covers the listed heads only."""
+    torch.manual_seed(2)
+    res: dict = {}
+    # Per-head mask over B=2, H=3, ragged float16, 64-blocks; heads (0,1), (1,0), (1,2).
+    q, k, v = _qkv(2, 3, 300, 300, 64, torch.float16, layout="bshd")
+    bb = torch.rand(2, 3, 5, 5) < 0.5
+    res["heads_per_head_mask_fp16"] = _heads(q, k, v, block_mask_from_bool(bb, 300, 300, 64), [1, 3, 5])
+    # Broadcast mask (1, 1) and per-head permutations (1, H, S), head dim 72; one head.
+    q, k, v = _qkv(2, 2, 200, 200, 72, torch.float32)
+    m = block_mask_from_bool(torch.rand(1, 1, 4, 4) < 0.6, 200, 200, 64)
+    p = _perm(200, 1, 2)
+    res["heads_broadcast_perm_d72"] = _heads(q, k, v, m, [2], p, p)
     return res
 
 

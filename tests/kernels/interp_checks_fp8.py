@@ -98,6 +98,28 @@ def quant_case(q, k, v, mask, recipe, qi=None, ki=None) -> dict:
     )
 
 
+def heads_case(q, k, v, mask, recipe, heads) -> dict:
+    """The 8-bit kernel on a head subset vs the reference on every head (same quantised tensors), compared on
+    the listed heads."""
+    view = check_inputs(q, k, v, mask, None)
+    B, H = q.shape[:2]
+    index = torch.tensor(heads, dtype=torch.int32)
+    qq = quantize_qkv_triton(q, k, v, view, recipe, row_bias=True)
+    got = attention_quantized_triton(qq, view, out_dtype=q.dtype, return_lse=True, tile_stats=True, head_index=index)
+    ref = attention_quantized_reference(qq, view, out_dtype=q.dtype, return_lse=True, tile_stats=True)
+    listed = torch.zeros(B * H, dtype=torch.bool)
+    listed[index.long()] = True
+    listed = listed.view(B, H)
+    return dict(
+        rel_err=_rel(got.out[listed], ref.out[listed]),
+        nan=bool(torch.isnan(got.out[listed]).any()),
+        lse_err=float((_fin(got.lse[listed]) - _fin(ref.lse[listed])).abs().max()),
+        lse_inf_match=bool(torch.equal(torch.isinf(got.lse[listed]), torch.isinf(ref.lse[listed]))),
+        ts_err=float((_fin(got.tile_stats[listed]) - _fin(ref.tile_stats[listed])).abs().max()),
+        others_ts_neg_inf=bool(torch.isneginf(got.tile_stats[~listed]).all()),
+    )
+
+
 def attn_case(q, k, v, mask, recipe, qi=None, ki=None, launch=None, tile_stats=True) -> dict:
     """Triton attention kernel vs the reference attention, both on the same (Triton) quantised tensors; plus
     the kernel against float32 attention."""
@@ -176,6 +198,11 @@ def main() -> None:
     m = BlockMask.from_kv_blocks(mp.kv_num_blocks, mp.kv_indices, mf.kv_num_blocks, mf.kv_indices,
                                  BLOCK_SIZE=128, seq_lengths=(256, 256), compute_q_blocks=False)
     res["attn_fp8_partial_plus_full"] = attn_case(q, k, v, m, FP8)
+
+    # A head subset (head_index): per-head mask over B=2, H=2, heads (0,1) and (1,0).
+    q, k, v = _qkv(2, 2, 256, 256, 64, torch.float16, k_bias=1.0)
+    m = block_mask_from_bool(torch.rand(2, 2, 2, 2) < 0.7, 256, 256)
+    res["heads_fp8"] = heads_case(q, k, v, m, FP8, [1, 2])
 
     # --- public entry point: precision="fp8" runs the 8-bit kernel under the interpreter
     q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16, k_bias=2.0)

@@ -253,5 +253,11 @@ def test_public_entry_point_runs_fp8_kernel_in_interpreter(interp_results: dict)
     assert r["differs_from_16bit"] > 1e-3, r  # the 8-bit kernel ran, not the bf16 one
 
 
+def test_head_subset_matches_reference_on_listed_heads(interp_results: dict) -> None:
+    r = interp_results["heads_fp8"]
+    assert r["rel_err"] < 1e-4 and not r["nan"] and r["lse_err"] < 1e-4 and r["lse_inf_match"], r
+    assert r["ts_err"] < 1e-4 and r["others_ts_neg_inf"], r
+
+
 def test_every_interpreter_case_ran(interp_results: dict) -> None:
-    assert sorted(interp_results) == sorted(QUANT_CASES + ATTN_CASES + ["public_fp8"])
+    assert sorted(interp_results) == sorted(QUANT_CASES + ATTN_CASES + ["public_fp8", "heads_fp8"])

@@ -15,7 +15,7 @@ from dit_accel.kernels import (
     block_sparse_attention_reference,
     dense_block_mask,
 )
-from dit_accel.kernels.block_sparse_reference import gather_rows, scatter_rows
+from dit_accel.kernels.reference_common import gather_rows, scatter_rows
 
 
 def _qkv(B=1, H=2, S=300, D=64, dtype=torch.float32, seed=0):

@@ -28,6 +28,8 @@ CASES = [
     "empty_mask",
 ]
 
+HEAD_CASES = ["heads_per_head_mask_fp16", "heads_broadcast_perm_d72"]
+
 INDEX_CASES = [
     "index_fp16_d64_ragged",
     "index_per_head_d72_bshd",
@@ -48,7 +50,7 @@ def interp_results() -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("case", CASES + INDEX_CASES)
+@pytest.mark.parametrize("case", CASES + INDEX_CASES + HEAD_CASES)
 def test_kernel_matches_reference(interp_results: dict, case: str) -> None:
     r = interp_results[case]
     # float16 inputs: the kernel rounds P to float16 before P @ V (as FlashAttention does).
@@ -84,5 +86,11 @@ def test_indexed_dense_equals_sdpa_in_original_order(interp_results: dict) -> No
     assert interp_results["index_dense_vs_sdpa"]["rel_err"] < 1e-5
 
 
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_head_subset_leaves_other_heads_uncomputed(interp_results: dict, case: str) -> None:
+    assert interp_results[case]["others_ts_neg_inf"]
+
+
 def test_every_case_ran(interp_results: dict) -> None:
-    assert sorted(interp_results) == sorted(CASES + INDEX_CASES + ["index_identity_bitwise", "index_dense_vs_sdpa"])
+    assert sorted(interp_results) == sorted(CASES + INDEX_CASES + HEAD_CASES
+                                            + ["index_identity_bitwise", "index_dense_vs_sdpa"])
