@@ -194,3 +194,57 @@ def test_custom_ops_pass_opcheck_and_name_bad_keys():
     with pytest.raises(ValueError, match=r"text_padding must be one of \('none', 'trailing'\), got 'all'"):
         attention(site, q, k, v, text_padding="all")
     dit_accel.remove(model)
+
+
+def _balanced_sparse() -> dict:
+    """The balanced preset with its attention forced onto the kernel (at tiny sizes break-even routing runs every
+    head dense), so the compiled run covers the permuted sparse attention, the feature cache and the token order."""
+    from dit_accel.presets import get_preset
+
+    preset = get_preset("balanced")
+    config = {**preset.attention_config, "dense_above": None, "min_seq_len": 0}
+    return dict(preset="balanced", attention=dit_accel.get_method(preset.attention, **config))
+
+
+def _sampling_steps(inputs: dict, steps: int = 8) -> list[dict]:
+    """A denoising run of ``steps`` forwards, timesteps from 999 down (a bare transformer starts a new generation
+    when the timestep rises)."""
+    return [dict(inputs, timestep=torch.full_like(inputs["timestep"], t)) for t in torch.linspace(999.0, 0.0, steps).tolist()]
+
+
+@pytest.mark.parametrize(("case_name", "regional", "backend"), [
+    ("wan", False, "eager"), ("wan", False, "aot_eager"), ("wan", True, "eager"),
+    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", True, "eager"),
+])
+def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs_of_eager(case_name, regional, backend):
+    case = TINY_CASES[case_name]
+    model, steps = case.build(), _sampling_steps(case.inputs())
+    handle = dit_accel.apply(model, **_balanced_sparse())
+    eager = [run_model(model, x) for x in steps]
+    eager_records, eager_cache = _records(handle), handle.cache_summary()
+
+    handle = dit_accel.apply(model, **_balanced_sparse())
+    torch._dynamo.reset()
+    counters.clear()
+    if regional:
+        # diffusers' hook registry gives every hooked block one shared wrapper function, so each further block
+        # class compiles that function once more: one graph per class, all layers of a class share it
+        classes = {type(m).__name__ for m in model.modules()} & set(model._repeated_blocks)
+        limits = dict(recompile_limit=len(classes), fail_on_recompile_limit_hit=True)
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        compiled_model = model
+    else:
+        classes = {"transformer"}
+        limits = dict(error_on_recompile=True)
+        compiled_model = torch.compile(model, fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(**limits):
+        compiled = [run_model(compiled_model, x) for x in steps]
+
+    assert counters["stats"]["unique_graphs"] == len(classes) and sum(counters["graph_break"].values()) == 0
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert _records(handle) == eager_records and "block_sparse" in {r[2] for r in eager_records}
+    summary = handle.cache_summary()["transformer"]
+    assert summary == eager_cache["transformer"] and summary["reused"] > 0 and summary["records"] == len(steps)
+    assert handle.token_orders == {"transformer": "forward" if case_name == "wan" else "call"}
+    dit_accel.remove(handle.target)

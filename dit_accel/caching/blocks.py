@@ -103,20 +103,17 @@ def pack(ref: BlockRef, hidden: torch.Tensor, encoder: torch.Tensor | None) -> A
     return tuple(out)
 
 
-def _hidden_position(ref: BlockRef, kwargs: dict) -> str | int:
-    """Keyword name or positional index of the block's hidden-states argument."""
-    name = ref.metadata.hidden_states_argument_name
+def with_argument(ref: BlockRef, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the block argument ``name`` replaced by ``value``."""
     if name in kwargs:
-        return name
-    return ref.params.index(name)
+        return args, dict(kwargs, **{name: value})
+    pos = ref.params.index(name)
+    return args[:pos] + (value,) + args[pos + 1:], kwargs
 
 
 def with_hidden(ref: BlockRef, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     """``args, kwargs`` with the hidden-states argument replaced."""
-    pos = _hidden_position(ref, kwargs)
-    if isinstance(pos, str):
-        return args, dict(kwargs, **{pos: hidden})
-    return args[:pos] + (hidden,) + args[pos + 1:], kwargs
+    return with_argument(ref, args, kwargs, ref.metadata.hidden_states_argument_name, hidden)
 
 
 def take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

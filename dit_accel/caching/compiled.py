@@ -85,11 +85,12 @@ def run_compiled(site: CacheSite, order: torch.Tensor, forward_token: torch.Tens
 
     def compute(*_: torch.Tensor) -> list[torch.Tensor]:
         out_hidden, out_encoder = streams(forward())
+        like = hidden if out_width < 0 else None
         if not text_out:
-            return [_own(out_hidden, hidden, False)]
+            return [_own(out_hidden, like, False)]
         if out_encoder is None:
             raise ValueError("the compiled feature cache: a block that takes a text stream returned none")
-        return [_own(out_hidden, hidden, True), _own(out_encoder, encoder, True)]
+        return [_own(out_hidden, like, True), _own(out_encoder, encoder, True)]
 
     tensors: list[torch.Tensor] = []
     spec = "" if call is None else encode_call(call, tensors)
@@ -104,14 +105,30 @@ def run_compiled(site: CacheSite, order: torch.Tensor, forward_token: torch.Tens
     return outs[0], out_encoder
 
 
-def _own(out: torch.Tensor, source: torch.Tensor | None, joint: bool) -> torch.Tensor:
-    """``out`` as a ``torch.cond`` branch may return it: not one of the branch's inputs, and starting at storage
-    offset 0 like the other branch's outputs. Joint-attention blocks may return slices of their joint sequence
-    (FLUX's and HunyuanVideo's single blocks); a traced branch cannot read a tensor's offset, so their streams
-    are always copied (one stream copy per block, small next to the block)."""
-    if joint or out is source:
-        return out.clone(memory_format=torch.contiguous_format)
+def _own(out: torch.Tensor, like: torch.Tensor | None, joint: bool) -> torch.Tensor:
+    """``out`` as a ``torch.cond`` branch may return it: not one of the branch's inputs, and laid out like the skip
+    op's outputs (``torch.cond`` requires both branches to agree), which is ``torch.empty_like(like)`` (the input
+    stream's layout, so a transposed stream such as HunyuanVideo's stays transposed and the next block's input
+    matches this one's), or contiguous when ``like`` is ``None``. Joint-attention blocks may return slices of
+    their joint sequence (FLUX's and HunyuanVideo's single blocks); a traced branch cannot read a tensor's storage
+    offset, so their streams are always copied (one stream copy per block, small next to the block)."""
+    if like is None:
+        return out.contiguous()
+    target = torch.empty_like(like)
+    if joint or out is like or out.stride() != target.stride():
+        return target.copy_(out)
     return out
+
+
+def _laid_out_like(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``t`` (a tensor of the skip op's own) in the layout of ``torch.empty_like(like)``, contiguous when ``like`` is
+    ``None``, at storage offset 0 (see :func:`_own`)."""
+    if like is None:
+        return t.contiguous() if t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
+    target = torch.empty_like(like)
+    if t.stride() == target.stride() and t.storage_offset() == 0:
+        return t
+    return target.copy_(t)
 
 
 def prepare_signatures(modules: list[torch.nn.Module]) -> None:
@@ -176,16 +193,18 @@ def _cache_enter_fake(order, site_key, forward_token, hidden, encoder):
 @torch.library.custom_op("dit_accel::cache_skip", mutates_args=())
 def _cache_skip(site_key: torch.Tensor, hidden: torch.Tensor, encoder: torch.Tensor | None,
                 call_tensors: list[torch.Tensor], call_spec: str, out_width: int) -> list[torch.Tensor]:
-    """A skipped module's output streams (new tensors); ``call_tensors``/``call_spec``: its encoded call, if needed;
-    ``out_width``: see :func:`run_compiled`."""
+    """A skipped module's output streams (new tensors laid out as :func:`_own` says); ``call_tensors``/``call_spec``:
+    its encoded call, if needed; ``out_width``: see :func:`run_compiled`."""
     args, kwargs = decode_call(call_spec, call_tensors) if call_spec else ((), {})
-    return _site(site_key).compiled_skip(hidden, encoder, args, kwargs)
+    out = _site(site_key).compiled_skip(hidden, encoder, args, kwargs)
+    likes = [hidden if out_width < 0 else None, encoder]
+    return [_laid_out_like(t, like) for t, like in zip(out, likes)]
 
 
 @_cache_skip.register_fake
 def _cache_skip_fake(site_key, hidden, encoder, call_tensors, call_spec, out_width):
-    out = torch.empty_like(hidden) if out_width < 0 else hidden.new_empty((*hidden.shape[:-1], out_width))
-    return [out] + ([] if encoder is None else [torch.empty_like(encoder)])
+    out = [torch.empty_like(hidden) if out_width < 0 else hidden.new_empty((*hidden.shape[:-1], out_width))]
+    return out + ([] if encoder is None else [torch.empty_like(encoder)])
 
 
 @torch.library.custom_op("dit_accel::cache_exit", mutates_args=("order",))

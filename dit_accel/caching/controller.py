@@ -60,6 +60,11 @@ class CallPlan:
     """Block evaluations of this call (a token share counts as that share of a block)."""
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in ``t``'s layout (what a skipped block returns inside a compiled graph)."""
+    return t.clone()
+
+
 def _no_group() -> None:
     """The decision group of a controller that decides alone."""
     return None
@@ -233,7 +238,7 @@ class CacheController:
             if encoder is not None and residual[1] is not None:
                 encoder = encoder + residual[1]
             elif encoder is not None and in_graph:
-                encoder = encoder.clone()
+                encoder = _copy(encoder)
             if plan.decision is Decision.SELECTIVE and self.tokens is not None:
                 hidden, spent = self.tokens.recompute(
                     lambda j, a, kw: self.block_forwards[j](*a, **kw), sched.span_start, plan.reuse_end,
@@ -243,7 +248,7 @@ class CacheController:
                 plan.blocks_run += spent
             return hidden, encoder
         if in_graph:
-            return hidden.clone(), None if encoder is None else encoder.clone()
+            return _copy(hidden), None if encoder is None else _copy(encoder)
         return hidden, encoder
 
     def exit_block(self, index: int, out_hidden: torch.Tensor | None, out_encoder: torch.Tensor | None) -> None:
