@@ -132,9 +132,10 @@ def test_repeated_blocks_compile_once_for_every_layer(case_name):
     dit_accel.remove(handle.target)
 
 
-def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager():
+@pytest.mark.parametrize("setup", ["draft", "balanced"])
+def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager(setup):
     # the pipeline wrapper, the scheduler's host timesteps and diffusers' cache_context("cond"/"uncond") are read
-    # in the begin_forward op's eager body
+    # in the begin_forward op's eager body; with the balanced preset each branch keeps its own cache decisions
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -151,16 +152,18 @@ def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager()
     def run():
         g = torch.Generator().manual_seed(0)
         return pipe(prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-                    height=64, width=96, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                    height=64, width=96, num_frames=9, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
                     generator=g).frames
 
     def records(handle):
         return [(s["step"], s["num_steps"], s["branch"], s["layer"], s["backend"], s["seq_len"]) for s in handle.stats()]
 
-    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    steps = 3 if setup == "draft" else 8
+    options = dict(attention=dit_accel.get_method("draft", **DRAFT)) if setup == "draft" else _balanced_sparse()
+    handle = dit_accel.apply(pipe, **options)
     eager = run()
-    eager_records = records(handle)
-    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    eager_records, eager_cache = records(handle), handle.cache_summary()
+    handle = dit_accel.apply(pipe, **options)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -169,7 +172,13 @@ def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager()
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(eager, compiled)
     assert records(handle) == eager_records
-    assert {(r[0], r[1], r[2]) for r in eager_records} == {(s, 3, b) for s in range(3) for b in ("cond", "uncond")}
+    seen = {(r[0], r[1], r[2]) for r in eager_records}
+    every = {(s, steps, b) for s in range(steps) for b in ("cond", "uncond")}
+    assert handle.cache_summary() == eager_cache
+    if setup == "draft":
+        assert seen == every
+    else:  # calls whose blocks the cache skipped run no attention
+        assert seen < every and {r[2] for r in seen} == {"cond", "uncond"} and eager_cache["transformer"]["reused"] > 0
     dit_accel.remove(pipe)
 
 
@@ -214,7 +223,9 @@ def _sampling_steps(inputs: dict, steps: int = 8) -> list[dict]:
 
 @pytest.mark.parametrize(("case_name", "regional", "backend"), [
     ("wan", False, "eager"), ("wan", False, "aot_eager"), ("wan", True, "eager"),
-    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", True, "eager"),
+    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", False, "eager"), ("hunyuan_video", True, "eager"),
+    ("ltx_video", False, "eager"), ("ltx_video", True, "eager"), ("cogvideox", False, "eager"), ("pixart", False, "eager"),
+    ("sd3", False, "eager"),
 ])
 def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs_of_eager(case_name, regional, backend):
     case = TINY_CASES[case_name]
@@ -243,7 +254,9 @@ def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs
     assert counters["stats"]["unique_graphs"] == len(classes) and sum(counters["graph_break"].values()) == 0
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
-    assert _records(handle) == eager_records and "block_sparse" in {r[2] for r in eager_records}
+    assert _records(handle) == eager_records
+    if case_name not in ("ltx_video", "pixart"):  # the combo method plans every call of those tiny models dense
+        assert "block_sparse" in {r[2] for r in eager_records}
     summary = handle.cache_summary()["transformer"]
     assert summary == eager_cache["transformer"] and summary["reused"] > 0 and summary["records"] == len(steps)
     assert handle.token_orders == {"transformer": "forward" if case_name == "wan" else "call"}
