@@ -221,20 +221,18 @@ def _sampling_steps(inputs: dict, steps: int = 8) -> list[dict]:
     return [dict(inputs, timestep=torch.full_like(inputs["timestep"], t)) for t in torch.linspace(999.0, 0.0, steps).tolist()]
 
 
-@pytest.mark.parametrize(("case_name", "regional", "backend"), [
-    ("wan", False, "eager"), ("wan", False, "aot_eager"), ("wan", True, "eager"),
-    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", False, "eager"), ("hunyuan_video", True, "eager"),
-    ("ltx_video", False, "eager"), ("ltx_video", True, "eager"), ("cogvideox", False, "eager"), ("pixart", False, "eager"),
-    ("sd3", False, "eager"),
-])
-def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs_of_eager(case_name, regional, backend):
+def _eager_then_compiled_run(case_name: str, options: dict, regional: bool, backend: str = "eager"):
+    """A sampling run of ``apply(model, **options)`` in eager mode, then compiled with ``fullgraph=True`` (whole
+    model, or ``compile_repeated_blocks`` when ``regional``), each on fresh dit-accel state; checks the graph
+    count and breaks and that outputs, attention records and cache statistics equal eager mode's; returns the
+    handle and the cache summary."""
     case = TINY_CASES[case_name]
     model, steps = case.build(), _sampling_steps(case.inputs())
-    handle = dit_accel.apply(model, **_balanced_sparse())
+    handle = dit_accel.apply(model, **options)
     eager = [run_model(model, x) for x in steps]
     eager_records, eager_cache = _records(handle), handle.cache_summary()
 
-    handle = dit_accel.apply(model, **_balanced_sparse())
+    handle = dit_accel.apply(model, **options)
     torch._dynamo.reset()
     counters.clear()
     if regional:
@@ -255,9 +253,37 @@ def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
     assert _records(handle) == eager_records
-    if case_name not in ("ltx_video", "pixart"):  # the combo method plans every call of those tiny models dense
-        assert "block_sparse" in {r[2] for r in eager_records}
     summary = handle.cache_summary()["transformer"]
-    assert summary == eager_cache["transformer"] and summary["reused"] > 0 and summary["records"] == len(steps)
+    assert summary == eager_cache["transformer"] and summary["records"] == len(steps) and summary["reused"] > 0
+    return handle, summary
+
+
+@pytest.mark.parametrize(("case_name", "regional", "backend"), [
+    ("wan", False, "eager"), ("wan", False, "aot_eager"), ("wan", True, "eager"),
+    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", False, "eager"), ("hunyuan_video", True, "eager"),
+    ("ltx_video", False, "eager"), ("ltx_video", True, "eager"), ("cogvideox", False, "eager"), ("pixart", False, "eager"),
+    ("sd3", False, "eager"),
+])
+def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs_of_eager(case_name, regional, backend):
+    handle, _ = _eager_then_compiled_run(case_name, _balanced_sparse(), regional, backend)
+    if case_name not in ("ltx_video", "pixart"):  # the combo method plans every call of those tiny models dense
+        assert "block_sparse" in {r[2] for r in _records(handle)}
     assert handle.token_orders == {"transformer": "forward" if case_name == "wan" else "call"}
+    dit_accel.remove(handle.target)
+
+
+@pytest.mark.parametrize(("cache", "selective"), [
+    (dict(name="probe"), False),
+    (dict(name="taylor"), False),
+    (dict(name="fixed", target="output", warmup_steps=1, final_steps=0), False),
+    (dict(name="procache", selective_blocks=1, order=0, warmup_steps=1, final_steps=0, schedule=[1, 2] * 4), True),
+    (dict(name="procache", selective_blocks=0, selective_tokens=0.25, order=0, warmup_steps=1, final_steps=0,
+          schedule=[1, 2] * 4), True),
+])
+def test_every_cache_scheduler_compiles_per_block_with_eager_decisions(cache, selective):
+    from dit_accel.caching.registry import make_cache_config
+
+    options = dict(_balanced_sparse(), cache=make_cache_config(**cache))
+    handle, summary = _eager_then_compiled_run("wan", options, regional=True)
+    assert (summary["selective"] > 0) == selective
     dit_accel.remove(handle.target)
