@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,11 @@ def test_testbed_quality_tiny(tmp_path: Path) -> None:
         assert 0 <= p["mean_density"] <= 1
     assert data["presets"]["dense"]["psnr"] == 100.0  # our dense route reproduces the stock pipeline
     assert data["presets"]["balanced"]["cache_compute_fraction"] < 1.0
+    # the generated docs read this file as written
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_docs
+
+    doc = make_docs.render_presets_testbed({"presets_testbed.json": data})
+    assert "random-weight tiny testbed" in doc
+    for p in data["presets"].values():
+        assert f"| {p['tag']} | {p['speedup_vs_stock']:.2f}x | {p['psnr']:.1f} dB | {p['ssim']:.3f} |" in doc

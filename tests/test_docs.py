@@ -58,18 +58,23 @@ def test_placeholder_sections_render_their_files(tmp_path: Path) -> None:
     _write(tmp_path, "attention_kernel_fp8.json", env | {"rows": [
         {"heads": 12, "head_dim": 128, "tokens": 32760, "density": 1.0, "cudnn_ms": 10.0,
          "kernels": {"bf16": {"ms": 11.2, "rel_l2": 0.004, "cosine": 1.0}, "fp8": {"ms": 6.5, "rel_l2": 0.021, "cosine": 0.9998}}}]})
-    _write(tmp_path, "presets_testbed.json", env | {"size": {"height": 256, "width": 256, "frames": 16}, "prompts": 16,
-                                                   "weights_dit_steps": make_docs._shipped_dit_steps(),
-                                                   "presets": [{"preset": "balanced@4", "speedup_vs_stock": 1.64, "psnr_db": 30.4, "ssim": 0.96}]})
+    _write(tmp_path, "presets_testbed.json", env | {
+        "settings": {"tiny": False, "prompts": 16, "height": 256, "width": 256, "frames": 16, "steps": None},
+        "weights_dit_steps": make_docs._shipped_dit_steps(),
+        "presets": {"balanced": {"tag": "balanced@4", "speedup_vs_stock": 1.64, "psnr": 30.4, "ssim": 0.96,
+                                 "mean_density": 0.41, "cache_compute_fraction": 0.6}}})
     _write(tmp_path, "calibration_testbed.json", env | {"target_psnr": 30, "runs": [
-        {"seed": 0, "speedup_vs_stock": 1.7, "psnr_db_calibration": 30.8, "psnr_db_heldout": 30.2, "file_sha256": "ab" * 32}]})
+        {"seed": 0, "speedup_vs_stock": 1.7, "psnr_db_calibration": 30.8, "psnr_db_heldout": 30.2, "file_sha256": "ab" * 32}],
+        "heldout": {"psnr_mean": 30.2, "psnr_min": 27.5, "speedup_vs_stock": 1.8, "balanced_speedup_vs_stock": 1.6,
+                    "balanced_psnr_mean": 31.0}, "same_file_but_timing": True})
     performance = make_docs.render_doc("performance", tmp_path)
     assert "| wan2.1-1.3b | 1.00x | 1.85x |" in performance and "| flux | 1.00x | error |" in performance
     assert "| 12 | 128 | 32,760 | 1.00 | 10.00 | 1.12 (err 0.004) | 0.65 (err 0.021) |" in performance
     assert "NVIDIA H200, 2027-01-02" in performance
     quality = make_docs.render_doc("quality", tmp_path)
-    assert "| balanced@4 | 1.64x | 30.4 dB | 0.960 |" in quality and "(the shipped weights)" in quality
+    assert "| balanced@4 | 1.64x | 30.4 dB | 0.960 | 0.41 | 0.60 |" in quality and "(the shipped weights)" in quality
     assert "| 0 | 1.70x | 30.8 dB | 30.2 dB | abababababab |" in quality
+    assert "calibrated preset 1.80x at 30.2 dB mean (lowest prompt 27.5 dB)" in quality and "timing fields aside): yes." in quality
     # The README's presets table takes the calibrated presets file once it exists.
     readme = make_docs.readme_presets(tmp_path)
     assert "| `balanced@" in readme and "1.64x | 30.4 dB" in readme and "presets_testbed.json" in readme

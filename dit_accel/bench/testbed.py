@@ -51,6 +51,7 @@ def run_testbed_quality(out: Path, *, device: torch.device, tiny: bool = False, 
                         print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every shipped preset on the testbed against the stock pipeline; write and return the report."""
     from dit_accel.eval import EvalSettings, builtin_prompts, evaluate
+    from dit_accel.eval.harness import model_info
     from dit_accel.presets import get_preset, preset_names
 
     if tiny:
@@ -84,6 +85,7 @@ def run_testbed_quality(out: Path, *, device: torch.device, tiny: bool = False, 
                   "speed-up = stock mean seconds / preset mean seconds",
         "distribution_metrics": f"FID/KID omitted: {len(prompts)} videos per configuration; the harness reports them "
                                 "from 256 videos up, against the stock model's own seed-to-seed spread",
+        "weights_dit_steps": None if tiny else model_info(pipe).get("testbed_dit_steps"),
         "stock": None,
         "presets": {},
     }
