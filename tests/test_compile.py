@@ -132,9 +132,10 @@ def test_repeated_blocks_compile_once_for_every_layer(case_name):
     dit_accel.remove(handle.target)
 
 
-def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager():
+@pytest.mark.parametrize("setup", ["draft", "balanced"])
+def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager(setup):
     # the pipeline wrapper, the scheduler's host timesteps and diffusers' cache_context("cond"/"uncond") are read
-    # in the begin_forward op's eager body
+    # in the begin_forward op's eager body; with the balanced preset each branch keeps its own cache decisions
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -151,16 +152,18 @@ def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager()
     def run():
         g = torch.Generator().manual_seed(0)
         return pipe(prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-                    height=64, width=96, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                    height=64, width=96, num_frames=9, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
                     generator=g).frames
 
     def records(handle):
         return [(s["step"], s["num_steps"], s["branch"], s["layer"], s["backend"], s["seq_len"]) for s in handle.stats()]
 
-    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    steps = 3 if setup == "draft" else 8
+    options = dict(attention=dit_accel.get_method("draft", **DRAFT)) if setup == "draft" else _balanced_sparse()
+    handle = dit_accel.apply(pipe, **options)
     eager = run()
-    eager_records = records(handle)
-    handle = dit_accel.apply(pipe, attention=dit_accel.get_method("draft", **DRAFT))
+    eager_records, eager_cache = records(handle), handle.cache_summary()
+    handle = dit_accel.apply(pipe, **options)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -169,7 +172,13 @@ def test_compiled_transformer_in_a_pipeline_sees_steps_and_branches_like_eager()
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(eager, compiled)
     assert records(handle) == eager_records
-    assert {(r[0], r[1], r[2]) for r in eager_records} == {(s, 3, b) for s in range(3) for b in ("cond", "uncond")}
+    seen = {(r[0], r[1], r[2]) for r in eager_records}
+    every = {(s, steps, b) for s in range(steps) for b in ("cond", "uncond")}
+    assert handle.cache_summary() == eager_cache
+    if setup == "draft":
+        assert seen == every
+    else:  # calls whose blocks the cache skipped run no attention
+        assert seen < every and {r[2] for r in seen} == {"cond", "uncond"} and eager_cache["transformer"]["reused"] > 0
     dit_accel.remove(pipe)
 
 
@@ -194,3 +203,87 @@ def test_custom_ops_pass_opcheck_and_name_bad_keys():
     with pytest.raises(ValueError, match=r"text_padding must be one of \('none', 'trailing'\), got 'all'"):
         attention(site, q, k, v, text_padding="all")
     dit_accel.remove(model)
+
+
+def _balanced_sparse() -> dict:
+    """The balanced preset with its attention forced onto the kernel (at tiny sizes break-even routing runs every
+    head dense), so the compiled run covers the permuted sparse attention, the feature cache and the token order."""
+    from dit_accel.presets import get_preset
+
+    preset = get_preset("balanced")
+    config = {**preset.attention_config, "dense_above": None, "min_seq_len": 0}
+    return dict(preset="balanced", attention=dit_accel.get_method(preset.attention, **config))
+
+
+def _sampling_steps(inputs: dict, steps: int = 8) -> list[dict]:
+    """A denoising run of ``steps`` forwards, timesteps from 999 down (a bare transformer starts a new generation
+    when the timestep rises)."""
+    return [dict(inputs, timestep=torch.full_like(inputs["timestep"], t)) for t in torch.linspace(999.0, 0.0, steps).tolist()]
+
+
+def _eager_then_compiled_run(case_name: str, options: dict, regional: bool, backend: str = "eager"):
+    """A sampling run of ``apply(model, **options)`` in eager mode, then compiled with ``fullgraph=True`` (whole
+    model, or ``compile_repeated_blocks`` when ``regional``), each on fresh dit-accel state; checks the graph
+    count and breaks and that outputs, attention records and cache statistics equal eager mode's; returns the
+    handle and the cache summary."""
+    case = TINY_CASES[case_name]
+    model, steps = case.build(), _sampling_steps(case.inputs())
+    handle = dit_accel.apply(model, **options)
+    eager = [run_model(model, x) for x in steps]
+    eager_records, eager_cache = _records(handle), handle.cache_summary()
+
+    handle = dit_accel.apply(model, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    if regional:
+        # diffusers' hook registry gives every hooked block one shared wrapper function, so each further block
+        # class compiles that function once more: one graph per class, all layers of a class share it
+        classes = {type(m).__name__ for m in model.modules()} & set(model._repeated_blocks)
+        limits = dict(recompile_limit=len(classes), fail_on_recompile_limit_hit=True)
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        compiled_model = model
+    else:
+        classes = {"transformer"}
+        limits = dict(error_on_recompile=True)
+        compiled_model = torch.compile(model, fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(**limits):
+        compiled = [run_model(compiled_model, x) for x in steps]
+
+    assert counters["stats"]["unique_graphs"] == len(classes) and sum(counters["graph_break"].values()) == 0
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert _records(handle) == eager_records
+    summary = handle.cache_summary()["transformer"]
+    assert summary == eager_cache["transformer"] and summary["records"] == len(steps) and summary["reused"] > 0
+    return handle, summary
+
+
+@pytest.mark.parametrize(("case_name", "regional", "backend"), [
+    ("wan", False, "eager"), ("wan", False, "aot_eager"), ("wan", True, "eager"),
+    ("flux", False, "eager"), ("flux", True, "eager"), ("hunyuan_video", False, "eager"), ("hunyuan_video", True, "eager"),
+    ("ltx_video", False, "eager"), ("ltx_video", True, "eager"), ("cogvideox", False, "eager"), ("pixart", False, "eager"),
+    ("sd3", False, "eager"),
+])
+def test_balanced_preset_compiles_fullgraph_with_the_cache_decisions_and_outputs_of_eager(case_name, regional, backend):
+    handle, _ = _eager_then_compiled_run(case_name, _balanced_sparse(), regional, backend)
+    if case_name not in ("ltx_video", "pixart"):  # the combo method plans every call of those tiny models dense
+        assert "block_sparse" in {r[2] for r in _records(handle)}
+    assert handle.token_orders == {"transformer": "forward" if case_name == "wan" else "call"}
+    dit_accel.remove(handle.target)
+
+
+@pytest.mark.parametrize(("cache", "selective"), [
+    (dict(name="probe"), False),
+    (dict(name="taylor"), False),
+    (dict(name="fixed", target="output", warmup_steps=1, final_steps=0), False),
+    (dict(name="procache", selective_blocks=1, order=0, warmup_steps=1, final_steps=0, schedule=[1, 2] * 4), True),
+    (dict(name="procache", selective_blocks=0, selective_tokens=0.25, order=0, warmup_steps=1, final_steps=0,
+          schedule=[1, 2] * 4), True),
+])
+def test_every_cache_scheduler_compiles_per_block_with_eager_decisions(cache, selective):
+    from dit_accel.caching.registry import make_cache_config
+
+    options = dict(_balanced_sparse(), cache=make_cache_config(**cache))
+    handle, summary = _eager_then_compiled_run("wan", options, regional=True)
+    assert (summary["selective"] > 0) == selective
+    dit_accel.remove(handle.target)

@@ -12,7 +12,9 @@ Publishing: in eager mode through a context variable (safe across threads and as
 trace context variables, so while a compiled region is traced the call goes on a plain list that only
 exists at trace time: the processor pushes and pops it around the stock ``__call__`` within one traced
 frame, so the compiled code never touches it and the site's tensors flow straight into the
-``dit_accel::attention`` op.
+``dit_accel::attention`` op. Inside a ``torch.cond`` branch (the compiled feature cache wraps each block in
+one, :mod:`dit_accel.caching.compiled`) dynamo refuses any change to an object made outside the branch; the
+push and its pop happen in the same branch and leave nothing behind, so that check is lifted for them.
 
 How it is registered: diffusers' ``AttentionBackendName`` is a closed ``str`` enum and
 ``_AttentionBackendRegistry`` is private. We add one member to the enum in place (the pattern
@@ -68,10 +70,19 @@ ACTIVE_CALL: contextvars.ContextVar[ActiveCall | None] = contextvars.ContextVar(
 _TRACED_CALLS: list[ActiveCall | None] = []
 
 
+def _traced_stack_change(change: Any, *args: Any) -> None:
+    """Apply ``change`` to the trace-time call list, also inside a ``torch.cond`` branch (see the module doc)."""
+    lift = getattr(torch._dynamo.utils, "_disable_side_effect_safety_checks_for_current_subtracer", None)
+    if lift is None:  # torch without it: the list still works outside higher-order ops
+        change(*args)
+    else:
+        lift(change, *args)
+
+
 def publish(call: ActiveCall | None) -> contextvars.Token | None:
     """Make ``call`` the active call until :func:`unpublish` with the returned token (``None``: run dense)."""
     if torch.compiler.is_compiling():
-        _TRACED_CALLS.append(call)
+        _traced_stack_change(_TRACED_CALLS.append, call)
         return None
     return ACTIVE_CALL.set(call)
 
@@ -79,7 +90,7 @@ def publish(call: ActiveCall | None) -> contextvars.Token | None:
 def unpublish(token: contextvars.Token | None) -> None:
     """End the call :func:`publish` started."""
     if torch.compiler.is_compiling():
-        _TRACED_CALLS.pop()
+        _traced_stack_change(_TRACED_CALLS.pop)
     elif token is not None:
         ACTIVE_CALL.reset(token)
 

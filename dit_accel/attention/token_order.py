@@ -4,43 +4,46 @@ The sparse methods ``permuted``/``combo``/``window``/``oracle`` form their 128-t
 order of the latent grid (:mod:`dit_accel.attention.tiling`), a fixed permutation per grid. With
 ``token_order="call"`` every self-attention call applies it inside the kernel (``q_index``/``kv_index``:
 pointer loads, ~6-12 % slower than the same mask without an index). With
-``token_order="forward"`` the permutation is applied once per transformer forward instead:
+``token_order="forward"`` the permutation is applied once per transformer forward instead, by hooks on the
+modules that make the blocks' inputs and take their output (never on the blocks themselves):
 
-* at the entry of the first block: ``hidden_states`` ``(B, S, C)`` and every per-token block input
-  (Wan: the rotary tables ``(1, S, 1, D)`` and Wan 2.2 TI2V's per-token timestep projection
-  ``(B, S, 6, C)``; a tensor counts as per-token when its dim 1 has ``S`` entries) go to tile order;
-* every later block gets the same per-token inputs in tile order (they are permuted once per forward and
-  reused: the blocks receive the same objects);
-* at the exit of the last block the output goes back to the model's row-major order.
+* the rotary module (called first in the forward, on the latents ``(B, C, F, H, W)``) decides for the forward
+  and returns its per-token tables (Wan: ``(1, S, 1, D)``) in tile order;
+* the patch embedding returns its ``(B, C', F', H', W')`` output with the ``F'*H'*W'`` positions in tile order,
+  so the transformer flattens it into a tile-ordered token sequence;
+* the condition embedder returns a per-token timestep projection (Wan 2.2 TI2V: ``(B, S, 6*C)``) in tile order;
+* the output norm gets the blocks' output back in the model's row-major order.
 
-Everything between the blocks' entry and exit is token-wise (norms, modulation, MLPs, cross-attention to
-text keys) except self-attention, which is permutation-equivariant: the output equals the stock model up
-to float reassociation (attention sums its keys in another order). The attention context learns the
-order (``TransformerContext.token_order_tile`` -> ``TokenLayout.tile_order``), so ``sequence_order``
-returns the identity, the methods plan in that order unchanged and the kernel runs without an index.
+A tensor counts as per token when its dim 1 has ``S`` entries. Everything the blocks do is token-wise (norms,
+modulation, MLPs, cross-attention to text keys) except self-attention, which is permutation-equivariant: the
+output equals the stock model up to float reassociation (attention sums its keys in another order). The
+attention context learns the order (``TransformerContext.token_order_tile`` -> ``TokenLayout.tile_order``), so
+``sequence_order`` returns the identity, the methods plan in that order unchanged and the kernel runs without an
+index. Every block hook (the feature cache, diffusers' or a user's) sees the same tile-ordered sequence, so
+hooks compose in any order.
 
 Families: only those whose self-attention sees video tokens alone (:data:`TOKEN_ORDER_FAMILIES`: Wan
 2.1/2.2 and the testbed, a ``WanTransformer3DModel``). Joint text+video families (CogVideoX,
-HunyuanVideo, FLUX, SD3) keep the folded path.
+HunyuanVideo, FLUX, SD3) keep the folded path. A forward runs in the model's order (the attention then
+folds the permutation as with ``"call"``) when diffusers context parallelism shards the sequence, under
+gradients with gradient checkpointing, when the inputs are not what the family gives, or when no tile fits
+the grid; the reason is counted in :meth:`TokenOrderAttachment.summary`.
 
-Composition with other hooks: the token-order hook must be the outermost hook of every block (it is
-registered after the feature cache by ``dit_accel.apply``), so a cache hook sees, stores and reuses
-residuals in tile order and a skipped first/last block is still permuted/restored exactly once. At block
-0 of each forward the hook checks that; when another hook wraps a block (e.g. a cache installed by hand
-after ``apply``), when diffusers context parallelism shards the sequence, or when the grid is unknown,
-that forward runs in the model's order (the attention then folds the permutation as with ``"call"``) and
-the reason is counted in :meth:`TokenOrderAttachment.summary`.
+Under ``torch.compile`` the hooks are traced with the transformer: the forward's decision and bookkeeping run
+in the ``dit_accel::token_order_begin`` op and the permutations come from the ``dit_accel::token_order_perm`` op
+(the identity when the forward runs in the model's order), so the graph does not depend on the decision.
+With ``compile_repeated_blocks`` the hooked modules are not compiled at all.
 """
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import logging
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.hooks.hooks import ModelHook
 
 from dit_accel.attention.tiling import choose_tile, tile_permutation, validate_tile
@@ -54,28 +57,33 @@ TOKEN_ORDERS = ("auto", "forward", "call")
 ``"call"``), ``"forward"`` (once per transformer forward), ``"call"`` (folded into each attention call)."""
 
 TOKEN_ORDER_HOOK_NAME = "dit_accel_token_order"
-"""Name of the token-order hook in each block's ``HookRegistry``."""
+"""Name of the token-order hook in the ``HookRegistry`` of each module it hooks."""
 
 
 @dataclass(frozen=True)
 class TokenOrderSpec:
-    """Where one family's transformer holds its blocks and which block inputs are per token."""
+    """Which modules of one family's transformer make the blocks' inputs and take their output."""
 
     family: str
     """dit-accel family name (``dit_accel.pipelines``)."""
-    block_list: str
-    """Name of the transformer's ``ModuleList`` of blocks, run in order on the video tokens."""
-    token_arguments: tuple[str, ...]
-    """Block forward arguments (besides ``hidden_states``) permuted along dim 1 when they hold one row per
-    token (tensors, or tuples/lists of tensors, whose dim 1 has ``S`` entries)."""
-    required_arguments: tuple[str, ...]
-    """Of those, the ones that must be per token in every forward (else the forward runs unpermuted)."""
+    entry: str
+    """Module called first in every forward, on the latents ``(B, C, F, H, W)``: the forward decides there; its
+    per-token outputs (the rotary tables) are permuted."""
+    patch_embedding: str
+    """Module whose ``(B, C', F', H', W')`` output becomes the token sequence (flattened over ``F', H', W'``)."""
+    per_token_outputs: dict[str, tuple[int, ...]]
+    """Other modules and the positions of their tuple output that are permuted when they hold one row per token
+    (dim 1 of ``S`` entries)."""
+    exit: str
+    """Module whose first input is the blocks' output ``(B, S, C)``: restored to the model's order there."""
 
 
 TOKEN_ORDER_FAMILIES: dict[str, TokenOrderSpec] = {
-    # WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb): rotary_emb is the
-    # (cos, sin) pair of (1, S, 1, D) tables; temb is (B, 6, C), or (B, S, 6, C) in Wan 2.2 TI2V.
-    "wan": TokenOrderSpec("wan", "blocks", ("temb", "rotary_emb"), ("rotary_emb",)),
+    # WanTransformer3DModel.forward: rotary_emb = self.rope(hidden_states); hidden_states =
+    # self.patch_embedding(hidden_states).flatten(2).transpose(1, 2); temb, timestep_proj, ... =
+    # self.condition_embedder(...) (timestep_proj (B, S, 6*C) in Wan 2.2 TI2V, else (B, 6*C)); the blocks; then
+    # self.norm_out(hidden_states.float()) with shift/scale from temb (per token in TI2V, model order).
+    "wan": TokenOrderSpec("wan", "rope", "patch_embedding", {"condition_embedder": (1,)}, "norm_out"),
 }
 """Families whose self-attention sequences are pure video tokens, by family name."""
 
@@ -127,39 +135,39 @@ def resolve_token_order(token_order: str, family: str, method: Any) -> str:
 
 @dataclass
 class TokenOrderState:
-    """What the hooks know during one transformer forward (reset at block 0 of every forward).
+    """What the hooks know during one transformer forward (set by the entry module of every forward).
 
-    A plain state object rather than diffusers' per-cache-context ``StateManager``: it lives for one forward
-    only (set at block 0, cleared at the last block), and forwards of one transformer never interleave, so
-    ``cond``/``uncond`` need no separate copies (and bare transformer calls have no cache context).
+    A plain state object rather than diffusers' per-cache-context ``StateManager``: it describes one forward
+    only, and forwards of one transformer never interleave, so ``cond``/``uncond`` need no separate copies (and
+    bare transformer calls have no cache context).
     """
 
     forward_index: int = -1
     """``TransformerContext.forward_index`` of the forward this state belongs to."""
     active: bool = False
     """Whether the blocks' sequence is in tile order in this forward."""
-    inverse: torch.Tensor | None = None
-    """Row-major position -> tile-order position, to restore the order at the last block's exit."""
     perm: torch.Tensor | None = None
     """The tile order (``perm[i]`` = row-major index of the i-th token in tile order)."""
+    inverse: torch.Tensor | None = None
+    """Row-major position -> tile-order position, to restore the order for the output norm."""
     tokens: int = 0
     """Sequence length ``S`` of this forward."""
-    permuted: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Per-token block inputs in tile order: ``(argument name, position in a tuple or list, ...)`` ->
-    ``(source, source in tile order)``; reused while a block gets the very same source object."""
 
     def reset(self) -> None:
         """Forget the forward (nothing permuted)."""
         self.forward_index = -1
         self.active = False
-        self.inverse = None
         self.perm = None
+        self.inverse = None
         self.tokens = 0
-        self.permuted.clear()
+
+
+_KEYS = itertools.count(1)
+_ATTACHMENTS: "weakref.WeakValueDictionary[int, TokenOrderAttachment]" = weakref.WeakValueDictionary()
 
 
 class TokenOrderAttachment:
-    """The forward token order on one transformer: its block hooks, state, counters and exact removal."""
+    """The forward token order on one transformer: its module hooks, state, counters and exact removal."""
 
     def __init__(self, transformer: torch.nn.Module, context: TransformerContext, spec: TokenOrderSpec,
                  tile: tuple[int, int, int] | None = None) -> None:
@@ -168,46 +176,51 @@ class TokenOrderAttachment:
         self.spec = spec
         self.tile = None if tile is None else validate_tile(tuple(tile))
         """Tile of the order (``None``: ``tiling.choose_tile`` of each forward's grid)."""
-        blocks = getattr(transformer, spec.block_list, None)
-        if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-            raise ValueError(f"{type(transformer).__name__} has no block list {spec.block_list!r}")
-        self.blocks: list[torch.nn.Module] = list(blocks)
+        roles = {spec.entry: "entry", spec.patch_embedding: "patch_embedding", spec.exit: "exit",
+                 **{name: "per_token" for name in spec.per_token_outputs}}
+        self.modules: dict[str, torch.nn.Module] = {}
+        for name in roles:
+            module = getattr(transformer, name, None)
+            if not isinstance(module, torch.nn.Module):
+                raise ValueError(f"{type(transformer).__name__} has no module {name!r} (token order of family {spec.family!r})")
+            self.modules[name] = module
+        self.roles = roles
         self.state = TokenOrderState()
         self.counts: dict[str, int] = {}
-        """Forwards per path: ``"forward"`` (permuted) or the reason it was not (``"no_grid"``, ``"no_tile"``,
-        ``"context_parallel"``, ``"grad_checkpointing"``, ``"not_outermost"``, ``"inputs"``)."""
-        self.hooks: list[TokenOrderBlockHook] = []
+        """Forwards per path: ``"forward"`` (permuted) or the reason it was not (``"context_parallel"``,
+        ``"grad_checkpointing"``, ``"inputs"``, ``"no_tile"``)."""
+        self.key = torch.tensor(next(_KEYS), dtype=torch.int64)
+        """Names this attachment in the ``dit_accel::token_order_*`` ops (a tensor: no Python value in a graph)."""
+        _ATTACHMENTS[int(self.key)] = self
         self._installed: list[InstalledHook] = []
-        self._warned: set[str] = set()
         self.active = False
 
     # --- install / remove -----------------------------------------------------------------------
     def install(self) -> "TokenOrderAttachment":
-        """Register one hook per block (outermost: call after any cache is installed)."""
+        """Register one hook per hooked module."""
         try:
-            for index, block in enumerate(self.blocks):
-                hook = TokenOrderBlockHook(self, index, block)
-                self._installed.append(register_block_hook(block, hook, TOKEN_ORDER_HOOK_NAME))
-                self.hooks.append(hook)
+            for name, module in self.modules.items():
+                hook = TokenOrderHook(self, self.roles[name], self.spec.per_token_outputs.get(name, ()))
+                self._installed.append(register_block_hook(module, hook, TOKEN_ORDER_HOOK_NAME))
         except Exception:
             self.remove()
             raise
-        root = getattr(self.transformer, "_diffusers_hook", None)
-        if root is not None:
-            root.invalidate_child_registries_cache()
+        self._invalidate_registries()
         self.active = True
         return self
 
     def remove(self) -> None:
-        """Remove the block hooks (and the block registries this attachment created)."""
+        """Remove the hooks (and the registries this attachment created)."""
         remove_block_hooks(self._installed, TOKEN_ORDER_HOOK_NAME)
-        self.hooks.clear()
-        root = getattr(self.transformer, "_diffusers_hook", None)
-        if root is not None:
-            root.invalidate_child_registries_cache()
+        self._invalidate_registries()
         self.state.reset()
         self.context.token_order_tile = None
         self.active = False
+
+    def _invalidate_registries(self) -> None:
+        root = getattr(self.transformer, "_diffusers_hook", None)
+        if root is not None:
+            root.invalidate_child_registries_cache()
 
     # --- read-out -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -219,164 +232,181 @@ class TokenOrderAttachment:
         self.counts.clear()
 
     # --- per forward ----------------------------------------------------------------------------
-    def _count(self, key: str) -> None:
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if key == "not_outermost" and key not in self._warned:
-            self._warned.add(key)
-            logger.warning(
-                "dit_accel token order: another hook wraps a transformer block outside the token-order hook "
-                "(installed after dit_accel.apply?); forwards run in the model's order (folded permutation)"
-            )
-
-    def _outermost(self) -> bool:
-        for block in self.blocks:
-            registry = getattr(block, "_diffusers_hook", None)
-            if registry is None or not registry._hook_order or registry._hook_order[-1] != TOKEN_ORDER_HOOK_NAME:
-                return False
-        return True
-
-    def begin(self, hook: "TokenOrderBlockHook", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Block 0's entry: decide for this forward and permute its hidden states."""
+    def begin(self, latents: Any, tables: list[torch.Tensor]) -> None:
+        """The entry module ran on ``latents`` and gave the per-token ``tables``: decide for this forward and
+        publish the order to the attention context."""
         state, ctx = self.state, self.context
         state.reset()
         state.forward_index = ctx.forward_index
-        hidden = hook.get(args, kwargs, hook.hidden_name)
-        reason = self._why_not(hook, hidden, args, kwargs)
+        reason, grid = self._why_not(latents, tables)
         if reason is not None:
             ctx.token_order_tile = None
-            self._count(reason)
-            return args, kwargs
-        tile = self.tile or choose_tile(tuple(ctx.grid)).tile
-        perm, inverse = tile_permutation(tuple(ctx.grid), tile, str(hidden.device))
-        state.active, state.perm, state.inverse, state.tokens = True, perm, inverse, hidden.shape[1]
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+            return
+        tile = self.tile or choose_tile(grid).tile  # type: ignore[union-attr]
+        state.perm, state.inverse = tile_permutation(grid, tile, str(latents.device))
+        state.active, state.tokens = True, grid[0] * grid[1] * grid[2]
         ctx.token_order_tile = tile
-        self._count("forward")
-        return hook.replace(args, kwargs, hook.hidden_name, hidden.index_select(1, perm))
+        self.counts["forward"] = self.counts.get("forward", 0) + 1
 
-    def _why_not(self, hook: "TokenOrderBlockHook", hidden: Any, args: tuple, kwargs: dict) -> str | None:
-        ctx = self.context
+    def _why_not(self, latents: Any, tables: list[torch.Tensor]) -> tuple[str | None, tuple[int, int, int]]:
+        grid = (0, 0, 0)
         if getattr(self.transformer, "_parallel_config", None) is not None:
-            return "context_parallel"  # the sequence is sharded across ranks
+            return "context_parallel", grid  # the sequence is sharded across ranks
         if torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False):
-            # Backward recomputes each block through its hooks after this forward's state is gone, so the
-            # recomputed blocks would see model-order rotary tables on tile-ordered tokens.
-            return "grad_checkpointing"
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-            return "inputs"
-        grid = ctx.grid
-        if grid is None or grid[0] * grid[1] * grid[2] != hidden.shape[1]:
-            return "no_grid"
-        if self.tile is None and choose_tile(tuple(grid)) is None:
-            return "no_tile"
-        if not self._outermost():
-            return "not_outermost"
-        S = hidden.shape[1]
-        for name in self.spec.required_arguments:
-            value = hook.get(args, kwargs, name)
-            parts = value if isinstance(value, (tuple, list)) else (value,)
-            if not parts or not all(isinstance(p, torch.Tensor) and p.dim() >= 2 and p.shape[1] == S for p in parts):
-                return "inputs"
-        return None
-
-    def permuted(self, value: Any, key: tuple[Any, ...]) -> Any:
-        """``value`` (the block argument at ``key``: its name, then positions inside tuples/lists) in tile order
-        if it is per token (dim 1 of size ``S``), else unchanged; tuples/lists element-wise. The blocks of a
-        forward receive the same source objects, so each is permuted once per forward."""
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.permuted(v, key + (i,)) for i, v in enumerate(value))
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] != self.state.tokens:
-            return value
-        hit = self.state.permuted.get(key)
-        if hit is not None and hit[0] is value:
-            return hit[1]
-        out = value.index_select(1, self.state.perm.to(value.device))
-        self.state.permuted[key] = (value, out)
-        return out
+            # Training: attention runs dense under gradients, so the tile order saves nothing there.
+            return "grad_checkpointing", grid
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            return "inputs", grid
+        pt, ph, pw = _triple(self.transformer.config.patch_size)
+        grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+        tokens = grid[0] * grid[1] * grid[2]
+        if not tables or not all(t.dim() >= 2 and t.shape[1] == tokens for t in tables):
+            return "inputs", grid
+        if self.tile is None and choose_tile(grid) is None:
+            return "no_tile", grid
+        return None, grid
 
     def in_forward(self) -> bool:
-        """Whether this forward's sequence is in tile order (block 0 of this very forward permuted it)."""
+        """Whether this forward's sequence is in tile order (its entry module decided so)."""
         return self.state.active and self.state.forward_index == self.context.forward_index
 
-    def end(self, output: Any, metadata: TransformerBlockMetadata) -> Any:
-        """Last block's exit: back to the model's row-major order."""
-        inverse = self.state.inverse
-        if isinstance(output, tuple):
-            i = metadata.return_hidden_states_index
-            output = output[:i] + (output[i].index_select(1, inverse),) + output[i + 1:]
+    def permutation(self, like: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor | None:
+        """The forward's order (``inverse``: back to row-major) for dim ``dim`` of ``like``; ``None`` in eager mode
+        when the forward keeps the model's order. Inside a compiled region always a tensor (the identity then),
+        from the ``dit_accel::token_order_perm`` op."""
+        if torch.compiler.is_compiling():
+            return torch.ops.dit_accel.token_order_perm(self.key, self.context.forward_token, like, dim, inverse)
+        if not self.in_forward():
+            return None
+        return self.state.inverse if inverse else self.state.perm
+
+    def start(self, latents: Any, tables: list[torch.Tensor]) -> None:
+        """:meth:`begin`, through the ``dit_accel::token_order_begin`` op inside a compiled region."""
+        if torch.compiler.is_compiling():
+            torch.ops.dit_accel.token_order_begin(self.context.forward_token, self.key, latents, tables)
         else:
-            output = output.index_select(1, inverse)
-        self.state.reset()
-        self.context.token_order_tile = None
-        return output
+            self.begin(latents, tables)
 
 
-class TokenOrderBlockHook(ModelHook):
-    """Per-block hook of the forward token order (see the module docstring)."""
+def _triple(value: Any) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (1, value, value)  # type: ignore[return-value]
+
+
+def _permuted(value: Any, perm: torch.Tensor | None, tokens: int) -> Any:
+    """``value`` with every per-token tensor (dim 1 of ``tokens`` entries) in ``perm``'s order; tuples and lists
+    element-wise."""
+    if perm is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_permuted(v, perm, tokens) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == tokens:
+        return value.index_select(1, perm.to(value.device))
+    return value
+
+
+class TokenOrderHook(ModelHook):
+    """The hook on one module of the forward token order (see the module docstring for the roles)."""
 
     _is_stateful = True
 
-    def __init__(self, attachment: TokenOrderAttachment, index: int, block: torch.nn.Module) -> None:
+    def __init__(self, attachment: TokenOrderAttachment, role: str, positions: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.attachment = attachment
-        self.index = index
-        self.last = index == len(attachment.blocks) - 1
-        self.metadata = TransformerBlockRegistry.get(type(block))
-        self.hidden_name = self.metadata.hidden_states_argument_name
-        self._params = list(inspect.signature(type(block).forward).parameters)[1:]  # without self
+        self.role = role
+        """``"entry"``, ``"patch_embedding"``, ``"per_token"`` or ``"exit"``."""
+        self.positions = positions
+        """For ``"per_token"``: the positions of the module's tuple output that may be per token."""
 
-    # --- argument access by name (positional or keyword) --------------------------------------------
-    def get(self, args: tuple, kwargs: dict, name: str) -> Any:
-        """The block argument ``name`` of this call (``None`` if absent)."""
-        if name in kwargs:
-            return kwargs[name]
-        pos = self._params.index(name) if name in self._params else len(args)
-        return args[pos] if pos < len(args) else None
-
-    def replace(self, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
-        """``args, kwargs`` with the block argument ``name`` replaced by ``value``."""
-        if name in kwargs:
-            return args, dict(kwargs, **{name: value})
-        pos = self._params.index(name)
-        return args[:pos] + (value,) + args[pos + 1:], kwargs
-
-    # --- hook ---------------------------------------------------------------------------------------
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        """Block 0 decides and permutes the hidden states; every block gets per-token inputs in tile order."""
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        """Run the module with its input or output in the forward's order."""
         att = self.attachment
-        if self.index == 0:
-            args, kwargs = att.begin(self, args, kwargs)
-        if not att.in_forward():
-            return args, kwargs
-        for name in att.spec.token_arguments:
-            value = self.get(args, kwargs, name)
-            if value is not None:
-                args, kwargs = self.replace(args, kwargs, name, att.permuted(value, (name,)))
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        """The last block restores the model's order."""
-        if self.last and self.attachment.in_forward():
-            return self.attachment.end(output, self.metadata)
-        return output
+        if self.role == "exit":
+            hidden = args[0]
+            perm = att.permutation(hidden, 1, inverse=True)
+            if perm is not None:
+                args = (hidden.index_select(1, perm),) + args[1:]
+            return self.fn_ref.original_forward(*args, **kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.role == "entry":
+            tables = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+            latents = args[0] if args else next(iter(kwargs.values()), None)
+            att.start(latents, tables)
+            if not tables:
+                return out
+            tokens = tables[0].shape[1]
+            return _permuted(out, att.permutation(tables[0], 1, inverse=False), tokens)
+        if self.role == "patch_embedding":
+            flat = out.reshape(*out.shape[:2], -1)
+            perm = att.permutation(flat, 2, inverse=False)
+            return out if perm is None else flat.index_select(2, perm).reshape(out.shape)
+        tokens = att.state.tokens if not torch.compiler.is_compiling() else None
+        parts = list(out)
+        for i in self.positions:
+            value = parts[i]
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
+                perm = att.permutation(value, 1, inverse=False)
+                if perm is not None and (tokens is None or value.shape[1] == tokens):
+                    parts[i] = value.index_select(1, perm)
+        return type(out)(parts)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """diffusers' ``_reset_stateful_cache``: forget the forward in progress."""
-        if self.index == 0:
+        if self.role == "entry":
             self.attachment.state.reset()
         return module
+
+
+@torch.library.custom_op("dit_accel::token_order_begin", mutates_args=("forward_token",))
+def _token_order_begin(forward_token: torch.Tensor, key: torch.Tensor, latents: torch.Tensor,
+                       tables: list[torch.Tensor]) -> None:
+    """:meth:`TokenOrderAttachment.begin` for a compiled forward; writes the forward index back into
+    ``forward_token``, so the attention ops that read it run after this one."""
+    att = _attachment(key)
+    att.begin(latents, tables)
+    forward_token.fill_(att.context.forward_index)
+
+
+@_token_order_begin.register_fake
+def _token_order_begin_fake(forward_token, key, latents, tables):
+    return None
+
+
+@torch.library.custom_op("dit_accel::token_order_perm", mutates_args=())
+def _token_order_perm(key: torch.Tensor, forward_token: torch.Tensor, like: torch.Tensor, dim: int,
+                      inverse: bool) -> torch.Tensor:
+    """The forward's order (or its inverse) for dim ``dim`` of ``like``, as a new int64 tensor on its device; the
+    identity when the forward keeps the model's order."""
+    att = _attachment(key)
+    n = like.shape[dim]
+    if not att.in_forward() or att.state.tokens != n:
+        return torch.arange(n, device=like.device)
+    perm = att.state.inverse if inverse else att.state.perm
+    return perm.to(like.device).clone()  # type: ignore[union-attr]
+
+
+@_token_order_perm.register_fake
+def _token_order_perm_fake(key, forward_token, like, dim, inverse):
+    return torch.empty(like.shape[dim], dtype=torch.int64, device=like.device)
+
+
+def _attachment(key: torch.Tensor) -> TokenOrderAttachment:
+    att = _ATTACHMENTS.get(int(key))
+    if att is None:
+        raise RuntimeError(f"dit_accel token order op: no attachment with key {int(key)} (it was removed)")
+    return att
 
 
 def install_token_order(transformer: torch.nn.Module, context: TransformerContext, family: str,
                         tile: tuple[int, int, int] | None = None) -> TokenOrderAttachment:
     """Install the forward token order on ``transformer`` (family ``family``, one of
     :data:`TOKEN_ORDER_FAMILIES`) and return the attachment; ``tile`` fixes the tile of the order (``None``:
-    chosen per grid, as the sparse methods do). Install it after any other block hook (cache)."""
+    chosen per grid, as the sparse methods do)."""
     if family not in TOKEN_ORDER_FAMILIES:
         raise ValueError(f"the forward token order supports families {sorted(TOKEN_ORDER_FAMILIES)}, got {family!r}")
-    for block in getattr(transformer, TOKEN_ORDER_FAMILIES[family].block_list, []):
-        registry = getattr(block, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(TOKEN_ORDER_HOOK_NAME) is not None:
-            raise ValueError("a dit-accel token order is already installed on this transformer; remove it first")
+    registry = getattr(getattr(transformer, TOKEN_ORDER_FAMILIES[family].entry, None), "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(TOKEN_ORDER_HOOK_NAME) is not None:
+        raise ValueError("a dit-accel token order is already installed on this transformer; remove it first")
     return TokenOrderAttachment(transformer, context, TOKEN_ORDER_FAMILIES[family], tile).install()
 
 
@@ -385,7 +415,7 @@ __all__ = [
     "TOKEN_ORDER_FAMILIES",
     "TOKEN_ORDER_HOOK_NAME",
     "TokenOrderAttachment",
-    "TokenOrderBlockHook",
+    "TokenOrderHook",
     "TokenOrderSpec",
     "TokenOrderState",
     "install_token_order",

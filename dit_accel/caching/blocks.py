@@ -5,7 +5,7 @@ guidance branch."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,19 @@ class BlockRef:
     """The block module."""
     metadata: TransformerBlockMetadata
     """diffusers' ``TransformerBlockRegistry`` entry of the block class."""
+    params: tuple[str, ...] = field(init=False)
+    """Names of the block forward's parameters after ``self``, read once here: ``torch.compile`` cannot trace
+    ``inspect.signature``, and the hooks look arguments up at every call."""
+
+    def __post_init__(self) -> None:
+        self.params = tuple(inspect.signature(type(self.module).forward).parameters)[1:]
+
+    def argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The block call's argument ``name`` (keyword or positional; ``None`` when not given)."""
+        if name in kwargs:
+            return kwargs[name]
+        pos = self.params.index(name) if name in self.params else len(args)
+        return args[pos] if pos < len(args) else None
 
 
 def find_blocks(transformer: torch.nn.Module) -> list[BlockRef]:
@@ -62,10 +75,10 @@ def find_blocks(transformer: torch.nn.Module) -> list[BlockRef]:
 def streams_of(ref: BlockRef, args: tuple, kwargs: dict) -> Streams:
     """The hidden stream and (joint-attention blocks) the text stream of a block call's arguments."""
     meta = ref.metadata
-    hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+    hidden = ref.argument(meta.hidden_states_argument_name, args, kwargs)
     encoder = None
     if meta.return_encoder_hidden_states_index is not None:
-        encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+        encoder = ref.argument(meta.encoder_hidden_states_argument_name, args, kwargs)
     return hidden, encoder
 
 
@@ -90,21 +103,17 @@ def pack(ref: BlockRef, hidden: torch.Tensor, encoder: torch.Tensor | None) -> A
     return tuple(out)
 
 
-def _hidden_position(ref: BlockRef, kwargs: dict) -> str | int:
-    """Keyword name or positional index of the block's hidden-states argument."""
-    name = ref.metadata.hidden_states_argument_name
+def with_argument(ref: BlockRef, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the block argument ``name`` replaced by ``value``."""
     if name in kwargs:
-        return name
-    params = list(inspect.signature(type(ref.module).forward).parameters)[1:]  # skip self
-    return params.index(name)
+        return args, dict(kwargs, **{name: value})
+    pos = ref.params.index(name)
+    return args[:pos] + (value,) + args[pos + 1:], kwargs
 
 
 def with_hidden(ref: BlockRef, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     """``args, kwargs`` with the hidden-states argument replaced."""
-    pos = _hidden_position(ref, kwargs)
-    if isinstance(pos, str):
-        return args, dict(kwargs, **{pos: hidden})
-    return args[:pos] + (hidden,) + args[pos + 1:], kwargs
+    return with_argument(ref, args, kwargs, ref.metadata.hidden_states_argument_name, hidden)
 
 
 def take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ def token_subset_call(ref: BlockRef, args: tuple, kwargs: dict, idx: torch.Tenso
     """The block's call arguments restricted to the tokens ``idx``: every tensor (also inside tuples and
     lists, e.g. rotary tables) whose dim 1 has the token count is gathered; the text stream is kept."""
     skip = {ref.metadata.encoder_hidden_states_argument_name}
-    params = list(inspect.signature(type(ref.module).forward).parameters)[1:]
+    params = ref.params
 
     def take(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == tokens:

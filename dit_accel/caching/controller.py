@@ -60,6 +60,11 @@ class CallPlan:
     """Block evaluations of this call (a token share counts as that share of a block)."""
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in ``t``'s layout (what a skipped block returns inside a compiled graph)."""
+    return t.clone()
+
+
 def _no_group() -> None:
     """The decision group of a controller that decides alone."""
     return None
@@ -97,6 +102,9 @@ class CacheController:
         """Each block's own forward, in block order (set when installed; selective tokens run blocks with it)."""
         self.tokens = SelectiveTokens(blocks, scheduler.token_share) if scheduler.token_share > 0 else None
         """The selective-token recomputation (ProCache with ``selective_tokens``), else ``None``."""
+        self.order = torch.zeros((), dtype=torch.int64)
+        """CPU tensor the compiled cache ops mutate, so they keep their program order in a graph
+        (:mod:`dit_accel.caching.compiled`)."""
         self.decision_group: Callable[[], Any] = _no_group
         """Returns the process group whose ranks must take the same decisions (the transformer's context-parallel
         group, set by ``install_controller``), or ``None`` when this process decides alone. Read at every probe,
@@ -181,38 +189,76 @@ class CacheController:
     def run_block(self, index: int, ref: BlockRef, forward: OriginalForward, args: tuple, kwargs: dict) -> Any:
         """Run (``forward``) or skip block ``index`` according to the plan."""
         hidden, encoder = streams_of(ref, args, kwargs)
+        if self.enter_block(index, hidden, encoder):
+            output = forward(*args, **kwargs)
+            self.exit_block(index, *output_streams(ref, output))
+            return output
+        output = pack(ref, *self.skip_block(index, hidden, encoder, args, kwargs))
+        self.exit_block(index, None, None)
+        return output
+
+    # The three parts of one block call. ``run_block`` drives them in eager mode; under torch.compile the
+    # ``dit_accel::cache_*`` ops of ``caching.compiled`` call them around the traced block, with ``in_graph=True``:
+    # then tensors kept past the call are copied and skipped blocks return new tensors, because a compiled
+    # graph may reuse the memory of its intermediate tensors and ``torch.cond`` branches may not return an input.
+    def enter_block(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, in_graph: bool = False) -> bool:
+        """Block ``index``'s entry: take the call's decision at block 0, keep what later blocks need; return
+        whether the block runs (``False``: :meth:`skip_block` gives its output)."""
         if index == 0:
             self.begin_call(hidden)
         plan = self.plan
         assert plan is not None
         sched = self.scheduler
         if index == 0 and sched.probe_blocks:
-            plan.in0 = hidden
+            plan.in0 = hidden.clone() if in_graph else hidden
         if index == sched.span_start:
-            plan.span_in = (hidden, encoder)
+            plan.span_in = (hidden, encoder) if not in_graph else (hidden.clone(), None if encoder is None else encoder.clone())
             self._note_stream_bytes(plan, hidden, encoder)
             if self.tokens is not None and plan.decision is Decision.COMPUTE:
                 self.tokens.remember(plan.groups, self._states(plan), hidden)  # type: ignore[arg-type]
-        skipped = plan.decision in (Decision.REUSE, Decision.SELECTIVE) and sched.span_start <= index < plan.reuse_end
-        if skipped:
-            if index == sched.span_start and not sched.output_target:
-                fresh = hidden
-                residual = self._merged_forecast(plan, plan.reuse_end, hidden)
-                hidden = hidden + residual[0]
-                if encoder is not None and residual[1] is not None:
-                    encoder = encoder + residual[1]
-                if plan.decision is Decision.SELECTIVE and self.tokens is not None:
-                    hidden, spent = self.tokens.recompute(
-                        lambda j, a, kw: self.block_forwards[j](*a, **kw), sched.span_start, plan.reuse_end,
-                        plan.groups, self._states(plan), args, kwargs, fresh, hidden,  # type: ignore[arg-type]
-                        refresh=plan.reuse_end != sched.slot_ends[-1] or sched.order == 0,
-                    )
-                    plan.blocks_run += spent
-            output = pack(ref, hidden, encoder)
-        else:
-            output = forward(*args, **kwargs)
+        return not self.skipped(index)
+
+    def skipped(self, index: int) -> bool:
+        """Whether the plan skips block ``index`` (the span of a reused or selective call)."""
+        plan = self.plan
+        assert plan is not None
+        return plan.decision in (Decision.REUSE, Decision.SELECTIVE) and self.scheduler.span_start <= index < plan.reuse_end
+
+    def skip_block(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, args: tuple, kwargs: dict,
+                   in_graph: bool = False) -> Streams:
+        """The streams a skipped block returns: the span's first block adds the cached (or forecast) residual and
+        recomputes the selected tokens; the others pass their input on."""
+        plan = self.plan
+        assert plan is not None
+        sched = self.scheduler
+        if index == sched.span_start and not sched.output_target:
+            fresh = hidden
+            residual = self._merged_forecast(plan, plan.reuse_end, hidden)
+            hidden = hidden + residual[0]
+            if encoder is not None and residual[1] is not None:
+                encoder = encoder + residual[1]
+            elif encoder is not None and in_graph:
+                encoder = _copy(encoder)
+            if plan.decision is Decision.SELECTIVE and self.tokens is not None:
+                hidden, spent = self.tokens.recompute(
+                    lambda j, a, kw: self.block_forwards[j](*a, **kw), sched.span_start, plan.reuse_end,
+                    plan.groups, self._states(plan), args, kwargs, fresh, hidden,  # type: ignore[arg-type]
+                    refresh=plan.reuse_end != sched.slot_ends[-1] or sched.order == 0,
+                )
+                plan.blocks_run += spent
+            return hidden, encoder
+        if in_graph:
+            return _copy(hidden), None if encoder is None else _copy(encoder)
+        return hidden, encoder
+
+    def exit_block(self, index: int, out_hidden: torch.Tensor | None, out_encoder: torch.Tensor | None) -> None:
+        """Block ``index``'s exit with its output streams (``None`` when it was skipped): count it, observe the
+        probe, refresh the cached residuals, and close the call after the last block."""
+        plan = self.plan
+        assert plan is not None
+        sched = self.scheduler
+        if out_hidden is not None:
             plan.blocks_run += 1
-            out_hidden, out_encoder = output_streams(ref, output)
             if sched.probe_blocks and index + 1 == sched.probe_blocks:
                 self._after_probe(plan, out_hidden - plan.in0)
                 plan.in0 = None
@@ -220,24 +266,43 @@ class CacheController:
                 self._refresh(plan, index + 1, out_hidden, out_encoder)
         if index == len(self.blocks) - 1 and not sched.output_target:
             self.end_call()
-        return output
 
     def run_output(self, forward: OriginalForward, args: tuple, kwargs: dict) -> Any:
         """The output projection (``target="output"``): forecast it on reused steps, else run and store it."""
-        plan = self.plan
-        if plan is None:  # called outside a transformer call with blocks (should not happen)
+        if self.plan is None:  # called outside a transformer call with blocks (should not happen)
             return forward(*args, **kwargs)
         hidden = args[0] if args else next(iter(kwargs.values()))
-        if plan.decision is Decision.REUSE:
-            output = self._merged_forecast(plan, OUTPUT_SLOT, hidden)[0]
-        else:
+        if self.enter_output():
             output = forward(*args, **kwargs)
+            self.exit_output(output)
+            return output
+        output = self.skip_output(hidden)
+        self.exit_output(None)
+        return output
+
+    def enter_output(self) -> bool:
+        """Whether the output projection runs in this call (else :meth:`skip_output` forecasts it)."""
+        plan = self.plan
+        assert plan is not None
+        return plan.decision is not Decision.REUSE
+
+    def skip_output(self, hidden: torch.Tensor, in_graph: bool = False) -> torch.Tensor:
+        """The cached (or forecast) output projection (``in_graph``: always a new tensor)."""
+        plan = self.plan
+        assert plan is not None
+        out = self._merged_forecast(plan, OUTPUT_SLOT, hidden)[0]
+        return out.clone() if in_graph else out
+
+    def exit_output(self, output: torch.Tensor | None) -> None:
+        """Store the projection's ``output`` (``None`` when forecast) and close the call."""
+        plan = self.plan
+        assert plan is not None
+        if output is not None:
             detached = output.detach()
             for branch, rows in plan.groups:
                 part = detached if len(plan.groups) == 1 else detached[rows]
                 self.scheduler.store(self._state(branch), OUTPUT_SLOT, (part, None), plan.info.step)
         self.end_call()
-        return output
 
     # --- residuals --------------------------------------------------------------------------------
     def _note_stream_bytes(self, plan: CallPlan, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:

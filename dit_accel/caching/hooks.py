@@ -1,6 +1,7 @@
 """The cache on diffusers' ``HookRegistry``: one block hook per transformer block (and one on the output
 projection for ``target="output"``) that hands the call to the transformer's
-:class:`~dit_accel.caching.controller.CacheController`; installing and removing them exactly.
+:class:`~dit_accel.caching.controller.CacheController` (inside a compiled region through the ops of
+:mod:`dit_accel.caching.compiled`); installing and removing them exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from diffusers.hooks.hooks import ModelHook
 
 from dit_accel.block_hooks import InstalledHook, register_block_hook, remove_block_hooks
 from dit_accel.caching.base import CacheConfig
-from dit_accel.caching.blocks import BlockRef, find_blocks
+from dit_accel.caching.blocks import BlockRef, find_blocks, output_streams, pack, streams_of
+from dit_accel.caching.compiled import prepare_signatures, register_site, run_compiled
 from dit_accel.caching.controller import CacheController
 from dit_accel.caching.registry import build_scheduler, make_cache_config
 from dit_accel.context import TransformerContext
@@ -36,6 +38,14 @@ class CacheBlockHook(ModelHook):
         self.controller = controller
         self.index = index
         self.ref = ref
+        self.key = register_site(self)
+        """Names this hook in the ``dit_accel::cache_*`` ops (a tensor: compiled graphs hold no block index)."""
+        self.text_out = bool(ref.metadata.return_encoder_hidden_states_index is not None
+                             and not getattr(ref.module, "context_pre_only", False))
+        """Whether the block returns a text stream (SD3's last block, ``context_pre_only``, takes one and returns
+        none)."""
+        self.attention_modules = [m for m in ref.module.modules() if hasattr(m, "processor")]
+        """The block's attention modules (see ``compiled.prepare_signatures``)."""
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         """The block's own forward (what this hook wraps)."""
@@ -43,7 +53,35 @@ class CacheBlockHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Run or skip the block for the current plan."""
+        if torch.compiler.is_compiling():
+            return self._traced(args, kwargs)
         return self.controller.run_block(self.index, self.ref, self.original, args, kwargs)
+
+    def _traced(self, args: tuple, kwargs: dict) -> Any:
+        ref, controller = self.ref, self.controller
+        prepare_signatures(self.attention_modules)
+        hidden, encoder = streams_of(ref, args, kwargs)
+        call = (args, kwargs) if controller.tokens is not None else None
+        out_hidden, out_encoder = run_compiled(
+            self, controller.order, controller.context.forward_token, lambda: self.original(*args, **kwargs),
+            lambda output: output_streams(ref, output), hidden, encoder, self.text_out, call,
+        )
+        return pack(ref, out_hidden, out_encoder)
+
+    # --- the ops' eager bodies (dit_accel.caching.compiled) ------------------------------------------------
+    def compiled_enter(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> bool:
+        """Whether the block runs (block 0 takes the call's decision first)."""
+        return self.controller.enter_block(self.index, hidden, encoder, in_graph=True)
+
+    def compiled_skip(self, hidden: torch.Tensor, encoder: torch.Tensor | None, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The skipped block's streams, as new tensors."""
+        out_hidden, out_encoder = self.controller.skip_block(self.index, hidden, encoder, args, kwargs, in_graph=True)
+        return [out_hidden] if out_encoder is None else [out_hidden, out_encoder]
+
+    def compiled_exit(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        """Residuals, probe and statistics after the block (its streams count only when it ran)."""
+        ran = not self.controller.skipped(self.index)
+        self.controller.exit_block(self.index, hidden if ran else None, encoder if ran else None)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """diffusers' ``_reset_stateful_cache`` forgets the cached tensors too."""
@@ -55,13 +93,39 @@ class CacheBlockHook(ModelHook):
 class CacheOutputHook(ModelHook):
     """Hook on the output projection for ``target="output"``: returns the forecast on reused steps."""
 
-    def __init__(self, controller: CacheController) -> None:
+    def __init__(self, controller: CacheController, module: torch.nn.Module) -> None:
         super().__init__()
         self.controller = controller
+        self.key = register_site(self)
+        """Names this hook in the ``dit_accel::cache_*`` ops."""
+        self.out_width = getattr(module, "out_features", None)
+        """Width of the projection's output (an ``nn.Linear``'s ``out_features``), for the compiled forecast."""
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Run or forecast the projection for the current plan."""
-        return self.controller.run_output(self.fn_ref.original_forward, args, kwargs)
+        if not torch.compiler.is_compiling():
+            return self.controller.run_output(self.fn_ref.original_forward, args, kwargs)
+        if not isinstance(self.out_width, int):
+            raise ValueError(f"the compiled feature cache with target='output' needs an nn.Linear proj_out, got {type(module).__name__}")
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        controller = self.controller
+        return run_compiled(
+            self, controller.order, controller.context.forward_token, lambda: self.fn_ref.original_forward(*args, **kwargs),
+            lambda output: (output, None), hidden, None, False, out_width=self.out_width,
+        )[0]
+
+    # --- the ops' eager bodies (dit_accel.caching.compiled) ------------------------------------------------
+    def compiled_enter(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> bool:
+        """Whether the projection runs (else it is forecast)."""
+        return self.controller.enter_output()
+
+    def compiled_skip(self, hidden: torch.Tensor, encoder: torch.Tensor | None, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The cached (or forecast) projection, as a new tensor."""
+        return [self.controller.skip_output(hidden, in_graph=True)]
+
+    def compiled_exit(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        """Store the projection when it ran; close the call."""
+        self.controller.exit_output(hidden if self.controller.enter_output() else None)
 
 
 class CacheAttachment:
@@ -171,7 +235,7 @@ def install_controller(transformer: torch.nn.Module, controller: CacheController
         hooked = [(ref.module, CacheBlockHook(controller, index, ref)) for index, ref in enumerate(blocks)]
         controller.block_forwards = [hook.original for _, hook in hooked]
         if output_module is not None:
-            hooked.append((output_module, CacheOutputHook(controller)))
+            hooked.append((output_module, CacheOutputHook(controller, output_module)))
         for module, hook in hooked:
             attachment._installed.append(register_block_hook(module, hook, CACHE_HOOK_NAME))
     except Exception:
