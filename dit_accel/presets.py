@@ -4,8 +4,10 @@ A preset is data: which attention method and which cache scheduler to install, w
 configuration. `dit_accel.apply(pipe, preset="...")` resolves the name here; explicit
 `attention=` / `cache=` arguments override the preset's fields.
 
-Presets are versioned so that a result ("balanced@1 gave 31.2 dB") stays reproducible when a
-preset's thresholds are re-calibrated later: a change of thresholds bumps the version.
+Presets are versioned so that a result names the recipe it measured ("balanced@4 gave 31.2 dB"): any
+change of a preset's methods or thresholds bumps its version. A package ships one version of each preset;
+``get_preset("balanced@4")`` pins it (an older tag is refused, naming the current one), and the CHANGELOG
+says what each version changed.
 """
 
 from __future__ import annotations
@@ -135,10 +137,15 @@ def preset_names() -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
-    """Return the preset called ``name``; raise ``ValueError`` listing the valid names otherwise."""
+    """Return the preset called ``name`` or tagged ``name@version`` (the shipped version only); raise
+    ``ValueError`` listing the valid names, or naming the shipped version of a preset asked at another one."""
     if not isinstance(name, str):
         raise TypeError(f"preset must be a str, got {type(name).__name__}: {name!r}; valid presets: {preset_names()}")
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {preset_names()}") from None
+    base, at, version = name.partition("@")
+    preset = _PRESETS.get(base)
+    if preset is None:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {preset_names()}")
+    if at and version != str(preset.version):
+        raise ValueError(f"preset {name!r} is not shipped by this dit-accel: it ships {preset.tag} "
+                         "(CHANGELOG.md says what each version changed)")
+    return preset

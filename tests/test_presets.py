@@ -29,3 +29,13 @@ def test_presets_are_read_only_and_unknown_names_list_valid_ones() -> None:
         get_preset("balanced").attention_config["quality"] = 0.0  # type: ignore[index]
     with pytest.raises(ValueError, match=r"unknown preset 'warp'; valid presets: \['dense', 'quality'"):
         get_preset("warp")
+
+
+def test_a_preset_tag_pins_the_shipped_version() -> None:
+    shipped = get_preset("balanced")
+    assert get_preset(shipped.tag) is shipped
+    older = f"balanced@{shipped.version - 1}"
+    with pytest.raises(ValueError, match=rf"preset '{older}' is not shipped by this dit-accel: it ships {shipped.tag}"):
+        get_preset(older)
+    with pytest.raises(ValueError, match=r"unknown preset 'warp@1'; valid presets"):
+        get_preset("warp@1")
