@@ -515,15 +515,16 @@ def readme_presets(results: Path = RESULTS) -> str:
         label = f"`{p.tag}`" if older in (None, p.tag) else f"`{p.tag}` (figures: `{older}`)"
         body.append([label, " + ".join(parts), real.get(name, "-"), speed, psnr,
                      " / ".join(attention_speed.get(name, [])) or "-"])
-    lines = [_table(["preset", "attention + cache", "real-size models: speed-up", "testbed: speed-up",
+    lines = [_table(["preset", "attention + cache", "real shapes: speed-up", "testbed: speed-up",
                      "testbed: PSNR vs dense", "attention call: speed-up at Wan2.1 1.3B 480p / 14B 720p"], body)]
     if bench is not None:
         device, date = device_and_date(bench)
-        lines.append(f"Real-size models: whole generation vs stock, lowest-highest over the models of "
+        lines.append(f"Real shapes: whole generation vs stock at each model's published shape (reduced depth, "
+                     f"random weights), lowest-highest over the models of "
                      f"[`bench.json`](benchmarks/results/bench.json) (per model: "
                      f"[docs/performance.md](docs/performance.md)), {device}, {date}.")
     else:
-        lines.append("Real-size models: not measured yet (`bash benchmarks/gpu_run.sh bench`).")
+        lines.append("Real shapes: not measured yet (`bash benchmarks/gpu_run.sh bench`).")
     if quality_source is not None:
         name, data = quality_source
         device, date = device_and_date(data)
