@@ -24,6 +24,7 @@ from dit_accel.argtypes import non_negative_float, non_negative_int, positive_in
 from dit_accel.generate import (
     CLIError,
     GenerateArgs,
+    check_png_output,
     compare_summary,
     cpu_sparse_note,
     run_generate,
@@ -316,6 +317,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
     output: Path = ns.output
     if output.suffix.lower() not in (".mp4", ".png"):
         raise CLIError(f"--output must end in .mp4 (video) or .png (image), got {str(output)!r}")
+    check_png_output(output, ns.frames, "--frames")  # before loading; the pipeline's default is checked once loaded
     if ns.prompts_file is not None and ns.compare:
         raise CLIError("--compare takes one --prompt, not --prompts-file")
     if output.exists() and not ns.overwrite and ns.prompts_file is None:
