@@ -1,4 +1,6 @@
-"""Issue 23's testbed criteria for calibration and the fp8 criteria of issue 17, on the shipped testbed.
+"""Acceptance checks of calibration and of fp8 on the shipped testbed: a ``--target-psnr`` calibration writes the
+same file twice from one seed, keeps its target on held-out prompts and runs faster than ``balanced``; the sparse
+method at full density in fp8 reaches 38 dB or more against stock, and each preset in fp8 stays within 0.5 dB of itself in bf16.
 
 Sections (``--sections``, default both):
 
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "size_note": ("CPU-size evidence (not the H200 target: 256x256 x 16 frames, 20 steps)"
-                            if device.type == "cpu" else "the issue's target size")}
+                            if device.type == "cpu" else "the target size: 256x256 x 16 frames, 20 steps")}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - {"calibration", "fp8"})

@@ -26,3 +26,8 @@ non_negative_int = _number(int, 0, False, "an integer >= 0")
 """An integer >= 0."""
 non_negative_float = _number(float, 0.0, False, "a number >= 0")
 """A float >= 0."""
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (its message names the bound)."""
+    return _number(int, minimum, False, f"an integer >= {minimum}")  # type: ignore[return-value]

@@ -24,6 +24,7 @@ from dit_accel.argtypes import non_negative_float, non_negative_int, positive_in
 from dit_accel.generate import (
     CLIError,
     GenerateArgs,
+    check_png_output,
     compare_summary,
     cpu_sparse_note,
     run_generate,
@@ -70,7 +71,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps")
     gen.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--preset", default=None, help="speed preset name (see `dit-accel presets`; default dense)")
+    gen.add_argument("--preset", default=None, help="speed preset: a shipped name (see `dit-accel presets`; default dense) or a preset .json file "
+                          "written by `dit-accel calibrate --target-psnr`")
     gen.add_argument("--attention", default=None, help="attention method name; overrides the preset's")
     gen.add_argument("--cache", default=None, help="feature-cache scheduler name; overrides the preset's")
     gen.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="auto",
@@ -209,7 +211,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         Subcommand("presets", "list the shipped speed presets", _add_presets_arguments, _run_presets),
         Subcommand("info", "versions, device, dense backend, whether the Triton kernel and fp8 are usable",
                    _add_info_arguments, _run_info),
-        Subcommand("calibrate", "search a feature-cache schedule for a model, step count and budget",
+        Subcommand("calibrate", "--target-psnr: search sparse attention and cache together for a preset file; "
+                   "--budget: search a feature-cache schedule",
                    _add_calibrate_arguments, _run_calibrate),
         Subcommand("eval", "quality and speed of configurations vs dense over a prompt set, with a report",
                    _add_eval_arguments, _run_eval),
@@ -316,6 +319,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
     output: Path = ns.output
     if output.suffix.lower() not in (".mp4", ".png"):
         raise CLIError(f"--output must end in .mp4 (video) or .png (image), got {str(output)!r}")
+    check_png_output(output, ns.frames, "--frames")  # before loading; the pipeline's default is checked once loaded
     if ns.prompts_file is not None and ns.compare:
         raise CLIError("--compare takes one --prompt, not --prompts-file")
     if output.exists() and not ns.overwrite and ns.prompts_file is None:

@@ -103,6 +103,26 @@ def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any, steps: int | Non
     return kwargs
 
 
+def planned_frames(pipe: Any, frames: int | None) -> int | None:
+    """Frames one call of ``pipe`` will make: ``frames`` (``--frames``) when given, else the ``num_frames``
+    default of its ``__call__``; 1 for a pipeline without ``num_frames`` (an image pipeline); ``None`` when the
+    default is not a number (the pipeline decides while generating)."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "num_frames" not in params:
+        return 1
+    if frames is not None:
+        return frames
+    default = params["num_frames"].default
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
+
+
+def check_png_output(output: Path, frames: int | None, source: str) -> None:
+    """Raise :class:`CLIError` when ``output`` is a ``.png`` but ``frames`` (from ``source``) is more than one, so the
+    refusal comes before the generation rather than after it."""
+    if output.suffix.lower() == ".png" and frames is not None and frames > 1:
+        raise CLIError(f"a .png output holds one image, but {source} makes {frames} frames: write .mp4, or pass --frames 1")
+
+
 def _frames_of(output: Any) -> Any:
     """The generated frames as a float array (T, H, W, 3) in [0, 1], for video and image pipelines alike."""
     import numpy as np
@@ -231,6 +251,8 @@ def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = 
     except ValueError as err:
         raise CLIError(str(err)) from err
     load_s = time.perf_counter() - t0
+    check_png_output(args.output, planned_frames(pipe, args.frames),
+                     "--frames" if args.frames is not None else f"{type(pipe).__name__} by default")
     if hasattr(pipe, "set_progress_bar_config") and args.compare:
         pipe.set_progress_bar_config(desc=COMPARE_LABEL)
 

@@ -1,4 +1,4 @@
-"""The GPU driver of issue 23's testbed criteria (benchmarks/adaptive_testbed.py) in its --tiny CPU mode: both
+"""The GPU driver of the testbed's calibration and fp8 checks (benchmarks/adaptive_testbed.py) in its --tiny CPU mode: both
 sections write their JSON, the two calibrations agree but for timing, and fp8 on CPU runs the reference."""
 
 from __future__ import annotations

@@ -163,6 +163,21 @@ def test_cli_refuses_a_bad_target_before_loading_and_one_mode_per_run(tmp_path, 
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("steps", "shown"), [("0", "0"), ("2", "2"), ("x", "'x'")])
+def test_cli_refuses_too_few_steps_naming_the_option(steps, shown, tmp_path, capsys):
+    from dit_accel.calibration.cli import MIN_STEPS
+    from dit_accel.cli import main
+
+    for mode in (["--target-psnr", "30"], ["--budget", "0.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["calibrate", "--steps", steps, *mode, "--out", str(tmp_path / "p.json")])
+        assert exit_info.value.code == 2
+        assert f"argument --steps: expected an integer >= 3, got {shown}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_steps must be an int >= 3"):  # the bound the option mirrors
+        TargetSettings(target_psnr=30.0, num_steps=MIN_STEPS - 1)
+    TargetSettings(target_psnr=30.0, num_steps=MIN_STEPS)
+
+
 def test_an_interrupted_calibration_writes_the_best_result_so_far(tmp_path, monkeypatch):
     from dit_accel.calibration import target
 

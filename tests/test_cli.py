@@ -57,6 +57,44 @@ def test_bad_output_suffix_and_existing_output(tmp_path: Path, capsys: pytest.Ca
     assert existing.read_bytes() == b"keep me"
 
 
+def test_png_output_of_a_video_is_refused_before_generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import dit_accel.generate as generate
+    import dit_accel.loading
+
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generated although the .png could not hold the frames")
+
+    monkeypatch.setattr(generate, "_generate_once", no_generation)
+    base = ["generate", "--prompt", "a red circle moving left on a plain background", "--height", "64", "--width", "64",
+            "--steps", "2", "--output", str(tmp_path / "x.png")]
+    real_load = dit_accel.loading.load_pipeline
+    monkeypatch.setattr(dit_accel.loading, "load_pipeline", lambda *a: pytest.fail("loaded although --frames said 4"))
+    assert cli.main(base + ["--frames", "4"]) == 2  # refused by the parser's check, before loading
+    assert "a .png output holds one image, but --frames makes 4 frames: write .mp4, or pass --frames 1" in capsys.readouterr().err
+    monkeypatch.setattr(dit_accel.loading, "load_pipeline", real_load)
+    assert cli.main(base) == 2  # the testbed's default of 8 frames, read from its signature once loaded
+    assert "but TestbedPipeline by default makes 8 frames" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_planned_frames_reads_the_pipeline_signature() -> None:
+    from dit_accel.generate import planned_frames
+
+    class Image:
+        def __call__(self, prompt: str) -> None: ...
+
+    class Video:
+        def __call__(self, prompt: str, num_frames: int = 81) -> None: ...
+
+    class VideoDecidingLater:
+        def __call__(self, prompt: str, num_frames: int | None = None) -> None: ...
+
+    assert planned_frames(Image(), None) == 1
+    assert planned_frames(Video(), None) == 81 and planned_frames(Video(), 1) == 1
+    assert planned_frames(VideoDecidingLater(), None) is None
+
+
 def test_write_media_mp4_and_png_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     # A smooth pattern survives lossy H.264 well enough to check the content, not only the shape.

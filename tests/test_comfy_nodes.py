@@ -276,6 +276,19 @@ def test_v1_mappings_and_install_shim(wan: cd.ModelPatcher, tmp_path) -> None:
     assert module.NODE_CLASS_MAPPINGS is NODE_CLASS_MAPPINGS  # outside ComfyUI: the V1 mappings
 
 
+def test_install_without_custom_nodes_is_one_error_line_and_exit_code_2(tmp_path, capsys) -> None:
+    from dit_accel.comfy.install import main
+
+    for folder in (tmp_path, tmp_path / "missing"):  # a folder without custom_nodes/, and no folder at all
+        assert main(["--comfyui", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"error: {folder / 'custom_nodes'} is not a directory; pass the ComfyUI folder" in err
+    (tmp_path / "custom_nodes").mkdir()
+    assert main(["--comfyui", str(tmp_path)]) == 0
+    assert (tmp_path / "custom_nodes" / "dit_accel_nodes" / "__init__.py").is_file()
+
+
 def _fake_comfy_api() -> types.ModuleType:
     """A double of ``comfy_api.latest`` recording what the V3 nodes declare."""
     io = types.SimpleNamespace()

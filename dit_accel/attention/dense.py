@@ -2,8 +2,9 @@
 
 On CUDA a one-time probe per device runs each candidate on a small problem and compares it with
 the math backend; the first that works is the one reported by :func:`dense_backend_name`, in this
-order: cuDNN SDPA, flash SDPA, xformers (only if installed *and* its operator actually runs: the
-current xformers wheel fails to load its operators on torch 2.11), memory-efficient SDPA, math.
+order: cuDNN SDPA, flash SDPA, xformers (only if installed *and* its operator actually runs: an xformers
+wheel built against another torch release imports, then finds no operator, so only a run proves it usable),
+memory-efficient SDPA, math.
 On CPU the default ``scaled_dot_product_attention`` runs unchanged.
 
 Per shape (:func:`prefers_probed_order`): the probed order (cuDNN first) is used for self-attention of at least

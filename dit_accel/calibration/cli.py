@@ -12,6 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dit_accel.argtypes import int_at_least, positive_int
+
+MIN_STEPS = 3
+"""Fewest ``--steps``, checked by argparse so that the message names the option. The target search's settings
+need 3; the schedule search alone would take 2, but with the default 2 warm-up steps such a schedule reuses
+nothing, so both modes share the one bound."""
+
 
 def captions_for_testbed(count: int, offset: int = 0) -> list[str]:
     """``count`` deterministic captions in the testbed grammar (varied shape, colour, motion, background)."""
@@ -32,7 +39,8 @@ def captions_for_testbed(count: int, offset: int = 0) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dit-accel calibrate``."""
     parser.add_argument("--model", default="testbed", help='"testbed" (shipped) or a diffusers folder / hub id')
-    parser.add_argument("--steps", type=int, required=True, help="denoising steps of the runs (and of the schedule)")
+    parser.add_argument("--steps", type=int_at_least(MIN_STEPS), required=True,
+                        help=f"denoising steps of the runs (and of the schedule), >= {MIN_STEPS}")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--target-psnr", type=float, default=None,
                       help="PSNR in dB against dense to keep: search sparse attention and cache together, write a "
@@ -42,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="preset (--target-psnr) or schedule (--budget) JSON")
     parser.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, default=None, help="file with one prompt per line")
-    parser.add_argument("--num-prompts", type=int, default=4, help="testbed captions to use when no prompt is given")
-    parser.add_argument("--height", type=int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
-    parser.add_argument("--width", type=int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
-    parser.add_argument("--frames", type=int, default=None, help="frames of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--num-prompts", type=positive_int, default=4, help="testbed captions to use when no prompt is given")
+    parser.add_argument("--height", type=positive_int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="pixels of the calibration runs (default: the pipeline's)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames of the calibration runs (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses SEED + i (default 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available, else cpu")

@@ -148,6 +148,7 @@ class ReuseErrorRecorder(CacheScheduler):
         return "calibration"
 
     def decide(self, info, state):  # pragma: no cover - guardrail always forces compute
+        """Never called: :meth:`guardrail` makes every step compute, so there is no reuse to decide."""
         raise AssertionError("unreachable")
 
     def store(self, state: RecorderState, end: int, residual: Streams, step: int) -> None:  # type: ignore[override]

@@ -239,16 +239,25 @@ class Evaluation:
     """A candidate run on every calibration prompt."""
 
     candidate: Candidate
+    """The configuration evaluated."""
     psnr: float
     """Mean over prompts of the per-video PSNR against dense (dB)."""
     psnr_per_prompt: list[float]
+    """PSNR against dense (dB) of each prompt's video (outputs clamped to [0, 1]), in prompt order."""
     mse_per_prompt: list[float]
+    """Mean squared error against dense of each prompt's raw output (not clamped), in prompt order."""
     modelled_cost: float
+    """:meth:`CostModel.cost` of the candidate: its modelled compute relative to the dense transformer (1.0)."""
     seconds: float
     """Wall-clock of the run (a timing field)."""
     mean_density: float | None
+    """Mean share of attention tiles computed over all self-attention calls (dense calls count 1.0); ``None``
+    for the stock pipeline (nothing applied)."""
     dense_head_share: float | None
+    """Of the heads of the planned sparse calls, the share the break-even routing ran dense; ``None`` without
+    such calls."""
     compute_fraction: float | None
+    """Share of block evaluations the cache computed (mean over cached transformers); ``None`` without a cache."""
     source: str
     """Which step of the search asked for it."""
 

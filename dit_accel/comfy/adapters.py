@@ -145,6 +145,7 @@ class _CrossAttentionFamily(Adapter):
     """Self-attention over the video tokens only; text enters through separate cross-attention."""
 
     def self_attention(self, info: ForwardInfo, q_len: int, k_len: int) -> tuple[int, TextPosition] | None:
+        """``(0, "none")`` for a square call of a length no cross-attention has, else ``None``."""
         if q_len != k_len or q_len in info.cross_lengths:
             # A cross-attention call whose key length equals the query length looks like self-attention;
             # every such call is left to ComfyUI rather than guessed.
@@ -152,6 +153,7 @@ class _CrossAttentionFamily(Adapter):
         return (0, "none")
 
     def cross_lengths(self, context: torch.Tensor | None, extra: dict[str, Any]) -> tuple[int, ...]:
+        """The text length, and the CLIP image-embedding length when ``extra`` holds ``clip_fea`` (Wan I2V)."""
         lengths = [] if context is None else [context.shape[1]]
         clip = extra.get("clip_fea")
         if isinstance(clip, torch.Tensor):
@@ -166,9 +168,11 @@ class WanAdapter(_CrossAttentionFamily):
     class_path = "comfy.ldm.wan.model.WanModel"
 
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """``model.patch_size``, ``(p_t, p_h, p_w)``."""
         return tuple(int(p) for p in model.patch_size)  # type: ignore[return-value]
 
     def block_keys(self, model: torch.nn.Module) -> list[tuple[BlockKey, torch.nn.Module]]:
+        """``("double_block", i)`` for each of ``model.blocks``."""
         return [(("double_block", i), b) for i, b in enumerate(model.blocks)]
 
 
@@ -179,9 +183,11 @@ class LTXVAdapter(_CrossAttentionFamily):
     class_path = "comfy.ldm.lightricks.model.LTXVModel"
 
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """The patchifier's ``patch_size``, ``(p_t, p_h, p_w)``."""
         return tuple(int(p) for p in model.patchifier.patch_size)  # type: ignore[return-value]
 
     def block_keys(self, model: torch.nn.Module) -> list[tuple[BlockKey, torch.nn.Module]]:
+        """``("double_block", i)`` for each of ``model.transformer_blocks``."""
         return [(("double_block", i), b) for i, b in enumerate(model.transformer_blocks)]
 
 
@@ -189,6 +195,8 @@ class _JointFamily(Adapter):
     """Joint attention over ``text + image`` tokens in one sequence."""
 
     def self_attention(self, info: ForwardInfo, q_len: int, k_len: int) -> tuple[int, TextPosition] | None:
+        """``(0, "none")`` for an image-only call, ``(text tokens, text position)`` for the joint sequence, else
+        ``None``."""
         if q_len != k_len or q_len < info.visual_tokens:
             return None
         if q_len == info.visual_tokens:
@@ -199,6 +207,7 @@ class _JointFamily(Adapter):
         return None
 
     def text_length(self, model: torch.nn.Module, context: torch.Tensor | None, extra: dict[str, Any]) -> int:
+        """The length of ``context``."""
         return 0 if context is None else context.shape[1]
 
 
@@ -211,9 +220,11 @@ class FluxAdapter(_JointFamily):
     single_stream = "single_block"
 
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """``(1, p, p)``: an image model patches only the spatial axes."""
         return (1, int(model.patch_size), int(model.patch_size))
 
     def block_keys(self, model: torch.nn.Module) -> list[tuple[BlockKey, torch.nn.Module]]:
+        """The ``double_blocks`` as ``("double_block", i)``, then the ``single_blocks`` as ``("single_block", i)``."""
         return ([(("double_block", i), b) for i, b in enumerate(model.double_blocks)]
                 + [(("single_block", i), b) for i, b in enumerate(model.single_blocks)])
 
@@ -227,14 +238,17 @@ class HunyuanVideoAdapter(_JointFamily):
     single_stream = "single_block"
 
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """``model.patch_size`` as ``(p_t, p_h, p_w)``; a two-value patch size is spatial only (``p_t = 1``)."""
         p = [int(v) for v in model.patch_size]
         return (1, p[0], p[1]) if len(p) == 2 else (p[0], p[1], p[2])
 
     def block_keys(self, model: torch.nn.Module) -> list[tuple[BlockKey, torch.nn.Module]]:
+        """The ``double_blocks`` as ``("double_block", i)``, then the ``single_blocks`` as ``("single_block", i)``."""
         return ([(("double_block", i), b) for i, b in enumerate(model.double_blocks)]
                 + [(("single_block", i), b) for i, b in enumerate(model.single_blocks)])
 
     def text_length(self, model: torch.nn.Module, context: torch.Tensor | None, extra: dict[str, Any]) -> int:
+        """The length of ``context`` plus that of the ByT5 glyph tokens (``txt_byt5``) when given."""
         n = 0 if context is None else context.shape[1]
         byt5 = extra.get("txt_byt5")
         if isinstance(byt5, torch.Tensor):
@@ -251,12 +265,15 @@ class SD3Adapter(_JointFamily):
     text_position = "first"
 
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """``(1, p, p)``: an image model patches only the spatial axes."""
         return (1, int(model.patch_size), int(model.patch_size))
 
     def block_keys(self, model: torch.nn.Module) -> list[tuple[BlockKey, torch.nn.Module]]:
+        """``("double_block", i)`` for each of ``model.joint_blocks``."""
         return [(("double_block", i), b) for i, b in enumerate(model.joint_blocks)]
 
     def text_length(self, model: torch.nn.Module, context: torch.Tensor | None, extra: dict[str, Any]) -> int:
+        """The length of ``context`` plus the model's learned register tokens."""
         # Learned register tokens are prepended to the text (0 in SD3 and SD3.5).
         return (0 if context is None else context.shape[1]) + int(getattr(model, "register_length", 0))
 

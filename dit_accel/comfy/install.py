@@ -10,6 +10,7 @@ come from the dit-accel installed in ComfyUI's Python environment (upgrade it wi
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -38,11 +39,15 @@ def write_shim(comfyui: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``--comfyui DIR``."""
+    """Command line: ``--comfyui DIR``; exit code 2 with one ``error:`` line when DIR holds no ``custom_nodes/``."""
     parser = argparse.ArgumentParser(prog="python -m dit_accel.comfy.install", description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", required=True, type=Path, help="the ComfyUI folder (holding custom_nodes/)")
     args = parser.parse_args(argv)
-    path = write_shim(args.comfyui)
+    try:
+        path = write_shim(args.comfyui)
+    except OSError as err:  # no custom_nodes/ (FileNotFoundError), or a folder that cannot be written
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {path}; restart ComfyUI to load the dit-accel nodes")
     return 0
 

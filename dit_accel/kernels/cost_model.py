@@ -18,9 +18,11 @@ Where the table comes from, first hit wins:
    measured), when measuring is off or fails. Where a table has no curve for fp8 (a device without FP8
    tensor cores, or a table measured before the fp8 path), fp8 lookups use the bf16 curve.
 
-On CPU the kernel is the torch reference, which materialises every logit: it never beats dense attention,
-so :func:`relative_cost` is ``inf`` and :func:`break_even_density` is ``0.0`` (always dense); tests that
-need the sparse path force it in the routing layer.
+On CPU the kernel is the torch reference, which materialises every logit and never beats dense attention, so
+:func:`cost_table` gives a CPU device an empty table: :func:`relative_cost` is ``inf`` and
+:func:`break_even_density` ``0.0``. Routing does not read that table: on CPU, ``dense_above="auto"`` reads the
+shipped GPU table (:func:`dit_accel.attention.head_split.cost_table_for`), so a CPU run splits heads as the GPU
+the table was measured on would, and a quality evaluation on CPU measures the quality that GPU delivers.
 """
 
 from __future__ import annotations

@@ -25,13 +25,10 @@ from diffusers.utils import BaseOutput
 
 @dataclass
 class AutoencoderOutput(BaseOutput):
-    """Output of `TestbedAutoencoder.decode`.
-
-    Attributes:
-        sample: decoded video, (B, 3, T, H, W), roughly in [-1, 1] (not clamped).
-    """
+    """Output of `TestbedAutoencoder.decode`."""
 
     sample: torch.Tensor
+    """Decoded video, (B, 3, T, H, W), roughly in [-1, 1] (not clamped)."""
 
 
 class _ResBlock(nn.Module):

@@ -292,7 +292,7 @@ class AttributeClassifier(nn.Module):
         self.color_embed = nn.Parameter(torch.zeros(N_COLORS, e))
         # Half of each slot embedding sees shape code and track (shape, size), half the track only: motion then
         # trains as fast as an MLP on the tracks alone (CPU probe: 0.98 per-slot held-out motion accuracy), while
-        # in one shared MLP it lagged far behind shape (first GPU run: motion 0.75-0.80 on real videos).
+        # in one shared MLP it lagged far behind shape (motion 0.75-0.80 on real videos).
         self.slot_mlp = nn.Sequential(
             nn.Linear(3 * w + TRACK_FEATURES, 2 * e), nn.SiLU(), nn.Linear(2 * e, e // 2), nn.SiLU()
         )

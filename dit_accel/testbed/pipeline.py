@@ -37,14 +37,11 @@ OUTPUT_TYPES = ("np", "pt", "latent")
 
 @dataclass
 class TestbedPipelineOutput(BaseOutput):
-    """Output of `TestbedPipeline`.
-
-    Attributes:
-        frames: np.ndarray (B, T, H, W, 3) in [0, 1] for output_type "np"; torch.Tensor (B, T, 3, H, W) in
-            [0, 1] for "pt"; normalised latents (B, C, T, h, w) for "latent".
-    """
+    """Output of `TestbedPipeline`."""
 
     frames: np.ndarray | torch.Tensor
+    """np.ndarray (B, T, H, W, 3) in [0, 1] for output_type "np"; torch.Tensor (B, T, 3, H, W) in [0, 1] for
+    "pt"; normalised latents (B, C, T, h, w) for "latent"."""
 
 
 class TestbedPipeline(DiffusionPipeline):
