@@ -1,7 +1,7 @@
 """The ``dit-accel`` command line: options, errors and dispatch to the subcommands.
 
 ``dit-accel generate`` runs :func:`dit_accel.generate.run_generate` (``--prompts-file``: over the launched
-processes, :mod:`dit_accel.parallel.prompts`); ``presets`` lists the shipped presets, ``info`` reports the
+processes, :mod:`dit_accel.prompts_file`); ``presets`` lists the shipped presets, ``info`` reports the
 environment; ``calibrate``, ``eval`` and ``bench`` live in their packages.
 
 Importing this module is cheap (no torch, no diffusers): each subcommand imports what it needs when
@@ -133,7 +133,7 @@ class Subcommand:
 def _run_generate(ns: argparse.Namespace) -> int:
     args = _to_generate_args(ns)
     if args.prompts_file is not None:
-        from dit_accel.parallel.prompts import run_prompts_file
+        from dit_accel.prompts_file import run_prompts_file
 
         return run_prompts_file(args)
     record = run_generate(args)
@@ -324,7 +324,7 @@ def _to_generate_args(ns: argparse.Namespace) -> GenerateArgs:
         raise CLIError("--compare takes one --prompt, not --prompts-file")
     if output.exists() and not ns.overwrite and ns.prompts_file is None:
         # Refuse before generating, so no minutes of work are lost to a name clash (a prompts file writes
-        # numbered outputs, which dit_accel.parallel.prompts checks).
+        # numbered outputs, which dit_accel.prompts_file checks).
         raise CLIError(f"{str(output)!r} exists; pass --overwrite to replace it or choose another --output")
     if ns.preset is None and ns.attention is None and ns.cache is None:
         ns.preset = "dense"

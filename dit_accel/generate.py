@@ -3,7 +3,7 @@
 :func:`run_generate` loads a pipeline (the shipped testbed, a local diffusers folder or a hub id), applies an
 acceleration preset or method, generates, writes an mp4 (or PNG for image models) and appends one JSON line
 to a run log; with ``compare`` it also generates with the stock pipeline from the same seed and writes both
-side by side. :mod:`dit_accel.parallel.prompts` runs it once per prompt of a prompts file. Torch and diffusers
+side by side. :mod:`dit_accel.prompts_file` runs it once per prompt of a prompts file. Torch and diffusers
 are imported inside the functions, so importing this module stays cheap.
 """
 
@@ -75,7 +75,7 @@ class GenerateArgs:
     warmup_steps: int = 2
     """With ``compare``: steps of the untimed warm-up generation of each side (0: none)."""
     prompts_file: Path | None = None
-    """One prompt per line, generated over the launched processes (``dit_accel.parallel.prompts``)."""
+    """One prompt per line, generated over the launched processes (``dit_accel.prompts_file``)."""
 
 
 def _call_kwargs(pipe: Any, args: GenerateArgs, generator: Any, steps: int | None = None) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = 
     """
     import torch
 
-    import dit_accel
+    from dit_accel import api
     from dit_accel.loading import load_pipeline, resolve_device_dtype
 
     try:
@@ -263,7 +263,7 @@ def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = 
         dense = _generate_once(pipe, args, device)
 
     try:
-        handle = dit_accel.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
+        handle = api.apply(pipe, preset=args.preset, attention=args.attention, cache=args.cache,
                                  token_order=args.token_order, precision=args.precision)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
@@ -281,7 +281,7 @@ def run_generate(args: GenerateArgs, pipe: Any | None = None, write_log: bool = 
         attention_stats = handle.stats_summary()
         cache_stats = handle.cache_summary()
     finally:
-        dit_accel.remove(pipe)
+        api.remove(pipe)
 
     record: dict[str, Any] = {
         "event": "compare" if args.compare else "generate",

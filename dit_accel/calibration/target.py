@@ -30,7 +30,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -456,7 +456,7 @@ def run_configuration(pipe: Any, runner: PromptRunner, prompts: Sequence[Prompt]
                       config: dict[str, Any] | None) -> tuple[list[torch.Tensor], float, dict[str, Any]]:
     """Outputs of every prompt under ``config`` (``None``: the stock pipeline), the wall-clock seconds, and the
     run's attention and cache summary (mean density, dense-head share, compute fraction)."""
-    import dit_accel
+    from dit_accel import api
     from dit_accel.attention.registry import get_method
     from dit_accel.caching import make_cache_config
 
@@ -464,7 +464,7 @@ def run_configuration(pipe: Any, runner: PromptRunner, prompts: Sequence[Prompt]
     if config is not None and (config["attention"] is not None or config["cache"] is not None):
         attention = None if config["attention"] is None else get_method(config["attention"], **config["attention_config"])
         cache = None if config["cache"] is None else make_cache_config(config["cache"], **config["cache_config"])
-        handle = dit_accel.apply(pipe, attention=attention, cache=cache)
+        handle = api.apply(pipe, attention=attention, cache=cache)
     try:
         _sync()
         start = time.perf_counter()
@@ -495,7 +495,7 @@ def _sync() -> None:
 def _measure_model(pipe: Any, prompts: Sequence[Prompt], settings: TargetSettings, runner: PromptRunner,
                    precision: str) -> tuple[list[torch.Tensor], ModelFacts, ReuseCosts]:
     """Step 1: the dense runs with the reuse-error recorder and the density probe; the attention FLOP share."""
-    import dit_accel
+    from dit_accel import api
     from dit_accel.preset_file import transformers_of
 
     template = dict(ATTENTION_TEMPLATE, precision=precision)
@@ -508,7 +508,7 @@ def _measure_model(pipe: Any, prompts: Sequence[Prompt], settings: TargetSetting
 
     hook = transformer.register_forward_pre_hook(capture, with_kwargs=True)
     # the probe plans in the tile order itself; the forward token order would sit inside the recorder's hooks
-    handle = dit_accel.apply(pipe, attention=probe, token_order="call")
+    handle = api.apply(pipe, attention=probe, token_order="call")
     try:
         # the frames of every prompt (runner.output_type "pt"): the reuse errors are measured on the blocks
         costs, dense, num_blocks = measure(pipe, handle, prompts, settings.cache_settings(settings.budgets[0]), runner)
@@ -596,7 +596,7 @@ def calibrate(
     ``max_evals``, ``time_budget_s``, ``batch_size``, ``precision``, ...). ``ValueError`` for a bad target or setting.
     dit-accel must not be applied to ``pipe`` (it is applied and removed per candidate).
     """
-    import dit_accel
+    from dit_accel import api
     from dit_accel.eval.harness import environment
     from dit_accel.preset_file import (
         PRESET_FILE_FORMAT,
@@ -609,7 +609,7 @@ def calibrate(
     s = TargetSettings(target_psnr=target_psnr, **settings)
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
-    if dit_accel.get_handle(pipe) is not None:
+    if api.get_handle(pipe) is not None:
         raise ValueError("dit-accel is applied to this pipeline: dit_accel.remove(pipe) before calibrating")
     started = time.perf_counter()
     kwargs = dict(call_kwargs or {})

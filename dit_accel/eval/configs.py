@@ -39,10 +39,11 @@ _PART = re.compile(r"^\s*(?P<kind>[a-z_]+)\s*:\s*(?P<name>[A-Za-z0-9_.\-]+)\s*(?
 
 def valid_names() -> dict[str, list[str]]:
     """Valid names per kind, from the live registries (methods and schedulers registered so far)."""
-    import dit_accel
+    from dit_accel import api
+    from dit_accel.attention.registry import available_methods
     from dit_accel.presets import preset_names
 
-    return {"preset": preset_names(), "attention": dit_accel.available_methods(), "cache": dit_accel.available_caches()}
+    return {"preset": preset_names(), "attention": available_methods(), "cache": api.available_caches()}
 
 
 def _syntax_help() -> str:
@@ -93,9 +94,9 @@ class EvalConfig:
         """Apply this configuration to ``pipe``; returns the ``AccelHandle`` (``None`` for ``dense``)."""
         if self.is_dense:
             return None
-        import dit_accel
+        from dit_accel import api
 
-        return dit_accel.apply(pipe, **self.apply_arguments())
+        return api.apply(pipe, **self.apply_arguments())
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for reports."""

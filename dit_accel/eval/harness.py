@@ -431,7 +431,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    import dit_accel
+    from dit_accel import api
 
     settings = settings or EvalSettings()
     if not prompts:
@@ -445,7 +445,7 @@ def evaluate(
         parsed.insert(0, parse_config(DENSE))
     else:
         parsed.sort(key=lambda c: not c.is_dense)  # dense first: it is the reference
-    if dit_accel.get_handle(pipe) is not None:
+    if api.get_handle(pipe) is not None:
         raise ValueError("dit-accel is already applied to this pipeline; call dit_accel.remove(pipe) first")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -488,7 +488,7 @@ def evaluate(
                 cache_summary = handle.cache_summary() if handle is not None else None
             finally:
                 if handle is not None:
-                    dit_accel.remove(pipe)
+                    api.remove(pipe)
             if config.is_dense:
                 dense_features = torch.cat(acc.features) if acc.features else None
                 if (

@@ -107,13 +107,14 @@ def _cache_spec(name: str) -> str:
 
 def shipped_configs() -> list[str]:
     """Specs of every shipped configuration (see the module docstring)."""
-    import dit_accel
+    from dit_accel import api
+    from dit_accel.attention.registry import available_methods
     from dit_accel.presets import preset_names
 
-    sparse = [m for m in dit_accel.available_methods() if m not in YARDSTICKS]
+    sparse = [m for m in available_methods() if m not in YARDSTICKS]
     specs = [f"attention:{m}({SPARSE_OPTIONS})" for m in sparse]
-    specs += [_cache_spec(c) for c in dit_accel.available_caches()]
-    if sparse and COMBINATION_CACHE in dit_accel.available_caches():
+    specs += [_cache_spec(c) for c in api.available_caches()]
+    if sparse and COMBINATION_CACHE in api.available_caches():
         first = "combo" if "combo" in sparse else sparse[0]
         specs.append(f"attention:{first}({SPARSE_OPTIONS})+{_cache_spec(COMBINATION_CACHE)}")
     specs += [f"preset:{p}" for p in preset_names()]

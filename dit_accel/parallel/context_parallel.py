@@ -18,7 +18,7 @@ runs, and another one brings the result back. What that means for dit-accel:
   probe's relative change, whose numerator and denominator each rank computes on its token shard: the cache
   controller sums them over :func:`context_parallel_group` before deciding. The group is the transformer's
   context-parallel mesh, never the whole world: in a data-parallel run (different prompts per rank, see
-  :mod:`dit_accel.parallel.prompts`) each process decides alone.
+  :mod:`dit_accel.prompts_file`) each process decides alone.
 * **Hook order.** diffusers' split hook on block 0 must run *outside* dit-accel's cache and token-order hooks,
   so that those see the rank's shard (a skipped block 0 must still be split). ``dit_accel.apply`` before
   ``enable_parallelism`` gives that order by itself; ``dit_accel.apply`` after it (also after

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dit_accel import cli
-from dit_accel.parallel.prompts import indexed_output, read_prompts
+from dit_accel.prompts_file import indexed_output, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
