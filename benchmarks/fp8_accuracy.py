@@ -69,8 +69,9 @@ RECIPES: dict[str, QuantRecipe | None] = {
     "int8/fp8": QuantRecipe("int8", "fp8"),
     "int8/16bit": QuantRecipe("int8", "16bit"),
 }
-"""Paths measured, named ``qk/pv``: None is the 16-bit path on the bf16 inputs (the floor); ``fp8/fp8`` is
-what ``precision="fp8"`` runs."""
+"""Paths measured, named ``qk/pv``; ``fp8/fp8`` is what ``precision="fp8"`` runs. None is the 16-bit path on the
+bf16 inputs: its torch reference computes in float32 and only rounds the output to bf16 (a floor); the bf16
+Triton kernel also rounds P to bf16 for ``P @ V``."""
 
 
 # ------------------------------------------------------------------------------------------------ masks
