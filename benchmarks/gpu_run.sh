@@ -50,6 +50,12 @@ case "$STUDY" in
   attention_kernel_fp8)
     # the 8-bit path: checks, launch sweep, the device cost table (cost_table.json), the full grid vs cuDNN
     setup; run python3 benchmarks/attention_kernel_fp8.py --check --sweep --cost --full --out "$OUT" "$@" ;;
+  fp8_accuracy)
+    # the 8-bit path's error vs float32 (torch reference and Triton kernel) on random q/k/v at issue 17's shapes
+    # (256 query blocks of each against all keys) and on the testbed's captured q/k/v at 256x256 x 16, 20 steps
+    setup; run python3 benchmarks/fp8_accuracy.py --device cuda --shapes 12x32760x128,12x32760x64,40x75600x128 \
+      --random-query-blocks 64 --num-steps 20 --steps 0,5,10,15,19 --layers 0,1,2,3,4,5 --query-blocks 0 \
+      --out "$OUT/fp8_accuracy.json" "$@" ;;
   bench)
     # the eight models at real size, one call (about 9 minutes)
     setup; run python3 -m dit_accel.bench --time-budget-s 500 --out "$OUT/bench.json" "$@" ;;

@@ -276,6 +276,81 @@ def render_testbed_quality(data: Data) -> str:
     return "\n\n".join(parts)
 
 
+FP8_RECIPES = ("bf16", "fp8/fp8", "fp8/16bit", "int8/fp8", "int8/16bit")
+"""Column order of the FP8 accuracy tables (``qk/pv`` formats; ``fp8/fp8`` is ``precision="fp8"``)."""
+
+
+def _fp8_accuracy_table(rows: list[dict[str, Any]], target: float, pick: Callable[[dict[str, Any]], float | None]) -> str:
+    groups: dict[tuple[str, str, float], dict[str, list[float]]] = {}
+    for r in rows:
+        value = pick(r)
+        if value is not None:
+            key = (r["source"], r["mask"], r["density_requested"])
+            groups.setdefault(key, {}).setdefault(r["recipe"], []).append(value)
+    recipes = [name for name in FP8_RECIPES if any(name in g for g in groups.values())]
+    recipes += sorted({name for g in groups.values() for name in g} - set(recipes))
+    body = []
+    for (src, mask, density), by_recipe in groups.items():
+        cells = [src, mask, _f(density)]
+        for name in recipes:
+            errs = by_recipe.get(name)
+            cells.append("-" if not errs else f"{max(errs):.4f} {'yes' if max(errs) <= target else 'no'}")
+        body.append(cells)
+    return _table(["source", "mask", "density", *recipes], body)
+
+
+def render_fp8_accuracy(data: Data) -> str:
+    """The 8-bit path's error against float32 attention on random and captured testbed q/k/v
+    (``fp8_accuracy_cpu.json``: torch reference of the kernel's arithmetic; ``fp8_accuracy.json``: GPU, with the
+    Triton kernel).
+
+    Shape: ``{"device", "versions", "date", "argv", "target_rel_l2", "settings": {"shapes", "testbed": {"height",
+    "width", "frames", "num_steps", "steps", "layers", "query_blocks"}}, "complete", "rows": [{"source", "mask",
+    "density_requested", "recipe", "rel_l2", "cosine", "lse_max_abs_err"?, "kernel"?: {"rel_l2",
+    "rel_l2_vs_torch_reference"}}]}``.
+    """
+    parts = []
+    for name in ("fp8_accuracy_cpu.json", "fp8_accuracy.json"):
+        run = data.get(name)
+        if run is None:
+            continue
+        s, target = run["settings"], run["target_rel_l2"]
+        tb = s.get("testbed", {})
+        sources = {r["source"] for r in run["rows"]}
+        what = []
+        if "random" in sources:
+            what.append(f"random normal q, k, v at {', '.join(s['shapes'])} (heads x tokens x head dim)")
+        if "testbed" in sources:
+            blocks = f"{tb['query_blocks']} random query blocks of 128 rows" if tb.get("query_blocks") else "all rows"
+            what.append(f"self-attention q, k, v of the shipped testbed generating at {tb['height']}x{tb['width']} px x "
+                        f"{tb['frames']} frames ({tb['num_steps']} steps; steps {tb['steps']}, layers {tb['layers']}; "
+                        f"{blocks} against all keys)")
+        cosine = min((r["cosine"] for r in run["rows"] if r["recipe"] == "fp8/fp8"), default=None)
+        parts.append(
+            f"Relative L2 error of the attention output against float32 attention on the same bfloat16 inputs and "
+            f"mask: {'; '.join(what)}. Cell: the largest error over shapes and captures, `yes` where it is at most "
+            f"the target {target}. Columns: Q.K / P.V formats (`fp8/fp8` is `precision='fp8'`; `bf16` the 16-bit "
+            f"path, whose torch reference rounds only its output). Masks: dense; `random`: random key blocks per query block; `pooled`: top key blocks of "
+            f"mean-pooled q.k plus the diagonal (density: the requested share of key blocks). Lowest cosine "
+            f"similarity of `fp8/fp8`: {_f(cosine, 5)}; per-row cosine, max absolute and LSE errors are in the file."
+            + ("" if run.get("complete", True) else " The run was cut short: not every planned row is in the file."))
+        parts.append("Torch reference of the kernel's 8-bit arithmetic (`dit_accel/kernels/fp8_reference.py`):")
+        parts.append(_fp8_accuracy_table(run["rows"], target, lambda r: r["rel_l2"]))
+        lse: dict[str, float] = {}
+        for r in run["rows"]:
+            if "lse_max_abs_err" in r:
+                lse[r["recipe"]] = max(lse.get(r["recipe"], 0.0), r["lse_max_abs_err"])
+        if lse:
+            parts.append("Largest LSE error (natural log units) over all rows: "
+                         + ", ".join(f"`{name}` {err:.3f}" for name, err in lse.items()) + ".")
+        if any("kernel" in r for r in run["rows"]):
+            gap = max(r["kernel"].get("rel_l2_vs_torch_reference", 0.0) for r in run["rows"] if "kernel" in r)
+            parts.append(f"The Triton kernels (largest distance to the torch reference of the same arithmetic: {gap:.4f}):")
+            parts.append(_fp8_accuracy_table(run["rows"], target, lambda r: r.get("kernel", {}).get("rel_l2")))
+        parts.append(source(name, run))
+    return "\n\n".join(parts)
+
+
 # Placeholder sections: their result files do not exist yet; each renders from the file once it is committed.
 
 
@@ -432,6 +507,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("Calibration to a PSNR target at CPU size", "quality", ("calibration_testbed_cpu.json",),
             "`python benchmarks/adaptive_testbed.py --device cpu` (see benchmarks/README.md)",
             _calibration_renderer("calibration_testbed_cpu.json")),
+    Section("FP8 accuracy", "quality", ("fp8_accuracy_cpu.json", "fp8_accuracy.json"),
+            "`python benchmarks/fp8_accuracy.py --device cpu`", render_fp8_accuracy),
     Section("The testbed model itself", "quality", ("testbed_quality.json", "testbed_quality_large.json"),
             "`bash benchmarks/gpu_run.sh testbed_quality`", render_testbed_quality),
 )

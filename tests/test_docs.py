@@ -81,6 +81,38 @@ def test_placeholder_sections_render_their_files(tmp_path: Path) -> None:
     assert "| `balanced@" in readme and "1.64x | 30.4 dB" in readme and "presets_testbed.json" in readme
 
 
+def test_fp8_accuracy_section_renders_its_files(tmp_path: Path) -> None:
+    def row(src: str, mask: str, density: float, recipe: str, err: float, kernel: float | None = None) -> dict:
+        r = {"source": src, "mask": mask, "density_requested": density, "recipe": recipe, "rel_l2": err,
+             "cosine": 1 - err ** 2 / 2}
+        return r if kernel is None else r | {"kernel": {"rel_l2": kernel, "rel_l2_vs_torch_reference": 0.002}}
+
+    settings = {"shapes": ["12x4096x64"], "testbed": {"height": 256, "width": 256, "frames": 16, "num_steps": 10,
+                                                     "steps": [0, 9], "layers": [0, 5], "query_blocks": 16}}
+    rows = [row("random", "dense", 1.0, "fp8/fp8", 0.054), row("random", "dense", 1.0, "int8/16bit", 0.013),
+            row("testbed", "dense", 1.0, "fp8/fp8", 0.031), row("testbed", "dense", 1.0, "fp8/fp8", 0.046),
+            row("testbed", "pooled", 0.25, "int8/16bit", 0.009)]
+    base = {"device": "cpu (2 threads)", "versions": {}, "date": "2027-01-02T03:04:05+00:00", "argv": [],
+            "target_rel_l2": 0.03, "settings": settings, "complete": True}
+    _write(tmp_path, "fp8_accuracy_cpu.json", base | {"rows": rows})
+    quality = make_docs.render_doc("quality", tmp_path)
+    body = quality.split("## FP8 accuracy\n", 1)[1].split("\n## ", 1)[0]
+    assert "| source | mask | density | fp8/fp8 | int8/16bit |" in body
+    assert "| random | dense | 1.00 | 0.0540 no | 0.0130 yes |" in body
+    assert "| testbed | dense | 1.00 | 0.0460 no | - |" in body  # the worst of the two captures
+    assert "| testbed | pooled | 0.25 | - | 0.0090 yes |" in body
+    assert "256x256 px x 16 frames" in body and "16 random query blocks" in body and "12x4096x64" in body
+    assert "Source: [`benchmarks/results/fp8_accuracy_cpu.json`]" in body and "Triton" not in body
+    assert "Largest LSE error" not in body  # no row has it
+    # The GPU file adds the kernel's table.
+    gpu = [row("random", "dense", 1.0, "fp8/fp8", 0.054, kernel=0.055) | {"lse_max_abs_err": 0.25}]
+    _write(tmp_path, "fp8_accuracy.json", base | {"device": "NVIDIA H200", "rows": gpu, "complete": False})
+    body = make_docs.render_doc("quality", tmp_path).split("## FP8 accuracy\n", 1)[1].split("\n## ", 1)[0]
+    assert "The Triton kernels (largest distance to the torch reference of the same arithmetic: 0.0020)" in body
+    assert "| random | dense | 1.00 | 0.0550 no |" in body and "NVIDIA H200, 2027-01-02" in body
+    assert "cut short" in body and "Largest LSE error (natural log units) over all rows: `fp8/fp8` 0.250." in body
+
+
 def test_readme_blocks_are_replaced_between_markers(tmp_path: Path) -> None:
     text = "intro\n<!-- generated:presets -->\nstale table\n<!-- /generated -->\noutro\n"
     out = make_docs.render_readme(text, tmp_path)
