@@ -4,7 +4,7 @@ the testbed during a real generation.
     python benchmarks/fp8_accuracy.py --device cpu  --out benchmarks/results/fp8_accuracy_cpu.json
     python benchmarks/fp8_accuracy.py --device cuda --out benchmarks/results/fp8_accuracy.json   # + Triton kernel
 
-Every recipe (Q.K fp8 or int8 x P.V fp8 or 16-bit; ``precision="fp8"`` is fp8/fp8) and the bf16 path run on
+Every recipe (Q.K fp8 or int8 x P.V fp8 or 16-bit; ``precision="fp8"`` is int8/fp8) and the bf16 path run on
 bfloat16 inputs; the reference is float32 block-sparse attention on the same (bf16-valued) inputs and the same
 block mask, so the error is the path's own arithmetic. Masks: dense (density 1.0), random top-k blocks per
 query block (like the kernel benchmark) and the top-k blocks of mean-pooled q.k scores (what a simple sparse
@@ -69,7 +69,7 @@ RECIPES: dict[str, QuantRecipe | None] = {
     "int8/fp8": QuantRecipe("int8", "fp8"),
     "int8/16bit": QuantRecipe("int8", "16bit"),
 }
-"""Paths measured, named ``qk/pv``; ``fp8/fp8`` is what ``precision="fp8"`` runs. None is the 16-bit path on the
+"""Paths measured, named ``qk/pv``; ``int8/fp8`` is what ``precision="fp8"`` runs. None is the 16-bit path on the
 bf16 inputs: its torch reference computes in float32 and only rounds the output to bf16 (a floor); the bf16
 Triton kernel also rounds P to bf16 for ``P @ V``."""
 

@@ -277,7 +277,14 @@ def render_testbed_quality(data: Data) -> str:
 
 
 FP8_RECIPES = ("bf16", "fp8/fp8", "fp8/16bit", "int8/fp8", "int8/16bit")
-"""Column order of the FP8 accuracy tables (``qk/pv`` formats; ``fp8/fp8`` is ``precision="fp8"``)."""
+"""Column order of the FP8 accuracy tables (``qk/pv`` formats)."""
+
+
+def public_fp8_recipe() -> str:
+    """The ``qk/pv`` name of the recipe ``precision="fp8"`` runs."""
+    from dit_accel.kernels.fp8_common import RECIPES
+
+    return f"{RECIPES['fp8'].qk}/{RECIPES['fp8'].pv}"
 
 
 def _fp8_accuracy_table(rows: list[dict[str, Any]], target: float, pick: Callable[[dict[str, Any]], float | None]) -> str:
@@ -325,14 +332,15 @@ def render_fp8_accuracy(data: Data) -> str:
             what.append(f"self-attention q, k, v of the shipped testbed generating at {tb['height']}x{tb['width']} px x "
                         f"{tb['frames']} frames ({tb['num_steps']} steps; steps {tb['steps']}, layers {tb['layers']}; "
                         f"{blocks} against all keys)")
-        cosine = min((r["cosine"] for r in run["rows"] if r["recipe"] == "fp8/fp8"), default=None)
+        public = public_fp8_recipe()
+        cosine = min((r["cosine"] for r in run["rows"] if r["recipe"] == public), default=None)
         parts.append(
             f"Relative L2 error of the attention output against float32 attention on the same bfloat16 inputs and "
             f"mask: {'; '.join(what)}. Cell: the largest error over shapes and captures, `yes` where it is at most "
-            f"the target {target}. Columns: Q.K / P.V formats (`fp8/fp8` is `precision='fp8'`; `bf16` the 16-bit "
+            f"the target {target}. Columns: Q.K / P.V formats (`{public}` is `precision='fp8'`; `bf16` the 16-bit "
             f"path, whose torch reference rounds only its output). Masks: dense; `random`: random key blocks per query block; `pooled`: top key blocks of "
             f"mean-pooled q.k plus the diagonal (density: the requested share of key blocks). Lowest cosine "
-            f"similarity of `fp8/fp8`: {_f(cosine, 5)}; per-row cosine, max absolute and LSE errors are in the file."
+            f"similarity of `{public}`: {_f(cosine, 5)}; per-row cosine, max absolute and LSE errors are in the file."
             + ("" if run.get("complete", True) else " The run was cut short: not every planned row is in the file."))
         parts.append("Torch reference of the kernel's 8-bit arithmetic (`dit_accel/kernels/fp8_reference.py`):")
         parts.append(_fp8_accuracy_table(run["rows"], target, lambda r: r["rel_l2"]))
