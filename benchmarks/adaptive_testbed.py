@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=float, nargs="*", default=None)
     parser.add_argument("--top-ps", type=float, nargs="*", default=None)
     parser.add_argument("--name", default="calibration_testbed", help="file name (no .json) of the calibration JSON")
+    parser.add_argument("--fp8-name", default="fp8_testbed", help="file name (no .json) of the fp8 JSON")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
     if "fp8" in sections:
         data = dict(header, benchmark="fp8_testbed", **fp8_section(args, pipe, device, call))
-        path = args.out_dir / "fp8_testbed.json"
+        path = args.out_dir / f"{args.fp8_name}.json"
         path.write_text(json.dumps(_clean(data), indent=1) + "\n")
         print(f"wrote {path}")
     return 0

@@ -494,6 +494,37 @@ def _calibration_renderer(name: str) -> Callable[[Data], str]:
     return render
 
 
+def _fp8_testbed_renderer(name: str) -> Callable[[Data], str]:
+    """Renderer of one fp8-vs-bf16 study on the testbed (``benchmarks/adaptive_testbed.py --sections fp8``).
+
+    Shape: ``{"device", "versions", "date", "settings": {"height", "width", "frames", "steps", "heldout"},
+    "size_note"?, "fp8_support": [ok, reason], "precision_that_runs", "full_density_fp8_vs_stock": {"psnr_mean",
+    "psnr_min", "criterion", "met"}, "presets": {NAME: {"psnr_bf16", "psnr_fp8", "delta_db", "within_0_5_db",
+    "fp8_vs_bf16_psnr"}}}``.
+    """
+
+    def render(data: Data) -> str:
+        run = data[name]
+        s = run["settings"]
+        full = run["full_density_fp8_vs_stock"]
+        support = run.get("fp8_support") or [None, ""]
+        body = [[p_name, _db(p.get("psnr_bf16")), _db(p.get("psnr_fp8")), f"{p.get('delta_db', 0.0):+.2f} dB",
+                 _db(p.get("fp8_vs_bf16_psnr")), "yes" if p.get("within_0_5_db") else "no"]
+                for p_name, p in run["presets"].items()]
+        return "\n\n".join([
+            f"{s['height']}x{s['width']} px x {s['frames']} frames, {s['steps']} steps, {s['heldout']} held-out prompts; "
+            f"PSNR against the stock pipeline, same seeds. 8-bit path that ran: `{run['precision_that_runs']}` "
+            f"({support[1]})." + (f" {run['size_note']}." if run.get("size_note") else ""),
+            f"Every call through the sparse kernel at full density (`combo`, `top_p` 1, `dense_above` off) in fp8: "
+            f"{_db(full.get('psnr_mean'))} mean, lowest prompt {_db(full.get('psnr_min'))} (criterion "
+            f"{full.get('criterion')}: {'met' if full.get('met') else 'not met'}).",
+            _table(["preset", "bf16", "fp8", "fp8 - bf16", "fp8 vs bf16 output", "within 0.5 dB"], body),
+            source(name, run),
+        ])
+
+    return render
+
+
 SECTIONS: tuple[Section, ...] = (
     Section("Whole pipelines: `dit-accel bench`", "performance", ("bench.json",),
             "`dit-accel bench` on a GPU", render_bench),
@@ -517,6 +548,11 @@ SECTIONS: tuple[Section, ...] = (
             _calibration_renderer("calibration_testbed_cpu.json")),
     Section("FP8 accuracy", "quality", ("fp8_accuracy_cpu.json", "fp8_accuracy.json"),
             "`python benchmarks/fp8_accuracy.py --device cpu`", render_fp8_accuracy),
+    Section("FP8 against bf16 on the testbed", "quality", ("fp8_testbed.json",),
+            "`bash benchmarks/gpu_run.sh adaptive_testbed`", _fp8_testbed_renderer("fp8_testbed.json")),
+    Section("FP8 against bf16 on the testbed at CPU size", "quality", ("fp8_testbed_cpu.json",),
+            "`python benchmarks/adaptive_testbed.py --sections fp8 --device cpu` (see benchmarks/README.md)",
+            _fp8_testbed_renderer("fp8_testbed_cpu.json")),
     Section("The testbed model itself", "quality", ("testbed_quality.json", "testbed_quality_large.json"),
             "`bash benchmarks/gpu_run.sh testbed_quality`", render_testbed_quality),
 )

@@ -26,3 +26,18 @@ def test_tiny_run_writes_both_results(tmp_path):
     assert fp8["fp8_support"][0] and fp8["precision_that_runs"] == "fp8"  # CPU: the torch reference of 8 bits
     assert set(fp8["presets"]) == {"quality", "balanced", "fast", "turbo"}
     assert 0 < fp8["full_density_fp8_vs_stock"]["psnr_mean"] < 100  # fp8 really ran (not bit-equal to stock)
+    # the generated docs read both files as written
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import make_docs
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    doc = make_docs.Section("fp8", "quality", ("fp8_testbed.json",), "", make_docs._fp8_testbed_renderer("fp8_testbed.json"))
+    text = make_docs.render_section(doc, tmp_path)
+    assert "8-bit path that ran: `fp8`" in text and "CPU-size evidence" in text
+    for name, p in fp8["presets"].items():
+        assert f"| {name} | {make_docs._db(p['psnr_bf16'])} | {make_docs._db(p['psnr_fp8'])} |" in text
+    cal_doc = make_docs.Section("cal", "quality", ("calibration_testbed.json",), "",
+                                make_docs._calibration_renderer("calibration_testbed.json"))
+    cal_text = make_docs.render_section(cal_doc, tmp_path)
+    assert cal["runs"][0]["file_sha256"][:12] in cal_text and "timing fields aside): yes." in cal_text
