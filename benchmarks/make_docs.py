@@ -526,6 +526,27 @@ def _fp8_testbed_renderer(name: str) -> Callable[[Data], str]:
     return render
 
 
+def render_cache_resample(data: Data) -> str:
+    """The presets' cache schedules resampled from 20 steps to other step counts (``cache_resample_cpu.json``).
+
+    Shape: ``{"device", "versions", "date", "settings": {"height", "width", "frames", "prompts", "guidance"},
+    "complete", "rows": [{"steps", "preset", "resampling", "compute_fraction", "psnr_mean", "psnr_min"}]}``.
+    """
+    run = data["cache_resample_cpu.json"]
+    s = run["settings"]
+    body = [[str(r["steps"]), r["preset"], r["resampling"], _f(r["compute_fraction"]), _db(r["psnr_mean"]),
+             _db(r["psnr_min"])] for r in run["rows"]]
+    return "\n\n".join([
+        f"Each preset's cache schedule (searched at 20 steps) alone, attention dense, on the shipped testbed at "
+        f"{s['height']}x{s['width']} px x {s['frames']} frames, guidance {s['guidance']}, {s['prompts']} prompts; "
+        "`nearest`: nearest-neighbour picking of the 20 values, `density`: the shipped resampling (it follows the "
+        "local compute density); compute: the share of block evaluations the run made; PSNR against the stock "
+        "pipeline, same prompt and seed." + ("" if run.get("complete", True) else " The run was cut short."),
+        _table(["steps", "preset", "resampling", "compute", "PSNR mean", "PSNR lowest"], body),
+        source("cache_resample_cpu.json", run),
+    ])
+
+
 SECTIONS: tuple[Section, ...] = (
     Section("Whole pipelines: `dit-accel bench`", "performance", ("bench.json",),
             "`dit-accel bench` on a GPU", render_bench),
@@ -554,6 +575,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("FP8 against bf16 on the testbed at CPU size", "quality", ("fp8_testbed_cpu.json",),
             "`python benchmarks/adaptive_testbed.py --sections fp8 --device cpu` (see benchmarks/README.md)",
             _fp8_testbed_renderer("fp8_testbed_cpu.json")),
+    Section("Cache schedules at other step counts", "quality", ("cache_resample_cpu.json",),
+            "`python benchmarks/cache_resample.py` (CPU)", render_cache_resample),
     Section("The testbed model itself", "quality", ("testbed_quality.json", "testbed_quality_large.json"),
             "`bash benchmarks/gpu_run.sh testbed_quality`", render_testbed_quality),
 )

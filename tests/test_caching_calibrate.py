@@ -159,10 +159,33 @@ def test_schedule_files_are_validated_and_resampled(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_schedule(tmp_path / "broken.json")
-    assert resample_schedule([1, 0, 0, 1], 7) == [1, 0, 0, 0, 0, 1, 1]
-    assert resample_schedule([1, 0, 1, 0, 1], 3) == [1, 1, 1]
     assert resample_schedule([1, 0, 0, 1], 4) == [1, 0, 0, 1]
-    assert resample_schedule([1, 2, 0, 1], 7)[0] == 1 and resample_schedule([1, 2, 0, 1], 7)[-1] == 1
+    assert resample_schedule([1, 0, 0, 1], 7) == [1, 0, 0, 1, 0, 1, 1]  # the first two steps kept
+    assert resample_schedule([1, 0, 1, 0, 1], 3) == [1, 0, 1]
+    # selective steps stay selective where the original's computed steps are mostly selective
+    assert resample_schedule([1, 1, 2, 0, 2, 0, 2, 1], 12) == SELECTIVE_12
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        resample_schedule([1, 0], 0)
+
+
+SELECTIVE_12 = [1, 1, 2, 0, 2, 0, 2, 0, 2, 1, 0, 1]
+"""[1, 1, 2, 0, 2, 0, 2, 1] resampled to 12 steps: selective where the original is selective, its last step kept."""
+
+
+@pytest.mark.parametrize("num_steps", [6, 8, 12, 30, 50])
+def test_resampled_preset_schedules_keep_their_compute_share_and_order(num_steps: int) -> None:
+    from dit_accel.presets import get_preset
+
+    shares = []
+    for name in ("quality", "balanced", "fast", "turbo"):
+        schedule = list(get_preset(name).cache_config["schedule"])
+        out = resample_schedule(schedule, num_steps)
+        assert len(out) == num_steps and out[0] == schedule[0] and out[-1] == schedule[-1]
+        share = sum(1 for v in out if v) / num_steps
+        target = sum(1 for v in schedule if v) / len(schedule)
+        assert abs(share - target) <= 1.5 / num_steps + 0.05, (name, num_steps, out)
+        shares.append(share)
+    assert shares == sorted(shares, reverse=True), shares  # quality computes most, turbo least
 
 
 # --- command line and benchmark --------------------------------------------------------------------------

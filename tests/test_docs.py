@@ -72,7 +72,12 @@ def test_placeholder_sections_render_their_files(tmp_path: Path) -> None:
     assert "| `stock` | 1.00x | 1.00x |" in performance and "| `balanced` | 1.85x | error |" in performance
     assert "| 12 | 128 | 32,760 | 1.00 | 10.00 | 1.12 (err 0.004) | 0.65 (err 0.021) |" in performance
     assert "NVIDIA H200, 2027-01-02" in performance
+    _write(tmp_path, "cache_resample_cpu.json", env | {
+        "settings": {"height": 128, "width": 128, "frames": 8, "prompts": 4, "guidance": 1.0}, "complete": False,
+        "rows": [{"steps": 8, "preset": "quality@4", "resampling": "density", "compute_fraction": 0.625,
+                  "psnr_mean": 44.3, "psnr_min": 40.1}]})
     quality = make_docs.render_doc("quality", tmp_path)
+    assert "| 8 | quality@4 | density | 0.62 | 44.3 dB | 40.1 dB |" in quality and "cut short" in quality
     assert "| balanced@4 | 1.64x | 30.4 dB | 0.960 | 0.41 | 0.60 |" in quality and "(the shipped weights)" in quality
     assert "| 0 | 1.70x | 30.8 dB | 30.2 dB | abababababab |" in quality
     assert "calibrated preset 1.80x at 30.2 dB mean (lowest prompt 27.5 dB)" in quality and "timing fields aside): yes." in quality

@@ -15,6 +15,7 @@ Format (``format: "dit-accel-cache-schedule"``, ``version: 1``)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -26,8 +27,37 @@ SCHEDULE_VERSION = 1
 """Current schedule file version."""
 
 
+RESAMPLE_HEAD = 2
+"""Leading steps that keep their values when resampling: the caches' default warm-up (``warmup_steps`` 2) computes
+them at any step count, so resampling them with the rest would shift compute away from the rest."""
+
+RESAMPLE_WINDOW = 3.0
+"""Width, in steps of the original schedule, over which :func:`resample_schedule` reads the local compute density:
+a searched schedule alternates computed and reused steps, and its density over a few steps (not one step's value)
+is what carries over to another step count."""
+
+
+def _overlap_mean(values: list[float], lo: float, hi: float) -> float:
+    """Mean of the step function ``values`` (step ``i`` covers ``[i, i + 1)``) over ``[lo, hi)``."""
+    total = 0.0
+    for i in range(max(0, int(lo)), min(len(values), int(hi) + 1)):
+        width = min(hi, i + 1) - max(lo, i)
+        if width > 0:
+            total += width * values[i]
+    return total / (hi - lo)
+
+
 def resample_schedule(schedule: list[int], num_steps: int) -> list[int]:
-    """Nearest-neighbour resampling of a per-step schedule to ``num_steps`` steps (first and last kept)."""
+    """``schedule`` (values 0/1/2 per step) for a run of ``num_steps`` steps.
+
+    Each new step covers a stretch of the original's denoising trajectory; it computes (1, or 2 where the
+    original's computed steps around it are mostly selective) when the running sum of the original's local compute
+    density (over :data:`RESAMPLE_WINDOW` original steps around it) reaches the next half step, else it reuses
+    (0). The compute share and its profile along the trajectory carry over to any step count (nearest-neighbour
+    picking does not: at 8 steps it gave a 65 % schedule 38 % and a 40 % one 75 %). The first
+    :data:`RESAMPLE_HEAD` steps and the last step keep the original's values. A schedule of ``num_steps`` steps is
+    returned unchanged.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     n = len(schedule)
@@ -35,8 +65,33 @@ def resample_schedule(schedule: list[int], num_steps: int) -> list[int]:
         return list(schedule)
     if num_steps == 1:
         return [schedule[-1]]
-    scale = (n - 1) / (num_steps - 1)
-    return [schedule[int(i * scale + 0.5)] for i in range(num_steps)]
+    head = RESAMPLE_HEAD if n > RESAMPLE_HEAD + 1 and num_steps > RESAMPLE_HEAD + 1 else 0
+    out = list(schedule[:head]) + _resample_by_density(list(schedule[head:]), num_steps - head)
+    out[0], out[-1] = schedule[0], schedule[-1]
+    return out
+
+
+def _resample_by_density(schedule: list[int], num_steps: int) -> list[int]:
+    """:func:`resample_schedule` without its kept steps: the density-following choice of every step."""
+    n = len(schedule)
+    if n == num_steps:
+        return list(schedule)
+    computed = [1.0 if v else 0.0 for v in schedule]
+    out: list[int] = []
+    owed = 0.0
+    for j in range(num_steps):
+        lo, hi = j * n / num_steps, (j + 1) * n / num_steps
+        mid = (lo + hi) / 2
+        window_lo = max(0.0, min(lo, mid - RESAMPLE_WINDOW / 2))
+        window_hi = min(float(n), max(hi, mid + RESAMPLE_WINDOW / 2))
+        owed += _overlap_mean(computed, window_lo, window_hi)
+        if owed >= 0.5:
+            owed -= 1.0
+            span = [v for v in schedule[int(window_lo):max(int(window_lo) + 1, math.ceil(window_hi))] if v]
+            out.append(2 if span.count(2) > span.count(1) else 1)
+        else:
+            out.append(0)
+    return out
 
 
 def validate_schedule_data(data: Any, source: str = "schedule") -> dict[str, Any]:
