@@ -6,7 +6,7 @@ shipped testbed, attention dense (the cache alone), at other step counts, resamp
 picking of the 20-step values (``nearest``) and by the density-following resampling that ships (``density``); per
 row the compute fraction the run measured and the PSNR against the stock pipeline of the same prompt and seed.
 
-    python benchmarks/cache_resample.py --steps 8 30 --prompts 4 --out benchmarks/results/cache_resample_cpu.json
+    python benchmarks/cache_resample.py --steps 8 30 50 --prompts 4 --out benchmarks/results/cache_resample_cpu.json
 
 CPU-sized by default (128x128 x 8 frames, guidance 1). Ctrl-C writes the rows done so far.
 """
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[8, 30], help="step counts to run (20 is the search's)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 30, 50], help="step counts to run (20 is the search's)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=128)
