@@ -74,8 +74,6 @@ def resample_schedule(schedule: list[int], num_steps: int) -> list[int]:
 def _resample_by_density(schedule: list[int], num_steps: int) -> list[int]:
     """:func:`resample_schedule` without its kept steps: the density-following choice of every step."""
     n = len(schedule)
-    if n == num_steps:
-        return list(schedule)
     computed = [1.0 if v else 0.0 for v in schedule]
     out: list[int] = []
     owed = 0.0
